@@ -1,0 +1,589 @@
+//! `pluto`: back up to other people's computers; for now, to the local pack
+//! store in the node's home.
+//!
+//! Exit codes: 0 success, 1 failure, 2 bad usage, 3 backup saved but some
+//! files could not be read (the snapshot is partial).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use pluto_engine::backup::{backup_async, BackupOptions, BackupProgress};
+use pluto_engine::check::{check, CheckOptions, CheckProgress};
+use pluto_engine::keys::MasterKey;
+use pluto_engine::restore::{restore, RestoreOptions, RestoreProgress};
+use pluto_engine::tree::NodeContent;
+use pluto_engine::{Config, Home, LockMode, Repo};
+use serde::Serialize;
+
+// The binary picks its plugins: linking them registers them.
+use pluto_store_fs as _;
+use pluto_store_sqlite as _;
+
+mod fmt;
+use fmt::{bytes, time};
+
+/// Exit code of a backup that saved a partial snapshot.
+const EXIT_PARTIAL: u8 = 3;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pluto",
+    version,
+    about = "Encrypted, deduplicated backups to your friends' disks"
+)]
+struct Cli {
+    /// The node's home (secrets, config, catalog, local packs).
+    #[arg(long, global = true, env = "PLUTO_HOME")]
+    home: Option<PathBuf>,
+    /// Machine-readable output on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    /// No progress bars or chatter.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a new identity (prints its 24 words once) or recover one.
+    Init {
+        /// Recover from the 24 words in this file ("-" for standard input).
+        #[arg(long)]
+        mnemonic_file: Option<PathBuf>,
+    },
+    /// Save paths as a new snapshot.
+    Backup {
+        /// Files and directories to save.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Tag the snapshot (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Leave out matching paths (repeatable). Without '/' a pattern
+        /// matches names anywhere; with '/' it matches whole paths.
+        #[arg(long = "exclude")]
+        excludes: Vec<String>,
+        /// Host name to record.
+        #[arg(long)]
+        host: Option<String>,
+        /// Snapshot to compare against (default: latest with the same paths).
+        #[arg(long)]
+        parent: Option<String>,
+        /// Read every file again, ignoring the parent snapshot.
+        #[arg(long)]
+        force: bool,
+        /// Detect changes by size and mtime only.
+        #[arg(long)]
+        ignore_inode: bool,
+    },
+    /// List snapshots.
+    Snapshots,
+    /// List what a snapshot holds.
+    Ls {
+        /// Snapshot id (prefix) or "latest".
+        snapshot: String,
+        /// Only below this path.
+        path: Option<PathBuf>,
+    },
+    /// Restore a snapshot into a directory.
+    Restore {
+        /// Snapshot id (prefix) or "latest".
+        snapshot: String,
+        /// Directory to restore into.
+        #[arg(long)]
+        target: PathBuf,
+        /// Only this path of the snapshot (repeatable).
+        #[arg(long = "include")]
+        include: Vec<PathBuf>,
+    },
+    /// Verify packs, index and snapshots.
+    Check {
+        /// Also read and verify every blob.
+        #[arg(long)]
+        read_data: bool,
+    },
+    /// Rebuild the catalog from the packs alone.
+    RebuildCatalog,
+}
+
+fn default_home() -> Result<PathBuf> {
+    let base = std::env::var_os("HOME").context("neither --home, PLUTO_HOME nor HOME is set")?;
+    Ok(PathBuf::from(base).join(".pluto"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PLUTO_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .without_time()
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pluto: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            // One line: the error and its causes.
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("pluto: {}", chain.join(": "));
+            ExitCode::from(1)
+        }
+    }
+}
+
+struct Ui {
+    json: bool,
+    quiet: bool,
+}
+
+impl Ui {
+    fn interactive(&self) -> bool {
+        !self.json && !self.quiet && std::io::stderr().is_terminal()
+    }
+    fn bar(&self, len: Option<u64>, template: &str) -> ProgressBar {
+        if !self.interactive() {
+            return ProgressBar::hidden();
+        }
+        let pb = match len {
+            Some(n) => ProgressBar::new(n),
+            None => ProgressBar::new_spinner(),
+        };
+        pb.set_draw_target(ProgressDrawTarget::stderr_with_hz(5));
+        if let Ok(style) = ProgressStyle::with_template(template) {
+            pb.set_style(style.progress_chars("=> "));
+        }
+        pb.enable_steady_tick(Duration::from_millis(200));
+        pb
+    }
+    fn print_json<T: Serialize>(&self, v: &T) -> Result<()> {
+        println!("{}", serde_json::to_string_pretty(v)?);
+        Ok(())
+    }
+}
+
+async fn run(cli: Cli) -> Result<u8> {
+    let home = Home::new(match cli.home {
+        Some(h) => h,
+        None => default_home()?,
+    });
+    let ui = Ui {
+        json: cli.json,
+        quiet: cli.quiet,
+    };
+    match cli.command {
+        Command::Init { mnemonic_file } => init(&ui, &home, mnemonic_file.as_deref()),
+        Command::Backup {
+            paths,
+            tags,
+            excludes,
+            host,
+            parent,
+            force,
+            ignore_inode,
+        } => {
+            let opts = BackupOptions {
+                paths,
+                excludes,
+                tags,
+                host,
+                parent,
+                force,
+                ignore_inode,
+                threads: 0,
+            };
+            backup_cmd(&ui, home, opts).await
+        }
+        Command::Snapshots => snapshots(&ui, home).await,
+        Command::Ls { snapshot, path } => ls(&ui, home, &snapshot, path.as_deref()).await,
+        Command::Restore {
+            snapshot,
+            target,
+            include,
+        } => restore_cmd(&ui, home, &snapshot, target, include).await,
+        Command::Check { read_data } => check_cmd(&ui, home, read_data).await,
+        Command::RebuildCatalog => {
+            let repo = Repo::open(home, LockMode::Exclusive).await?;
+            let (packs, snaps) = repo.rebuild_catalog().await?;
+            if ui.json {
+                ui.print_json(&serde_json::json!({"packs": packs, "snapshots": snaps}))?;
+            } else if !ui.quiet {
+                println!("catalog rebuilt from {packs} packs: {snaps} snapshots");
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn init(ui: &Ui, home: &Home, mnemonic_file: Option<&Path>) -> Result<u8> {
+    let (master, recovered) = match mnemonic_file {
+        Some(p) => {
+            let text = if p == Path::new("-") {
+                std::io::read_to_string(std::io::stdin()).context("reading the words from stdin")?
+            } else {
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
+            };
+            (MasterKey::from_mnemonic(&text)?, true)
+        }
+        None => (MasterKey::generate(), false),
+    };
+    Repo::init(home, &master, &Config::default())?;
+    let node = master.keys().node_id();
+    if ui.json {
+        let mut v = serde_json::json!({
+            "home": home.root(),
+            "node_id": node,
+            "recovered": recovered,
+        });
+        if !recovered {
+            v["mnemonic"] = serde_json::Value::String(master.mnemonic().to_string());
+        }
+        ui.print_json(&v)?;
+    } else if recovered {
+        println!("recovered node {} in {}", node, home.root().display());
+    } else {
+        println!("created node {} in {}", node, home.root().display());
+        println!();
+        println!("Your recovery phrase (shown only this once; write it down and keep it safe):");
+        println!();
+        let words = master.mnemonic();
+        for (i, line) in words.split(' ').collect::<Vec<_>>().chunks(6).enumerate() {
+            let numbered: Vec<String> = line
+                .iter()
+                .enumerate()
+                .map(|(j, w)| format!("{:>2}. {:<9}", i * 6 + j + 1, w))
+                .collect();
+            println!("  {}", numbered.join(" "));
+        }
+        println!();
+        println!("These 24 words are all it takes to restore everything on a new machine.");
+    }
+    Ok(0)
+}
+
+struct BackupBar {
+    pb: ProgressBar,
+    files: AtomicU64,
+}
+
+impl BackupProgress for BackupBar {
+    fn bytes(&self, n: u64) {
+        self.pb.inc(n);
+    }
+    fn file(&self, _path: &Path, size: u64) {
+        let f = self.files.fetch_add(1, Relaxed) + 1;
+        self.pb.set_message(format!("{f} files"));
+        let _ = size;
+    }
+    fn warning(&self, message: &str) {
+        self.pb.suspend(|| eprintln!("warning: {message}"));
+    }
+}
+
+async fn backup_cmd(ui: &Ui, home: Home, opts: BackupOptions) -> Result<u8> {
+    let repo = Arc::new(Repo::open(home, LockMode::Exclusive).await?);
+    let pb = ui.bar(
+        None,
+        "{spinner} {elapsed_precise} {bytes} read ({bytes_per_sec}), {msg}",
+    );
+    let progress = Arc::new(BackupBar {
+        pb: pb.clone(),
+        files: AtomicU64::new(0),
+    });
+    let report = backup_async(repo, opts, progress).await?;
+    pb.finish_and_clear();
+    let s = &report.summary;
+    if ui.json {
+        ui.print_json(&report)?;
+    } else if !ui.quiet {
+        println!(
+            "snapshot {} saved: {} new, {} changed, {} unmodified files, {} dirs",
+            report.snapshot.short(),
+            s.files_new,
+            s.files_changed,
+            s.files_unmodified,
+            s.dirs
+        );
+        println!(
+            "read {}, added {} ({} stored) in {:.1}s",
+            bytes(s.bytes_read),
+            bytes(s.bytes_added_raw),
+            bytes(s.bytes_added_packed),
+            s.duration_ns as f64 / 1e9
+        );
+    }
+    if !report.warnings.is_empty() {
+        if !ui.json {
+            // Warnings were already shown as they happened when interactive.
+            if !ui.interactive() {
+                for w in &report.warnings {
+                    eprintln!("warning: {w}");
+                }
+            }
+        }
+        eprintln!(
+            "pluto: snapshot {} is partial: {} item(s) could not be saved",
+            report.snapshot.short(),
+            report.warnings.len()
+        );
+        return Ok(EXIT_PARTIAL);
+    }
+    Ok(0)
+}
+
+#[derive(Serialize)]
+struct SnapshotJson {
+    id: String,
+    short_id: String,
+    time: String,
+    time_ns: i64,
+    host: String,
+    paths: Vec<String>,
+    tags: Vec<String>,
+    parent: Option<String>,
+    tree: String,
+}
+
+async fn snapshots(ui: &Ui, home: Home) -> Result<u8> {
+    let repo = Repo::open(home, LockMode::Shared).await?;
+    let all = repo.snapshots().await?;
+    if ui.json {
+        let v: Vec<SnapshotJson> = all
+            .iter()
+            .map(|s| SnapshotJson {
+                id: s.id.to_hex(),
+                short_id: s.id.short(),
+                time: time(s.time_ns),
+                time_ns: s.time_ns,
+                host: s.host.clone(),
+                paths: s.paths.clone(),
+                tags: s.tags.clone(),
+                parent: s.parent.map(|p| p.to_hex()),
+                tree: s.tree.to_hex(),
+            })
+            .collect();
+        return ui.print_json(&v).map(|()| 0);
+    }
+    println!(
+        "{:<8}  {:<20}  {:<16}  {:<12}  paths",
+        "id", "time (UTC)", "host", "tags"
+    );
+    for s in &all {
+        println!(
+            "{:<8}  {:<20}  {:<16}  {:<12}  {}",
+            s.id.short(),
+            time(s.time_ns),
+            s.host,
+            s.tags.join(","),
+            s.paths.join(" ")
+        );
+    }
+    if !ui.quiet {
+        println!("{} snapshot(s)", all.len());
+    }
+    Ok(0)
+}
+
+#[derive(Serialize)]
+struct LsEntry {
+    path: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    mode: String,
+    size: u64,
+    mtime: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target: Option<String>,
+}
+
+async fn ls(ui: &Ui, home: Home, spec: &str, under: Option<&Path>) -> Result<u8> {
+    let repo = Repo::open(home, LockMode::Shared).await?;
+    let snap = repo.find_snapshot(spec).await?;
+    let index = repo.load_index().await?;
+    let under = under.map(|p| p.components().collect::<PathBuf>());
+    let mut out = Vec::new();
+    let mut stack = vec![(PathBuf::from("/"), snap.tree)];
+    while let Some((dir, id)) = stack.pop() {
+        let t = repo.load_tree(&index, &id)?;
+        for n in t.nodes.iter().rev() {
+            let p =
+                dir.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&n.name));
+            let shown = under.as_ref().is_none_or(|u| p.starts_with(u));
+            let leads = under
+                .as_ref()
+                .is_none_or(|u| u.starts_with(&p) || p.starts_with(u));
+            if let NodeContent::Dir { tree } = n.content {
+                if leads {
+                    stack.push((p.clone(), tree));
+                }
+            }
+            if shown {
+                let (kind, target) = match &n.content {
+                    NodeContent::File { .. } => ("file", None),
+                    NodeContent::Dir { .. } => ("dir", None),
+                    NodeContent::Symlink { target } => (
+                        "symlink",
+                        Some(String::from_utf8_lossy(target).into_owned()),
+                    ),
+                };
+                out.push(LsEntry {
+                    path: p.display().to_string(),
+                    kind,
+                    mode: format!("{:04o}", n.mode),
+                    size: n.size,
+                    mtime: time(n.mtime_ns),
+                    target,
+                });
+            }
+        }
+    }
+    if ui.json {
+        return ui.print_json(&out).map(|()| 0);
+    }
+    for e in &out {
+        match &e.target {
+            Some(t) => println!("{} -> {}", e.path, t),
+            None => println!("{}", e.path),
+        }
+    }
+    Ok(0)
+}
+
+struct RestoreBar(ProgressBar);
+impl RestoreProgress for RestoreBar {
+    fn bytes(&self, n: u64) {
+        self.0.inc(n);
+    }
+    fn error(&self, message: &str) {
+        self.0.suspend(|| eprintln!("error: {message}"));
+    }
+}
+
+async fn restore_cmd(
+    ui: &Ui,
+    home: Home,
+    spec: &str,
+    target: PathBuf,
+    include: Vec<PathBuf>,
+) -> Result<u8> {
+    let repo = Arc::new(Repo::open(home, LockMode::Shared).await?);
+    let snap = repo.find_snapshot(spec).await?;
+    let index = Arc::new(repo.load_index().await?);
+    let pb = ui.bar(
+        None,
+        "{spinner} {elapsed_precise} {bytes} written ({bytes_per_sec})",
+    );
+    let progress = RestoreBar(pb.clone());
+    let opts = RestoreOptions {
+        target: target.clone(),
+        include,
+        threads: 0,
+    };
+    let report =
+        tokio::task::spawn_blocking(move || restore(&repo, &index, &snap, &opts, &progress))
+            .await??;
+    pb.finish_and_clear();
+    if ui.json {
+        ui.print_json(&report)?;
+    } else {
+        if !ui.interactive() {
+            for e in &report.errors {
+                eprintln!("error: {e}");
+            }
+        }
+        if !ui.quiet {
+            println!(
+                "restored {} files ({} already in place), {} dirs, {} symlinks, {} into {}",
+                report.files_restored,
+                report.files_already_there,
+                report.dirs,
+                report.symlinks,
+                bytes(report.bytes_written),
+                target.display()
+            );
+        }
+    }
+    if !report.errors.is_empty() {
+        bail!("{} item(s) could not be restored", report.errors.len());
+    }
+    Ok(0)
+}
+
+struct CheckBar(ProgressBar);
+impl CheckProgress for CheckBar {
+    fn pack(&self, bytes: u64) {
+        self.0.inc(1);
+        let _ = bytes;
+    }
+}
+
+async fn check_cmd(ui: &Ui, home: Home, read_data: bool) -> Result<u8> {
+    let repo = Arc::new(Repo::open(home, LockMode::Shared).await?);
+    let n = repo.catalog.packs().await?.len() as u64;
+    let pb = ui.bar(Some(n), "{bar:40} {pos}/{len} packs {elapsed_precise}");
+    let progress = CheckBar(pb.clone());
+    let rt = tokio::runtime::Handle::current();
+    let report = tokio::task::spawn_blocking(move || {
+        check(&repo, &rt, CheckOptions { read_data }, &progress)
+    })
+    .await??;
+    pb.finish_and_clear();
+    if ui.json {
+        ui.print_json(&report)?;
+    } else {
+        for e in &report.errors {
+            eprintln!("error: {e}");
+        }
+        for d in &report.damaged_files {
+            eprintln!("damaged: snapshot {}: {}", d.snapshot.short(), d.path);
+        }
+        if !ui.quiet {
+            for n in &report.notes {
+                println!("note: {n}");
+            }
+            println!(
+                "checked {} packs{}, {} blobs, {} snapshots, {} trees",
+                report.packs,
+                if read_data {
+                    format!(" ({} read)", bytes(report.bytes_read))
+                } else {
+                    String::new()
+                },
+                report.blobs,
+                report.snapshots,
+                report.trees
+            );
+        }
+    }
+    if !report.ok() {
+        bail!(
+            "check found {} error(s) and {} damaged file(s)",
+            report.errors.len(),
+            report.damaged_files.len()
+        );
+    }
+    if !ui.json && !ui.quiet {
+        println!("no errors found");
+    }
+    Ok(0)
+}

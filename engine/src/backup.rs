@@ -1,0 +1,835 @@
+//! Backup: walk paths, chunk, deduplicate, compress, encrypt, pack.
+//!
+//! ```text
+//!   walker (rayon, one task per directory entry, work-stealing across both cores)
+//!     |-- unchanged file (size, mtime, inode, ctime as in the parent): reuse its chunk list
+//!     |-- changed or new file: read -> FastCDC -> keyed BLAKE3 -> dedup
+//!     |                          -> zstd (when it shrinks) -> AES-256-GCM -> data pack
+//!     '-- directory: its entries first, then its tree blob -> metadata pack
+//!   full pack -> local pack store (fsync, rename) -> catalog
+//!   end: flush data pack, then one pack with the last trees, an index segment and the snapshot
+//! ```
+//!
+//! Chunks of one large file are sealed in parallel batches, so a single big
+//! file also uses every core. Packs are durable before anything that refers
+//! to them is written, so a backup killed at any point leaves packs the next
+//! one reuses and never a snapshot that points at missing data.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{self, File, Metadata};
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use pluto_plugins_api::{BlobId, BlobKind, PackRecord, SnapshotId};
+use rayon::prelude::*;
+
+use crate::home::ChunkerConfig;
+use crate::index::{encode_segment, Index};
+use crate::pack::PackWriter;
+use crate::repo::{clean_absolute, snapshot_record, Repo, RepoError};
+use crate::snapshot::{Snapshot, Summary};
+use crate::tree::{Node, NodeContent, Tree};
+
+/// How often a file that changes while it is read is read again.
+const READ_ATTEMPTS: usize = 3;
+/// Files up to this size are read into memory in one go.
+const WHOLE_FILE: u64 = 8 << 20;
+/// Chunks of a large file sealed in parallel at once.
+const CHUNK_BATCH: usize = 8;
+
+/// What to back up and how.
+#[derive(Clone, Debug, Default)]
+pub struct BackupOptions {
+    /// Paths to save.
+    pub paths: Vec<PathBuf>,
+    /// Glob patterns to leave out: without `/` they match a file name
+    /// anywhere, with `/` the whole absolute path.
+    pub excludes: Vec<String>,
+    /// Tags for the snapshot.
+    pub tags: Vec<String>,
+    /// Host name to record (default: this machine's).
+    pub host: Option<String>,
+    /// Parent snapshot (default: the latest of this host with the same paths).
+    pub parent: Option<String>,
+    /// Read every file, ignoring the parent.
+    pub force: bool,
+    /// Compare only size and mtime with the parent (for file systems whose
+    /// inode numbers or ctimes are not stable).
+    pub ignore_inode: bool,
+    /// Worker threads (0: one more than the cores).
+    pub threads: usize,
+}
+
+/// Hooks a front end uses to show progress. All methods may be called from
+/// several threads at once.
+pub trait BackupProgress: Send + Sync {
+    /// Bytes read from a file.
+    fn bytes(&self, _n: u64) {}
+    /// A file was saved (read or reused).
+    fn file(&self, _path: &Path, _size: u64) {}
+    /// Something could not be saved; the backup goes on.
+    fn warning(&self, _message: &str) {}
+}
+
+/// A progress sink that shows nothing.
+#[derive(Debug)]
+pub struct NoProgress;
+impl BackupProgress for NoProgress {}
+
+/// What a backup did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BackupReport {
+    /// The new snapshot.
+    pub snapshot: SnapshotId,
+    /// Its parent.
+    pub parent: Option<SnapshotId>,
+    /// Counters.
+    pub summary: Summary,
+    /// What could not be saved. Non-empty means the snapshot is partial.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Default)]
+struct Counters {
+    files_new: AtomicU64,
+    files_changed: AtomicU64,
+    files_unmodified: AtomicU64,
+    dirs: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_added_raw: AtomicU64,
+    bytes_added_packed: AtomicU64,
+    blobs_added: AtomicU64,
+}
+
+struct Excludes {
+    names: GlobSet,
+    paths: GlobSet,
+    home: PathBuf,
+}
+
+impl Excludes {
+    fn new(patterns: &[String], home: &Path) -> Result<Self, RepoError> {
+        let mut names = GlobSetBuilder::new();
+        let mut paths = GlobSetBuilder::new();
+        for p in patterns {
+            let glob = GlobBuilder::new(p)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| RepoError::Config(format!("exclude pattern {p:?}: {e}")))?;
+            if p.contains('/') {
+                paths.add(glob);
+            } else {
+                names.add(glob);
+            }
+        }
+        let build = |b: GlobSetBuilder| {
+            b.build()
+                .map_err(|e| RepoError::Config(format!("exclude patterns: {e}")))
+        };
+        Ok(Self {
+            names: build(names)?,
+            paths: build(paths)?,
+            home: clean_absolute(home)?,
+        })
+    }
+
+    fn excluded(&self, path: &Path, name: &[u8]) -> bool {
+        path == self.home
+            || self.names.is_match(std::ffi::OsStr::from_bytes(name))
+            || self.paths.is_match(path)
+    }
+}
+
+/// The state that every worker shares during one backup.
+struct Saver<'a> {
+    repo: &'a Repo,
+    index: &'a Index,
+    rt: tokio::runtime::Handle,
+    new_blobs: Mutex<HashSet<(BlobKind, BlobId)>>,
+    data_pack: Mutex<PackWriter>,
+    meta_pack: Mutex<PackWriter>,
+    written: Mutex<Vec<PackRecord>>,
+    excludes: Excludes,
+    chunker: ChunkerConfig,
+    opts: &'a BackupOptions,
+    counters: Counters,
+    warnings: Mutex<Vec<String>>,
+    progress: &'a dyn BackupProgress,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn time_ns(secs: i64, nsecs: i64) -> i64 {
+    secs.saturating_mul(1_000_000_000).saturating_add(nsecs)
+}
+
+/// What identifies a version of a file without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+    inode: u64,
+}
+
+impl Stamp {
+    fn of(m: &Metadata) -> Self {
+        Self {
+            size: m.size(),
+            mtime_ns: time_ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: time_ns(m.ctime(), m.ctime_nsec()),
+            inode: m.ino(),
+        }
+    }
+}
+
+fn node_for(name: Vec<u8>, m: &Metadata, content: NodeContent) -> Node {
+    let size = match content {
+        NodeContent::File { .. } => m.size(),
+        _ => 0,
+    };
+    Node {
+        name,
+        mode: m.mode() & 0o7777,
+        uid: m.uid(),
+        gid: m.gid(),
+        mtime_ns: time_ns(m.mtime(), m.mtime_nsec()),
+        ctime_ns: time_ns(m.ctime(), m.ctime_nsec()),
+        inode: m.ino(),
+        device: m.dev(),
+        size,
+        content,
+    }
+}
+
+impl Saver<'_> {
+    fn warn(&self, message: String) {
+        self.progress.warning(&message);
+        lock(&self.warnings).push(message);
+    }
+
+    /// True the first time a blob that the index lacks is seen.
+    fn claim(&self, kind: BlobKind, id: &BlobId) -> bool {
+        !self.index.contains(kind, id) && lock(&self.new_blobs).insert((kind, *id))
+    }
+
+    fn known(&self, kind: BlobKind, id: &BlobId) -> bool {
+        self.index.contains(kind, id) || lock(&self.new_blobs).contains(&(kind, *id))
+    }
+
+    /// Seals a claimed blob and adds it to the right pack, writing the pack
+    /// out when it is full.
+    fn store(&self, kind: BlobKind, id: BlobId, raw: &[u8]) -> Result<(), RepoError> {
+        let sealed = self.repo.seal_with_id(kind, &id, raw);
+        let c = &self.counters;
+        c.blobs_added.fetch_add(1, Relaxed);
+        c.bytes_added_raw.fetch_add(raw.len() as u64, Relaxed);
+        c.bytes_added_packed.fetch_add(sealed.len() as u64, Relaxed);
+        let slot = if kind == BlobKind::Data {
+            &self.data_pack
+        } else {
+            &self.meta_pack
+        };
+        let target = self.repo.config.pack_size;
+        let full = {
+            let mut p = lock(slot);
+            p.add(kind, id, &sealed, raw.len() as u32);
+            if p.len() >= target {
+                Some(std::mem::replace(
+                    &mut *p,
+                    PackWriter::with_capacity(target + (1 << 20)),
+                ))
+            } else {
+                None
+            }
+        };
+        match full {
+            Some(p) => self.flush(p),
+            None => Ok(()),
+        }
+    }
+
+    fn flush(&self, pack: PackWriter) -> Result<(), RepoError> {
+        if pack.is_empty() {
+            return Ok(());
+        }
+        let record = self.repo.write_pack(pack)?;
+        self.rt.block_on(self.repo.catalog.add_pack(&record))?;
+        lock(&self.written).push(record);
+        Ok(())
+    }
+
+    fn store_if_new(&self, kind: BlobKind, raw: &[u8]) -> Result<BlobId, RepoError> {
+        let id = self.repo.keys.blob_id(raw);
+        if self.claim(kind, &id) {
+            self.store(kind, id, raw)?;
+        }
+        Ok(id)
+    }
+
+    /// Saves one directory entry. `None` when it is excluded or could not be
+    /// read (a warning says which).
+    fn save_entry(
+        &self,
+        path: &Path,
+        name: Vec<u8>,
+        meta: &Metadata,
+        parent: Option<&Node>,
+    ) -> Result<Option<Node>, RepoError> {
+        let ft = meta.file_type();
+        if ft.is_dir() {
+            let parent_tree = match parent.map(|n| &n.content) {
+                Some(NodeContent::Dir { tree }) => match self.repo.load_tree(self.index, tree) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        tracing::warn!(
+                            "parent tree of {} unreadable, reading all: {e}",
+                            path.display()
+                        );
+                        None
+                    }
+                },
+                _ => None,
+            };
+            let tree = self.save_dir(path, parent_tree.as_ref())?;
+            let Some(tree) = tree else { return Ok(None) };
+            let id = self.store_if_new(BlobKind::Tree, &tree.encode())?;
+            self.counters.dirs.fetch_add(1, Relaxed);
+            Ok(Some(node_for(name, meta, NodeContent::Dir { tree: id })))
+        } else if ft.is_file() {
+            self.save_file(path, name, meta, parent)
+        } else if ft.is_symlink() {
+            match fs::read_link(path) {
+                Ok(t) => Ok(Some(node_for(
+                    name,
+                    meta,
+                    NodeContent::Symlink {
+                        target: t.as_os_str().as_bytes().to_vec(),
+                    },
+                ))),
+                Err(e) => {
+                    self.warn(format!("{}: cannot read link: {e}", path.display()));
+                    Ok(None)
+                }
+            }
+        } else {
+            tracing::info!("skipping special file {}", path.display());
+            Ok(None)
+        }
+    }
+
+    /// Saves a directory's entries; `None` when it cannot be listed.
+    fn save_dir(&self, path: &Path, parent: Option<&Tree>) -> Result<Option<Tree>, RepoError> {
+        let rd = match fs::read_dir(path) {
+            Ok(rd) => rd,
+            Err(e) => {
+                self.warn(format!("{}: cannot list directory: {e}", path.display()));
+                return Ok(None);
+            }
+        };
+        let mut entries = Vec::new();
+        for e in rd {
+            let e = match e {
+                Ok(e) => e,
+                Err(err) => {
+                    self.warn(format!("{}: cannot list directory: {err}", path.display()));
+                    return Ok(None);
+                }
+            };
+            let name = e.file_name().as_bytes().to_vec();
+            let child = e.path();
+            if self.excludes.excluded(&child, &name) {
+                continue;
+            }
+            match e.metadata() {
+                Ok(m) => entries.push((name, child, m)),
+                Err(err) => self.warn(format!("{}: {err}", child.display())),
+            }
+        }
+        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let nodes: Vec<Option<Node>> = entries
+            .into_par_iter()
+            .map(|(name, child, m)| {
+                let prev = parent.and_then(|t| t.get(&name));
+                self.save_entry(&child, name, &m, prev)
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Some(Tree {
+            nodes: nodes.into_iter().flatten().collect(),
+        }))
+    }
+
+    fn save_file(
+        &self,
+        path: &Path,
+        name: Vec<u8>,
+        meta: &Metadata,
+        parent: Option<&Node>,
+    ) -> Result<Option<Node>, RepoError> {
+        let stamp = Stamp::of(meta);
+        if let Some(
+            p @ Node {
+                content: NodeContent::File { chunks },
+                ..
+            },
+        ) = parent
+        {
+            let same = p.size == stamp.size
+                && p.mtime_ns == stamp.mtime_ns
+                && (self.opts.ignore_inode
+                    || (p.inode == stamp.inode && p.ctime_ns == stamp.ctime_ns));
+            if same && !self.opts.force && chunks.iter().all(|c| self.known(BlobKind::Data, c)) {
+                self.counters.files_unmodified.fetch_add(1, Relaxed);
+                self.progress.file(path, stamp.size);
+                return Ok(Some(node_for(
+                    name,
+                    meta,
+                    NodeContent::File {
+                        chunks: chunks.clone(),
+                    },
+                )));
+            }
+        }
+        for _ in 0..READ_ATTEMPTS {
+            match self.read_file(path) {
+                Ok(Some((chunks, meta))) => {
+                    let counter = if parent.is_some() {
+                        &self.counters.files_changed
+                    } else {
+                        &self.counters.files_new
+                    };
+                    counter.fetch_add(1, Relaxed);
+                    self.progress.file(path, meta.size());
+                    return Ok(Some(node_for(name, &meta, NodeContent::File { chunks })));
+                }
+                Ok(None) => continue,
+                Err(ReadError::Io(e)) => {
+                    self.warn(format!("{}: cannot read: {e}", path.display()));
+                    return Ok(None);
+                }
+                Err(ReadError::Repo(e)) => return Err(e),
+            }
+        }
+        self.warn(format!(
+            "{}: changed while being read {READ_ATTEMPTS} times; not saved",
+            path.display()
+        ));
+        Ok(None)
+    }
+
+    /// Reads and stores a file's chunks. `Ok(None)` when the file changed
+    /// while it was read (its stamp before and after differ).
+    fn read_file(&self, path: &Path) -> Result<Option<(Vec<BlobId>, Metadata)>, ReadError> {
+        let mut f = File::open(path).map_err(ReadError::Io)?;
+        let before = f.metadata().map_err(ReadError::Io)?;
+        if !before.is_file() {
+            return Err(ReadError::Io(std::io::Error::other(
+                "no longer a regular file",
+            )));
+        }
+        let c = self.chunker;
+        let mut chunks = Vec::new();
+        let mut read = 0u64;
+        if before.size() <= WHOLE_FILE {
+            let mut buf = Vec::with_capacity(before.size() as usize + 1);
+            f.read_to_end(&mut buf).map_err(ReadError::Io)?;
+            read = buf.len() as u64;
+            self.progress.bytes(read);
+            for ch in fastcdc::v2020::FastCDC::new(&buf, c.min, c.avg, c.max) {
+                chunks.push(self.chunk(&buf[ch.offset..ch.offset + ch.length])?);
+            }
+            self.hook_after_read(path);
+        } else {
+            let mut batch: Vec<Vec<u8>> = Vec::with_capacity(CHUNK_BATCH);
+            let stream = fastcdc::v2020::StreamCDC::new(&mut f, c.min, c.avg, c.max);
+            for ch in stream {
+                let ch = ch.map_err(|e| ReadError::Io(std::io::Error::other(e.to_string())))?;
+                read += ch.length as u64;
+                self.progress.bytes(ch.length as u64);
+                batch.push(ch.data);
+                if batch.len() == CHUNK_BATCH {
+                    self.chunk_batch(&mut batch, &mut chunks)?;
+                }
+                self.hook_after_read(path);
+            }
+            self.chunk_batch(&mut batch, &mut chunks)?;
+        }
+        self.counters.bytes_read.fetch_add(read, Relaxed);
+        let after = f.metadata().map_err(ReadError::Io)?;
+        if Stamp::of(&before) != Stamp::of(&after) || read != after.size() {
+            return Ok(None);
+        }
+        Ok(Some((chunks, after)))
+    }
+
+    fn chunk_batch(
+        &self,
+        batch: &mut Vec<Vec<u8>>,
+        out: &mut Vec<BlobId>,
+    ) -> Result<(), RepoError> {
+        let ids: Vec<BlobId> = batch
+            .par_iter()
+            .map(|data| self.chunk(data))
+            .collect::<Result<_, _>>()?;
+        out.extend(ids);
+        batch.clear();
+        Ok(())
+    }
+
+    fn chunk(&self, data: &[u8]) -> Result<BlobId, RepoError> {
+        self.store_if_new(BlobKind::Data, data)
+    }
+
+    #[cfg(test)]
+    fn hook_after_read(&self, path: &Path) {
+        if let Some(f) = lock(&tests::AFTER_READ).as_mut() {
+            f(path)
+        }
+    }
+
+    #[cfg(not(test))]
+    fn hook_after_read(&self, _path: &Path) {}
+
+    /// Saves the virtual tree of the given paths: their ancestors are
+    /// directories that hold only what leads to a saved path.
+    fn save_virtual(
+        &self,
+        here: &Path,
+        v: &VNode,
+        parent: Option<&Tree>,
+    ) -> Result<Tree, RepoError> {
+        let VNode::Inner(children) = v else {
+            // "/" itself was given.
+            return Ok(self.save_dir(here, parent)?.unwrap_or_default());
+        };
+        let mut nodes = Vec::new();
+        for (name, child) in children {
+            let path = here.join(std::ffi::OsStr::from_bytes(name));
+            let meta = match fs::symlink_metadata(&path) {
+                Ok(m) => m,
+                Err(e) => {
+                    self.warn(format!("{}: {e}", path.display()));
+                    continue;
+                }
+            };
+            let prev = parent.and_then(|t| t.get(name));
+            let node = match child {
+                VNode::Target => self.save_entry(&path, name.clone(), &meta, prev)?,
+                VNode::Inner(_) => {
+                    let prev_tree = match prev.map(|n| &n.content) {
+                        Some(NodeContent::Dir { tree }) => {
+                            self.repo.load_tree(self.index, tree).ok()
+                        }
+                        _ => None,
+                    };
+                    let sub = self.save_virtual(&path, child, prev_tree.as_ref())?;
+                    let id = self.store_if_new(BlobKind::Tree, &sub.encode())?;
+                    Some(node_for(name.clone(), &meta, NodeContent::Dir { tree: id }))
+                }
+            };
+            nodes.extend(node);
+        }
+        Ok(Tree { nodes })
+    }
+}
+
+enum ReadError {
+    Io(std::io::Error),
+    Repo(RepoError),
+}
+
+impl From<RepoError> for ReadError {
+    fn from(e: RepoError) -> Self {
+        Self::Repo(e)
+    }
+}
+
+/// The shape of the paths to save, from the root down.
+#[derive(Debug)]
+enum VNode {
+    Target,
+    Inner(BTreeMap<Vec<u8>, VNode>),
+}
+
+fn virtual_root(paths: &[PathBuf]) -> VNode {
+    let mut root = VNode::Inner(BTreeMap::new());
+    for p in paths {
+        let mut node = &mut root;
+        for comp in p.components().skip(1) {
+            let VNode::Inner(children) = node else { break };
+            node = children
+                .entry(comp.as_os_str().as_bytes().to_vec())
+                .or_insert_with(|| VNode::Inner(BTreeMap::new()));
+        }
+        // A path inside one already given is covered by it; one that
+        // contains others replaces them.
+        if let VNode::Inner(_) = node {
+            *node = VNode::Target;
+        }
+    }
+    root
+}
+
+/// This machine's host name.
+pub fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// Runs a backup. Call from a blocking context (not on an async executor
+/// thread); `rt` runs the catalog's async calls.
+pub fn backup(
+    repo: &Repo,
+    rt: tokio::runtime::Handle,
+    opts: &BackupOptions,
+    progress: &dyn BackupProgress,
+) -> Result<BackupReport, RepoError> {
+    let started = Instant::now();
+    if opts.paths.is_empty() {
+        return Err(RepoError::Config(
+            "nothing to back up: give at least one path".into(),
+        ));
+    }
+    let recovered = rt.block_on(repo.sync_catalog())?;
+    if recovered > 0 {
+        tracing::info!("recorded {recovered} packs left by an interrupted backup");
+    }
+    let index = rt.block_on(repo.load_index())?;
+    let mut paths = Vec::new();
+    for p in &opts.paths {
+        let abs = clean_absolute(p)?;
+        fs::symlink_metadata(&abs)
+            .map_err(|e| RepoError::io(format!("cannot back up {}", abs.display()), e))?;
+        paths.push(abs);
+    }
+    paths.sort();
+    paths.dedup();
+    let host = opts.host.clone().unwrap_or_else(hostname);
+    let path_strings: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    let parent = match &opts.parent {
+        Some(spec) => Some(rt.block_on(repo.find_snapshot(spec))?),
+        None => rt
+            .block_on(repo.snapshots())?
+            .into_iter()
+            .rev()
+            .find(|s| s.host == host && s.paths == path_strings),
+    };
+    let parent_tree = match &parent {
+        Some(p) if !opts.force => Some(repo.load_tree(&index, &p.tree)?),
+        _ => None,
+    };
+
+    let saver = Saver {
+        repo,
+        index: &index,
+        rt: rt.clone(),
+        new_blobs: Mutex::new(HashSet::new()),
+        data_pack: Mutex::new(PackWriter::with_capacity(repo.config.pack_size + (1 << 20))),
+        meta_pack: Mutex::new(PackWriter::default()),
+        written: Mutex::new(Vec::new()),
+        excludes: Excludes::new(&opts.excludes, repo.home.root())?,
+        chunker: repo.config.chunker,
+        opts,
+        counters: Counters::default(),
+        warnings: Mutex::new(Vec::new()),
+        progress,
+    };
+    let threads = if opts.threads > 0 {
+        opts.threads
+    } else {
+        std::thread::available_parallelism().map_or(2, |n| n.get()) + 1
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("pluto-backup-{i}"))
+        .build()
+        .map_err(|e| RepoError::io("starting workers", std::io::Error::other(e)))?;
+    let root = virtual_root(&paths);
+    let tree = pool.install(|| saver.save_virtual(Path::new("/"), &root, parent_tree.as_ref()))?;
+    let root_id = saver.store_if_new(BlobKind::Tree, &tree.encode())?;
+
+    // Data first, so nothing written later points at a pack that is not durable.
+    let data = std::mem::take(&mut *lock(&saver.data_pack));
+    saver.flush(data)?;
+
+    let c = &saver.counters;
+    let summary = Summary {
+        files_new: c.files_new.load(Relaxed),
+        files_changed: c.files_changed.load(Relaxed),
+        files_unmodified: c.files_unmodified.load(Relaxed),
+        dirs: c.dirs.load(Relaxed),
+        bytes_read: c.bytes_read.load(Relaxed),
+        bytes_added_raw: c.bytes_added_raw.load(Relaxed),
+        bytes_added_packed: c.bytes_added_packed.load(Relaxed),
+        blobs_added: c.blobs_added.load(Relaxed),
+        duration_ns: started.elapsed().as_nanos() as u64,
+    };
+    let snapshot = Snapshot {
+        time_ns: now_ns(),
+        host,
+        user: std::env::var("USER").unwrap_or_default(),
+        paths: paths
+            .iter()
+            .map(|p| p.as_os_str().as_bytes().to_vec())
+            .collect(),
+        tags: opts.tags.clone(),
+        parent: parent.as_ref().map(|p| p.id),
+        tree: root_id,
+        excludes: opts.excludes.clone(),
+        summary: summary.clone(),
+    };
+    let written = std::mem::take(&mut *lock(&saver.written));
+    if !written.is_empty() {
+        saver.store_if_new(BlobKind::Index, &encode_segment(&written))?;
+    }
+    let snap_raw = snapshot.encode();
+    let snap_id = saver.store_if_new(BlobKind::Snapshot, &snap_raw)?;
+    let meta = std::mem::take(&mut *lock(&saver.meta_pack));
+    saver.flush(meta)?;
+    let snap_id = SnapshotId(snap_id.0);
+    rt.block_on(
+        repo.catalog
+            .add_snapshot(&snapshot_record(snap_id, &snapshot)),
+    )?;
+    let warnings = std::mem::take(&mut *lock(&saver.warnings));
+    Ok(BackupReport {
+        snapshot: snap_id,
+        parent: parent.map(|p| p.id),
+        summary,
+        warnings,
+    })
+}
+
+/// Runs [`backup`] on a blocking thread.
+pub async fn backup_async(
+    repo: Arc<Repo>,
+    opts: BackupOptions,
+    progress: Arc<dyn BackupProgress>,
+) -> Result<BackupReport, RepoError> {
+    let rt = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || backup(&repo, rt, &opts, &*progress))
+        .await
+        .map_err(|e| RepoError::io("backup worker", std::io::Error::other(e.to_string())))?
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    /// Runs after a file's bytes were read, before its stamp is checked.
+    #[allow(clippy::type_complexity)]
+    pub(crate) static AFTER_READ: std::sync::Mutex<
+        Option<Box<dyn FnMut(&std::path::Path) + Send>>,
+    > = std::sync::Mutex::new(None);
+
+    use super::*;
+    use crate::keys::MasterKey;
+    use crate::{Home, LockMode};
+    use pluto_store_fs as _;
+    use pluto_store_sqlite as _;
+
+    fn repo(dir: &Path, rt: &tokio::runtime::Runtime) -> Repo {
+        let home = Home::new(dir.join("home"));
+        Repo::init(&home, &MasterKey::generate(), &crate::Config::default()).unwrap();
+        rt.block_on(Repo::open(home, LockMode::Exclusive)).unwrap()
+    }
+
+    /// Both cases share the global hook, so they run in one test.
+    #[test]
+    fn a_file_that_changes_while_read_is_read_again_or_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let repo = repo(dir.path(), &rt);
+        let src = dir.path().join("src");
+        fs::create_dir_all(&src).unwrap();
+        let file = src.join("growing.log");
+        fs::write(&file, vec![b'a'; 100_000]).unwrap();
+        let opts = BackupOptions {
+            paths: vec![src.clone()],
+            threads: 1,
+            ..Default::default()
+        };
+
+        // Changes once, during the first read: the second read is stored.
+        let target = file.clone();
+        let mut done = false;
+        *lock(&AFTER_READ) = Some(Box::new(move |p: &Path| {
+            if p == target && !done {
+                done = true;
+                let mut f = fs::OpenOptions::new().append(true).open(p).unwrap();
+                std::io::Write::write_all(&mut f, b"appended while reading").unwrap();
+            }
+        }));
+        let r = backup(&repo, rt.handle().clone(), &opts, &NoProgress).unwrap();
+        *lock(&AFTER_READ) = None;
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        let index = rt.block_on(repo.load_index()).unwrap();
+        let snap = rt.block_on(repo.find_snapshot("latest")).unwrap();
+        let mut tree = repo.load_tree(&index, &snap.tree).unwrap();
+        for name in src.components().skip(1) {
+            let NodeContent::Dir { tree: id } =
+                &tree.get(name.as_os_str().as_bytes()).unwrap().content
+            else {
+                panic!("not a dir")
+            };
+            tree = repo.load_tree(&index, id).unwrap();
+        }
+        let node = tree.get(b"growing.log").unwrap();
+        assert_eq!(node.size, 100_000 + 22, "the whole new version, not a mix");
+        let NodeContent::File { chunks } = &node.content else {
+            panic!()
+        };
+        let content: Vec<u8> = chunks
+            .iter()
+            .flat_map(|c| repo.read_by_id(&index, BlobKind::Data, c).unwrap())
+            .collect();
+        assert_eq!(content, fs::read(&file).unwrap());
+
+        // Changes on every read: left out, with a warning naming it.
+        fs::write(&file, vec![b'b'; 50_000]).unwrap();
+        let target = file.clone();
+        *lock(&AFTER_READ) = Some(Box::new(move |p: &Path| {
+            if p == target {
+                let mut f = fs::OpenOptions::new().append(true).open(p).unwrap();
+                std::io::Write::write_all(&mut f, b"x").unwrap();
+            }
+        }));
+        let r = backup(&repo, rt.handle().clone(), &opts, &NoProgress).unwrap();
+        *lock(&AFTER_READ) = None;
+        assert_eq!(r.warnings.len(), 1);
+        assert!(r.warnings[0].contains("growing.log") && r.warnings[0].contains("changed"));
+    }
+
+    #[test]
+    fn virtual_root_merges_paths() {
+        let r = virtual_root(&[
+            PathBuf::from("/a/b"),
+            PathBuf::from("/a/b/c"),
+            PathBuf::from("/a/d"),
+        ]);
+        let VNode::Inner(top) = r else { panic!() };
+        let VNode::Inner(a) = &top[&b"a"[..]] else {
+            panic!()
+        };
+        assert!(matches!(a[&b"b"[..]], VNode::Target));
+        assert!(matches!(a[&b"d"[..]], VNode::Target));
+        assert!(matches!(virtual_root(&[PathBuf::from("/")]), VNode::Target));
+    }
+}

@@ -1,0 +1,203 @@
+//! A node's home: the directory that holds its secrets, config, catalog and
+//! local pack store.
+//!
+//! ```text
+//! HOME/secrets      the master entropy (0600); whoever has it has the backups
+//! HOME/config.toml  stores, chunker and pack settings (see [`Config`])
+//! HOME/catalog.db   the catalog (default `sqlite:catalog.db`)
+//! HOME/packs/       the local pack store (default `fs:packs`)
+//! HOME/lock         held shared by readers, exclusively by writers
+//! ```
+
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Settings of a node, from `HOME/config.toml`. Every field has a default.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Catalog store URL; a relative `sqlite:` path is taken from the home.
+    pub catalog: String,
+    /// Local pack store URL; a relative `fs:` path is taken from the home.
+    pub packs: String,
+    /// Coordinator URL; none means local-only mode.
+    pub coordinator: Option<String>,
+    /// Space offered to others, in bytes.
+    pub offer: u64,
+    /// Content-defined chunking.
+    pub chunker: ChunkerConfig,
+    /// Target size of a pack in bytes.
+    pub pack_size: usize,
+    /// zstd level for blobs (0 turns compression off).
+    pub compression: i32,
+}
+
+/// FastCDC sizes, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChunkerConfig {
+    /// Smallest chunk.
+    pub min: u32,
+    /// Average chunk.
+    pub avg: u32,
+    /// Largest chunk.
+    pub max: u32,
+}
+
+impl Default for ChunkerConfig {
+    fn default() -> Self {
+        // Chosen by measurement, see docs/formats.md ("Chunk sizes").
+        Self {
+            min: 512 << 10,
+            avg: 1 << 20,
+            max: 8 << 20,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            catalog: "sqlite:catalog.db".into(),
+            packs: "fs:packs".into(),
+            coordinator: None,
+            offer: 0,
+            chunker: ChunkerConfig::default(),
+            pack_size: 16 << 20,
+            compression: 3,
+        }
+    }
+}
+
+impl Config {
+    /// Checks that the values are usable.
+    pub fn validate(&self) -> Result<(), String> {
+        let c = &self.chunker;
+        // FastCDC 2020's own bounds.
+        if !(64..=1 << 20).contains(&c.min)
+            || !(256..=4 << 20).contains(&c.avg)
+            || !(1024..=16 << 20).contains(&c.max)
+            || c.min > c.avg
+            || c.avg > c.max
+        {
+            return Err(format!(
+                "chunker sizes must satisfy min <= avg <= max with min in 64 B..1 MiB, \
+                 avg in 256 B..4 MiB, max in 1 KiB..16 MiB (got {}/{}/{})",
+                c.min, c.avg, c.max
+            ));
+        }
+        if !(1 << 16..=1 << 30).contains(&self.pack_size) {
+            return Err(format!(
+                "pack_size {} is outside 64 KiB..1 GiB",
+                self.pack_size
+            ));
+        }
+        if !(0..=19).contains(&self.compression) {
+            return Err(format!(
+                "compression level {} is outside 0..19",
+                self.compression
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Paths inside a home.
+#[derive(Clone, Debug)]
+pub struct Home {
+    root: PathBuf,
+}
+
+impl Home {
+    /// The home at `root` (nothing is checked yet).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+    /// The home directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    /// The secrets file.
+    pub fn secrets(&self) -> PathBuf {
+        self.root.join("secrets")
+    }
+    /// The config file.
+    pub fn config_path(&self) -> PathBuf {
+        self.root.join("config.toml")
+    }
+    /// The lock file.
+    pub fn lock_path(&self) -> PathBuf {
+        self.root.join("lock")
+    }
+    /// True when `init` ran here.
+    pub fn exists(&self) -> bool {
+        self.secrets().exists()
+    }
+    /// Creates the directory (0700).
+    pub fn create_dir(&self) -> std::io::Result<()> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)
+    }
+    /// Resolves a store URL whose path is relative against the home.
+    pub fn resolve_url(&self, url: &str) -> String {
+        for scheme in ["sqlite:", "fs:"] {
+            if let Some(rest) = url.strip_prefix(scheme) {
+                if !rest.starts_with('/') && !rest.starts_with(':') && !rest.is_empty() {
+                    return format!("{scheme}{}", self.root.join(rest).display());
+                }
+            }
+        }
+        url.to_string()
+    }
+    /// Reads the config; a missing file means defaults.
+    pub fn load_config(&self) -> Result<Config, String> {
+        let path = self.config_path();
+        let cfg = match fs::read_to_string(&path) {
+            Ok(text) => toml::from_str::<Config>(&text)
+                .map_err(|e| format!("{}: {}", path.display(), e.message()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
+            Err(e) => return Err(format!("reading {}: {e}", path.display())),
+        };
+        cfg.validate()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(cfg)
+    }
+    /// Writes the config.
+    pub fn save_config(&self, cfg: &Config) -> Result<(), String> {
+        let text = toml::to_string(cfg).map_err(|e| e.to_string())?;
+        let path = self.config_path();
+        fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_round_trip_and_validation() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = Home::new(dir.path());
+        assert_eq!(h.load_config().unwrap(), Config::default());
+        let c = Config {
+            compression: 5,
+            ..Config::default()
+        };
+        h.save_config(&c).unwrap();
+        assert_eq!(h.load_config().unwrap(), c);
+        fs::write(h.config_path(), "nonsense = 1\n").unwrap();
+        assert!(h.load_config().unwrap_err().contains("nonsense"));
+        fs::write(h.config_path(), "[chunker]\nmin = 10\navg = 5\nmax = 1\n").unwrap();
+        assert!(h.load_config().is_err());
+        assert_eq!(
+            h.resolve_url("fs:packs"),
+            format!("fs:{}/packs", dir.path().display())
+        );
+        assert_eq!(h.resolve_url("fs:/abs"), "fs:/abs");
+    }
+}

@@ -1,0 +1,36 @@
+//! pluto's engine: keys, chunking, packs, snapshots, backup, restore and
+//! check, over the storage contracts of `pluto-plugins-api`.
+//!
+//! The engine never names a store: a binary links the plugins it wants and
+//! the engine opens them by the URLs in the node's config.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), pluto_engine::RepoError> {
+//! use std::sync::Arc;
+//! use pluto_engine::{backup::{backup_async, BackupOptions, NoProgress}, Home, LockMode, Repo};
+//! let home = Home::new("/tmp/pluto-home");
+//! let repo = Arc::new(Repo::open(home, LockMode::Exclusive).await?);
+//! let opts = BackupOptions { paths: vec!["/etc".into()], ..Default::default() };
+//! let report = backup_async(repo, opts, Arc::new(NoProgress)).await?;
+//! println!("snapshot {}", report.snapshot);
+//! # Ok(()) }
+//! ```
+//!
+//! Formats are documented in each module (`pack`, `tree`, `snapshot`,
+//! `index`, `crypto`, `keys`) and gathered in `docs/formats.md`.
+
+pub mod backup;
+pub mod check;
+pub mod crypto;
+pub mod home;
+pub mod index;
+pub mod keys;
+pub mod pack;
+pub mod repo;
+pub mod restore;
+pub mod snapshot;
+pub mod tree;
+pub mod wire;
+
+pub use home::{Config, Home};
+pub use repo::{LockMode, Repo, RepoError};

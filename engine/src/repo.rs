@@ -1,0 +1,432 @@
+//! An opened home: keys, catalog and pack store, with the blob-level reads
+//! and writes that backup, restore and check share.
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::path::Path;
+use std::sync::Arc;
+
+use pluto_plugins_api::{
+    BlobId, BlobKind, BlobLocation, BlobStore, MetaStore, PackId, PackRecord, SnapshotId,
+    SnapshotRecord, StoreError,
+};
+
+use crate::crypto::{open_blob, seal_blob, OpenError, SealKey};
+use crate::home::{Config, Home};
+use crate::index::{decode_segment, Index};
+use crate::keys::{KeyError, Keys, MasterKey};
+use crate::pack::{self, FinishedPack, PackError, PackWriter, TRAILER_LEN};
+use crate::snapshot::Snapshot;
+use crate::tree::Tree;
+use crate::wire::DecodeError;
+
+/// Why an operation on a home failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RepoError {
+    /// No `init` here.
+    #[error("no pluto home at {0} (run `pluto init` first, or pass --home)")]
+    NotInitialized(String),
+    /// `init` already ran here.
+    #[error("{0} already holds a pluto home")]
+    AlreadyInitialized(String),
+    /// Another process holds the home.
+    #[error("another pluto process is using {0}; try again when it has finished")]
+    Locked(String),
+    /// The config file is wrong.
+    #[error("config: {0}")]
+    Config(String),
+    /// Keys or the secrets file.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// A store plugin failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A pack does not parse.
+    #[error("pack {pack}: {source}")]
+    Pack {
+        /// The pack.
+        pack: PackId,
+        /// Why.
+        source: PackError,
+    },
+    /// A blob does not open.
+    #[error("{kind} blob {id} in pack {pack}: {source}")]
+    Blob {
+        /// Kind.
+        kind: &'static str,
+        /// Blob.
+        id: BlobId,
+        /// Pack.
+        pack: PackId,
+        /// Why.
+        source: OpenError,
+    },
+    /// A blob is not in the index.
+    #[error("{0} blob {1} is missing from every pack")]
+    MissingBlob(&'static str, BlobId),
+    /// A decoded blob does not parse.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// No snapshot matches.
+    #[error("no snapshot matches {0:?}")]
+    NoSnapshot(String),
+    /// More than one snapshot matches.
+    #[error("{0:?} matches more than one snapshot; give more digits")]
+    AmbiguousSnapshot(String),
+    /// Local I/O.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was done.
+        context: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+impl RepoError {
+    /// An I/O error with context.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// How the home is held while open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockMode {
+    /// Readers share the home.
+    Shared,
+    /// One writer at a time.
+    Exclusive,
+}
+
+/// An opened home.
+pub struct Repo {
+    /// The home.
+    pub home: Home,
+    /// Its settings.
+    pub config: Config,
+    /// Every key.
+    pub keys: Keys,
+    data_key: SealKey,
+    meta_key: SealKey,
+    /// The catalog.
+    pub catalog: Arc<dyn MetaStore>,
+    /// The local pack store.
+    pub packs: Arc<dyn BlobStore>,
+    _lock: File,
+}
+
+impl std::fmt::Debug for Repo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Repo({})", self.home.root().display())
+    }
+}
+
+fn lock(home: &Home, mode: LockMode) -> Result<File, RepoError> {
+    let path = home.lock_path();
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| RepoError::io(format!("opening {}", path.display()), e))?;
+    let r = match mode {
+        LockMode::Shared => f.try_lock_shared(),
+        LockMode::Exclusive => f.try_lock(),
+    };
+    match r {
+        Ok(()) => Ok(f),
+        Err(fs::TryLockError::WouldBlock) => {
+            Err(RepoError::Locked(home.root().display().to_string()))
+        }
+        Err(fs::TryLockError::Error(e)) => {
+            Err(RepoError::io(format!("locking {}", path.display()), e))
+        }
+    }
+}
+
+impl Repo {
+    /// Creates a home: directory, secrets, config. Returns the master key.
+    pub fn init(home: &Home, master: &MasterKey, config: &Config) -> Result<(), RepoError> {
+        if home.exists() {
+            return Err(RepoError::AlreadyInitialized(
+                home.root().display().to_string(),
+            ));
+        }
+        config.validate().map_err(RepoError::Config)?;
+        home.create_dir()
+            .map_err(|e| RepoError::io(format!("creating {}", home.root().display()), e))?;
+        home.save_config(config).map_err(RepoError::Config)?;
+        master.save(&home.secrets())?;
+        Ok(())
+    }
+
+    /// Opens an initialised home.
+    pub async fn open(home: Home, mode: LockMode) -> Result<Self, RepoError> {
+        if !home.exists() {
+            return Err(RepoError::NotInitialized(home.root().display().to_string()));
+        }
+        let lock = lock(&home, mode)?;
+        let config = home.load_config().map_err(RepoError::Config)?;
+        let keys = MasterKey::load(&home.secrets())?.keys();
+        let catalog: Arc<dyn MetaStore> =
+            pluto_plugins_api::open_meta_store(&home.resolve_url(&config.catalog))
+                .await?
+                .into();
+        let packs: Arc<dyn BlobStore> =
+            pluto_plugins_api::open_blob_store(&home.resolve_url(&config.packs))?.into();
+        Ok(Self {
+            data_key: SealKey::new(&keys.data),
+            meta_key: SealKey::new(&keys.metadata),
+            keys,
+            config,
+            catalog,
+            packs,
+            home,
+            _lock: lock,
+        })
+    }
+
+    /// The key that seals blobs of `kind`.
+    pub fn key_for(&self, kind: BlobKind) -> &SealKey {
+        match kind {
+            BlobKind::Data => &self.data_key,
+            _ => &self.meta_key,
+        }
+    }
+
+    /// Id and sealed bytes of a plaintext blob.
+    pub fn seal(&self, kind: BlobKind, raw: &[u8]) -> (BlobId, Vec<u8>) {
+        let id = self.keys.blob_id(raw);
+        let sealed = seal_blob(self.key_for(kind), self.config.compression, kind, &id, raw);
+        (id, sealed)
+    }
+
+    /// Seals with a known id (the caller hashed already).
+    pub fn seal_with_id(&self, kind: BlobKind, id: &BlobId, raw: &[u8]) -> Vec<u8> {
+        seal_blob(self.key_for(kind), self.config.compression, kind, id, raw)
+    }
+
+    /// Finishes a pack and writes it durably to the local pack store.
+    pub fn write_pack(&self, w: PackWriter) -> Result<PackRecord, RepoError> {
+        let FinishedPack { id, bytes, blobs } = w.finish(&self.meta_key);
+        self.packs.put(&id, &bytes)?;
+        Ok(PackRecord {
+            id,
+            size: bytes.len() as u64,
+            blobs,
+        })
+    }
+
+    /// Opens a sealed blob, authenticating it and checking its id.
+    pub fn open_sealed(&self, loc: &BlobLocation, sealed: &[u8]) -> Result<Vec<u8>, RepoError> {
+        open_blob(
+            self.key_for(loc.kind),
+            loc.kind,
+            &loc.id,
+            loc.raw_length as usize,
+            sealed,
+            |raw| self.keys.blob_id(raw),
+        )
+        .map_err(|source| RepoError::Blob {
+            kind: loc.kind.name(),
+            id: loc.id,
+            pack: loc.pack,
+            source,
+        })
+    }
+
+    /// Reads one blob from the local pack store, authenticated.
+    pub fn read_blob(&self, loc: &BlobLocation) -> Result<Vec<u8>, RepoError> {
+        let sealed = self
+            .packs
+            .get_range(&loc.pack, loc.offset, u64::from(loc.length))?;
+        self.open_sealed(loc, &sealed)
+    }
+
+    /// Reads a blob by kind and id through the index.
+    pub fn read_by_id(
+        &self,
+        index: &Index,
+        kind: BlobKind,
+        id: &BlobId,
+    ) -> Result<Vec<u8>, RepoError> {
+        let loc = index
+            .get(kind, id)
+            .ok_or(RepoError::MissingBlob(kind.name(), *id))?;
+        self.read_blob(loc)
+    }
+
+    /// Reads and decodes a tree.
+    pub fn load_tree(&self, index: &Index, id: &BlobId) -> Result<Tree, RepoError> {
+        Ok(Tree::decode(&self.read_by_id(
+            index,
+            BlobKind::Tree,
+            id,
+        )?)?)
+    }
+
+    /// Reads and decodes a snapshot.
+    pub fn load_snapshot(&self, index: &Index, id: &SnapshotId) -> Result<Snapshot, RepoError> {
+        let raw = self.read_by_id(index, BlobKind::Snapshot, &BlobId(id.0))?;
+        Ok(Snapshot::decode(&raw)?)
+    }
+
+    /// The in-memory index of everything in the catalog.
+    pub async fn load_index(&self) -> Result<Index, RepoError> {
+        Ok(Index::from_locations(self.catalog.blobs().await?))
+    }
+
+    /// Reads a pack's header from the pack store.
+    pub fn read_pack_header(&self, id: &PackId, size: u64) -> Result<PackRecord, RepoError> {
+        let pack_err = |source| RepoError::Pack { pack: *id, source };
+        let tail_len = (64 << 10).min(size);
+        let tail = self.packs.get_range(id, size - tail_len, tail_len)?;
+        let n = pack::header_len(&tail, size).map_err(pack_err)?;
+        let sealed = if n + TRAILER_LEN <= tail.len() {
+            tail[tail.len() - TRAILER_LEN - n..tail.len() - TRAILER_LEN].to_vec()
+        } else {
+            self.packs
+                .get_range(id, size - (n + TRAILER_LEN) as u64, n as u64)?
+        };
+        let entries = pack::read_header(&self.meta_key, &sealed, size).map_err(pack_err)?;
+        Ok(PackRecord {
+            id: *id,
+            size,
+            blobs: pack::locate(*id, &entries),
+        })
+    }
+
+    /// Parses a whole pack held in memory.
+    pub fn parse_pack(&self, id: &PackId, bytes: &[u8]) -> Result<PackRecord, RepoError> {
+        let entries = pack::parse(&self.meta_key, bytes)
+            .map_err(|source| RepoError::Pack { pack: *id, source })?;
+        Ok(PackRecord {
+            id: *id,
+            size: bytes.len() as u64,
+            blobs: pack::locate(*id, &entries),
+        })
+    }
+
+    /// Adds to the catalog every pack in the store that it does not know
+    /// (written by a backup that was killed before it could record them),
+    /// with the snapshots they hold. Returns how many packs were added.
+    pub async fn sync_catalog(&self) -> Result<usize, RepoError> {
+        let known: HashSet<PackId> = self
+            .catalog
+            .packs()
+            .await?
+            .into_iter()
+            .map(|p| p.0)
+            .collect();
+        let stored = self.packs.list()?;
+        let mut records = Vec::new();
+        for (id, size) in stored.into_iter().filter(|(id, _)| !known.contains(id)) {
+            match self.read_pack_header(&id, size) {
+                Ok(r) => records.push(r),
+                Err(e) => tracing::warn!("ignoring unreadable pack {id}: {e}"),
+            }
+        }
+        self.record_packs(&records).await?;
+        Ok(records.len())
+    }
+
+    /// Forgets the catalog and rebuilds it from the pack headers alone.
+    pub async fn rebuild_catalog(&self) -> Result<(usize, usize), RepoError> {
+        self.catalog.clear().await?;
+        let stored = self.packs.list()?;
+        let mut records = Vec::new();
+        for (id, size) in stored {
+            records.push(self.read_pack_header(&id, size)?);
+        }
+        let snaps = self.record_packs(&records).await?;
+        Ok((records.len(), snaps))
+    }
+
+    /// Records packs and the snapshots inside them; returns the snapshot count.
+    async fn record_packs(&self, records: &[PackRecord]) -> Result<usize, RepoError> {
+        self.catalog.add_packs(records).await?;
+        let mut snaps = 0;
+        for loc in records.iter().flat_map(|r| &r.blobs) {
+            match loc.kind {
+                BlobKind::Snapshot => {
+                    let snap = Snapshot::decode(&self.read_blob(loc)?)?;
+                    self.catalog
+                        .add_snapshot(&snapshot_record(SnapshotId(loc.id.0), &snap))
+                        .await?;
+                    snaps += 1;
+                }
+                BlobKind::Index => {
+                    // Segments only repeat what headers say; decoding them
+                    // here proves they are readable.
+                    decode_segment(&self.read_blob(loc)?)?;
+                }
+                _ => {}
+            }
+        }
+        Ok(snaps)
+    }
+
+    /// Every snapshot, oldest first.
+    pub async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, RepoError> {
+        Ok(self.catalog.snapshots().await?)
+    }
+
+    /// Finds a snapshot by `latest` or by a unique hex prefix of its id.
+    pub async fn find_snapshot(&self, spec: &str) -> Result<SnapshotRecord, RepoError> {
+        let all = self.snapshots().await?;
+        if spec == "latest" {
+            return all
+                .into_iter()
+                .next_back()
+                .ok_or_else(|| RepoError::NoSnapshot(spec.into()));
+        }
+        let spec_l = spec.to_ascii_lowercase();
+        let mut hits = all
+            .into_iter()
+            .filter(|s| s.id.to_hex().starts_with(&spec_l));
+        match (hits.next(), hits.next()) {
+            (Some(s), None) if !spec.is_empty() => Ok(s),
+            (Some(_), Some(_)) => Err(RepoError::AmbiguousSnapshot(spec.into())),
+            _ => Err(RepoError::NoSnapshot(spec.into())),
+        }
+    }
+}
+
+/// The catalog record of a snapshot.
+pub fn snapshot_record(id: SnapshotId, s: &Snapshot) -> SnapshotRecord {
+    SnapshotRecord {
+        id,
+        time_ns: s.time_ns,
+        host: s.host.clone(),
+        paths: s
+            .paths
+            .iter()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect(),
+        tags: s.tags.clone(),
+        parent: s.parent,
+        tree: s.tree,
+    }
+}
+
+/// Makes a path absolute and removes `.` and `..` lexically.
+pub fn clean_absolute(p: &Path) -> Result<std::path::PathBuf, RepoError> {
+    let abs = std::path::absolute(p)
+        .map_err(|e| RepoError::io(format!("resolving {}", p.display()), e))?;
+    let mut out = std::path::PathBuf::from("/");
+    for c in abs.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::Normal(n) => out.push(n),
+            _ => {}
+        }
+    }
+    Ok(out)
+}

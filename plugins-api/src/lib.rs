@@ -1,0 +1,37 @@
+//! pluto's plugin contracts.
+//!
+//! This crate is the vocabulary every other pluto crate shares: identifiers
+//! ([`BlobId`], [`PackId`], [`SnapshotId`], [`NodeId`]), the records a node's
+//! catalog keeps, and the traits that storage plugins implement:
+//!
+//! - [`BlobStore`]: where whole packs are kept (the node's local pack store now,
+//!   the packs a node holds for others later). Blocking by contract, so that it
+//!   maps one-to-one onto the C ABI of dynamically loaded plugins.
+//! - [`MetaStore`]: the node's catalog (index, snapshots, pack list), async.
+//!
+//! Plugins announce themselves with a const descriptor submitted to
+//! [`inventory`]; a binary links the plugins it wants and resolves them by URL
+//! scheme at run time:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), pluto_plugins_api::StoreError> {
+//! let catalog = pluto_plugins_api::open_meta_store("sqlite:/tmp/catalog.db").await?;
+//! let packs = pluto_plugins_api::open_blob_store("fs:/tmp/packs")?;
+//! # let _ = (catalog, packs); Ok(()) }
+//! ```
+//!
+//! No async runtime, database or network types appear in this crate's API.
+
+mod ids;
+mod registry;
+mod store;
+
+pub use ids::{BlobId, BlobKind, IdParseError, NodeId, PackId, SnapshotId};
+pub use registry::{
+    open_blob_store, open_meta_store, BlobStoreDescriptor, MetaStoreDescriptor, MetaStoreFuture,
+    PLUGIN_ABI_VERSION,
+};
+pub use store::{BlobLocation, BlobStore, MetaStore, PackRecord, SnapshotRecord, StoreError};
+
+pub use async_trait::async_trait;
+pub use inventory;

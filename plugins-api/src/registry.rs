@@ -1,0 +1,86 @@
+//! Plugin registration. Each plugin crate submits a const descriptor with
+//! [`inventory::submit!`]; whatever is linked into the binary is found here
+//! by URL scheme.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::{BlobStore, MetaStore, StoreError};
+
+/// The version of the plugin contracts. A descriptor built against another
+/// version is refused.
+pub const PLUGIN_ABI_VERSION: u32 = 1;
+
+/// The future a [`MetaStoreDescriptor`] returns.
+pub type MetaStoreFuture =
+    Pin<Box<dyn Future<Output = Result<Box<dyn MetaStore>, StoreError>> + Send>>;
+
+/// Announces a catalog store plugin.
+#[derive(Debug)]
+pub struct MetaStoreDescriptor {
+    /// Its name, as config files spell it.
+    pub name: &'static str,
+    /// URL schemes it opens (`sqlite` opens `sqlite:PATH`).
+    pub schemes: &'static [&'static str],
+    /// Must equal [`PLUGIN_ABI_VERSION`].
+    pub abi_version: u32,
+    /// Opens (creating and migrating as needed) the store at a URL.
+    pub open: fn(&str) -> MetaStoreFuture,
+}
+
+/// Announces a pack store plugin.
+#[derive(Debug)]
+pub struct BlobStoreDescriptor {
+    /// Its name, as config files spell it.
+    pub name: &'static str,
+    /// URL schemes it opens (`fs` opens `fs:PATH`).
+    pub schemes: &'static [&'static str],
+    /// Must equal [`PLUGIN_ABI_VERSION`].
+    pub abi_version: u32,
+    /// Opens (creating as needed) the store at a URL.
+    pub open: fn(&str) -> Result<Box<dyn BlobStore>, StoreError>,
+}
+
+inventory::collect!(MetaStoreDescriptor);
+inventory::collect!(BlobStoreDescriptor);
+
+fn scheme(url: &str) -> &str {
+    url.split_once(':').map(|(s, _)| s).unwrap_or("")
+}
+
+fn pick<'a, D: 'static>(
+    url: &str,
+    all: impl Iterator<Item = &'a D>,
+    schemes: fn(&D) -> (&'static [&'static str], u32),
+) -> Result<&'a D, StoreError> {
+    let wanted = scheme(url);
+    let mut known = Vec::new();
+    for d in all {
+        let (ss, abi) = schemes(d);
+        if abi != PLUGIN_ABI_VERSION {
+            continue;
+        }
+        if ss.contains(&wanted) {
+            return Ok(d);
+        }
+        known.extend(ss.iter().copied());
+    }
+    known.sort_unstable();
+    Err(StoreError::UnknownScheme(url.to_string(), known.join(", ")))
+}
+
+/// Opens a catalog store by URL with whichever linked plugin handles its scheme.
+pub async fn open_meta_store(url: &str) -> Result<Box<dyn MetaStore>, StoreError> {
+    let d = pick(url, inventory::iter::<MetaStoreDescriptor>(), |d| {
+        (d.schemes, d.abi_version)
+    })?;
+    (d.open)(url).await
+}
+
+/// Opens a pack store by URL with whichever linked plugin handles its scheme.
+pub fn open_blob_store(url: &str) -> Result<Box<dyn BlobStore>, StoreError> {
+    let d = pick(url, inventory::iter::<BlobStoreDescriptor>(), |d| {
+        (d.schemes, d.abi_version)
+    })?;
+    (d.open)(url)
+}

@@ -1,0 +1,155 @@
+//! Storage contracts: where packs are kept ([`BlobStore`]) and the node's
+//! catalog ([`MetaStore`]).
+
+use crate::{BlobId, BlobKind, PackId, SnapshotId};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The named object does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// An operating system I/O error, with what was being done.
+    #[error("{context}: {source}")]
+    Io {
+        /// What the store was doing.
+        context: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The store holds something that does not parse or does not match.
+    #[error("corrupt store: {0}")]
+    Corrupt(String),
+    /// No linked plugin handles this URL.
+    #[error("no store plugin handles {0:?} (known schemes: {1})")]
+    UnknownScheme(String, String),
+    /// A URL a plugin understands but whose contents are wrong.
+    #[error("bad store URL {0:?}: {1}")]
+    BadUrl(String, String),
+    /// A request outside the object's bounds.
+    #[error("out of range: {0}")]
+    OutOfRange(String),
+    /// An error of the plugin's own.
+    #[error("{0}")]
+    Plugin(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl StoreError {
+    /// An I/O error with context.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Where pack files live: a flat namespace of immutable objects named by
+/// their [`PackId`].
+///
+/// The contract is blocking: callers run it on worker threads, never on an
+/// async executor. This keeps the trait identical to the C ABI that
+/// dynamically loaded plugins export, and lets the hot paths of backup and
+/// restore call it without a runtime hop per blob.
+///
+/// Implementations must make [`put`](BlobStore::put) atomic and durable: after
+/// it returns the whole object is there and survives a crash; before it
+/// returns, a reader sees either nothing or (if it already existed) the old
+/// whole object, never a prefix.
+pub trait BlobStore: Send + Sync {
+    /// Stores `bytes` under `id`. Storing an id that already exists succeeds.
+    fn put(&self, id: &PackId, bytes: &[u8]) -> Result<(), StoreError>;
+    /// The whole object.
+    fn get(&self, id: &PackId) -> Result<Vec<u8>, StoreError>;
+    /// `len` bytes starting at `offset`; a range past the end is an error.
+    fn get_range(&self, id: &PackId, offset: u64, len: u64) -> Result<Vec<u8>, StoreError>;
+    /// The object's size, or `None` when it is absent.
+    fn size(&self, id: &PackId) -> Result<Option<u64>, StoreError>;
+    /// Every object with its size.
+    fn list(&self) -> Result<Vec<(PackId, u64)>, StoreError>;
+    /// Removes an object; removing an absent one succeeds.
+    fn delete(&self, id: &PackId) -> Result<(), StoreError>;
+}
+
+/// Where one blob lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlobLocation {
+    /// What the blob holds.
+    pub kind: BlobKind,
+    /// Its id.
+    pub id: BlobId,
+    /// The pack that holds it.
+    pub pack: PackId,
+    /// Byte offset of the sealed blob in the pack.
+    pub offset: u64,
+    /// Length of the sealed blob (nonce, ciphertext, tag).
+    pub length: u32,
+    /// Length of the plaintext once opened and decompressed.
+    pub raw_length: u32,
+}
+
+/// A pack and every blob in it, as the catalog records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackRecord {
+    /// The pack.
+    pub id: PackId,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its blobs.
+    pub blobs: Vec<BlobLocation>,
+}
+
+/// What the catalog keeps of a snapshot, enough to list and find it. The
+/// snapshot blob itself is the authority.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotRecord {
+    /// The snapshot.
+    pub id: SnapshotId,
+    /// When it was taken, nanoseconds since the Unix epoch.
+    pub time_ns: i64,
+    /// Host it was taken on.
+    pub host: String,
+    /// The paths it saved, as shown to people.
+    pub paths: Vec<String>,
+    /// Its tags.
+    pub tags: Vec<String>,
+    /// The snapshot it was based on.
+    pub parent: Option<SnapshotId>,
+    /// Its root tree.
+    pub tree: BlobId,
+}
+
+/// The node's catalog: a cache of what its packs say, so that nothing needs
+/// to read every pack to find a blob. Everything in it can be rebuilt from
+/// the packs alone.
+#[async_trait::async_trait]
+pub trait MetaStore: Send + Sync {
+    /// Records a pack with all its blobs, atomically.
+    async fn add_pack(&self, pack: &PackRecord) -> Result<(), StoreError>;
+    /// Records several packs in one transaction.
+    async fn add_packs(&self, packs: &[PackRecord]) -> Result<(), StoreError> {
+        for p in packs {
+            self.add_pack(p).await?;
+        }
+        Ok(())
+    }
+    /// Every pack with its size.
+    async fn packs(&self) -> Result<Vec<(PackId, u64)>, StoreError>;
+    /// Every blob location.
+    async fn blobs(&self) -> Result<Vec<BlobLocation>, StoreError>;
+    /// Forgets a pack and its blobs.
+    async fn remove_pack(&self, id: &PackId) -> Result<(), StoreError>;
+    /// Records a snapshot.
+    async fn add_snapshot(&self, snap: &SnapshotRecord) -> Result<(), StoreError>;
+    /// Every snapshot, oldest first.
+    async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StoreError>;
+    /// Forgets a snapshot.
+    async fn remove_snapshot(&self, id: &SnapshotId) -> Result<(), StoreError>;
+    /// A small named value.
+    async fn get_value(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Sets a small named value.
+    async fn set_value(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// Forgets every pack, blob and snapshot (values stay), before a rebuild.
+    async fn clear(&self) -> Result<(), StoreError>;
+}
