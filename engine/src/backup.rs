@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, Metadata};
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -38,10 +38,25 @@ use crate::tree::{Node, NodeContent, Tree};
 
 /// How often a file that changes while it is read is read again.
 const READ_ATTEMPTS: usize = 3;
-/// Files up to this size are read into memory in one go.
-const WHOLE_FILE: u64 = 8 << 20;
-/// Chunks of a large file sealed in parallel at once.
-const CHUNK_BATCH: usize = 8;
+/// Smallest read window (files up to this size are read in one go).
+const WHOLE_FILE: u64 = 4 << 20;
+
+thread_local! {
+    /// Each worker's read window, reused from file to file.
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each worker's sealing buffer, reused from blob to blob.
+    static SEALED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Takes a thread's buffer out (rayon may run another task on this thread
+/// while the buffer is in use; that task then simply allocates its own).
+fn take_buffer(slot: &'static std::thread::LocalKey<std::cell::RefCell<Vec<u8>>>) -> Vec<u8> {
+    slot.with(|b| std::mem::take(&mut *b.borrow_mut()))
+}
+
+fn put_buffer(slot: &'static std::thread::LocalKey<std::cell::RefCell<Vec<u8>>>, buf: Vec<u8>) {
+    slot.with(|b| *b.borrow_mut() = buf);
+}
 
 /// What to back up and how.
 #[derive(Clone, Debug, Default)]
@@ -62,7 +77,7 @@ pub struct BackupOptions {
     /// Compare only size and mtime with the parent (for file systems whose
     /// inode numbers or ctimes are not stable).
     pub ignore_inode: bool,
-    /// Worker threads (0: one more than the cores).
+    /// Worker threads (0: the config's, else one per core).
     pub threads: usize,
 }
 
@@ -150,10 +165,13 @@ impl Excludes {
 struct Saver<'a> {
     repo: &'a Repo,
     index: &'a Index,
-    rt: tokio::runtime::Handle,
+    /// Finished packs go to the catalog writer, off the workers' path.
+    recorder: tokio::sync::mpsc::UnboundedSender<PackRecord>,
     new_blobs: Mutex<HashSet<(BlobKind, BlobId)>>,
     data_pack: Mutex<PackWriter>,
     meta_pack: Mutex<PackWriter>,
+    /// The buffer of the last data pack written, for the next one.
+    spare_pack: Mutex<Option<Vec<u8>>>,
     written: Mutex<Vec<PackRecord>>,
     excludes: Excludes,
     chunker: ChunkerConfig,
@@ -228,7 +246,8 @@ impl Saver<'_> {
     /// Seals a claimed blob and adds it to the right pack, writing the pack
     /// out when it is full.
     fn store(&self, kind: BlobKind, id: BlobId, raw: &[u8]) -> Result<(), RepoError> {
-        let sealed = self.repo.seal_with_id(kind, &id, raw);
+        let mut sealed = take_buffer(&SEALED);
+        self.repo.seal_into(kind, &id, raw, &mut sealed);
         let c = &self.counters;
         c.blobs_added.fetch_add(1, Relaxed);
         c.bytes_added_raw.fetch_add(raw.len() as u64, Relaxed);
@@ -243,17 +262,28 @@ impl Saver<'_> {
             let mut p = lock(slot);
             p.add(kind, id, &sealed, raw.len() as u32);
             if p.len() >= target {
-                Some(std::mem::replace(
-                    &mut *p,
-                    PackWriter::with_capacity(target + (1 << 20)),
-                ))
+                let next = match lock(&self.spare_pack).take() {
+                    Some(buf) if kind == BlobKind::Data => PackWriter::from_buffer(buf),
+                    _ => PackWriter::with_capacity(self.pack_capacity(kind)),
+                };
+                Some(std::mem::replace(&mut *p, next))
             } else {
                 None
             }
         };
+        put_buffer(&SEALED, sealed);
         match full {
             Some(p) => self.flush(p),
             None => Ok(()),
+        }
+    }
+
+    /// Room for a full pack, so that filling it never reallocates (and
+    /// never holds two copies of it): the target, one more blob, the header.
+    fn pack_capacity(&self, kind: BlobKind) -> usize {
+        match kind {
+            BlobKind::Data => self.repo.config.pack_size + self.chunker.max as usize + (1 << 16),
+            _ => 0,
         }
     }
 
@@ -261,8 +291,12 @@ impl Saver<'_> {
         if pack.is_empty() {
             return Ok(());
         }
-        let record = self.repo.write_pack(pack)?;
-        self.rt.block_on(self.repo.catalog.add_pack(&record))?;
+        let (record, buf) = self.repo.write_pack(pack)?;
+        if buf.capacity() >= self.pack_capacity(BlobKind::Data) {
+            *lock(&self.spare_pack) = Some(buf);
+        }
+        // If the catalog writer has stopped, its error is reported at the end.
+        let _ = self.recorder.send(record.clone());
         lock(&self.written).push(record);
         Ok(())
     }
@@ -428,40 +462,23 @@ impl Saver<'_> {
     /// Reads and stores a file's chunks. `Ok(None)` when the file changed
     /// while it was read (its stamp before and after differ).
     fn read_file(&self, path: &Path) -> Result<Option<(Vec<BlobId>, Metadata)>, ReadError> {
-        let mut f = File::open(path).map_err(ReadError::Io)?;
+        // O_NOFOLLOW: a file swapped for a link since it was listed is not
+        // followed out of the tree being saved.
+        let mut f = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(ReadError::Io)?;
         let before = f.metadata().map_err(ReadError::Io)?;
         if !before.is_file() {
             return Err(ReadError::Io(std::io::Error::other(
                 "no longer a regular file",
             )));
         }
-        let c = self.chunker;
-        let mut chunks = Vec::new();
-        let mut read = 0u64;
-        if before.size() <= WHOLE_FILE {
-            let mut buf = Vec::with_capacity(before.size() as usize + 1);
-            f.read_to_end(&mut buf).map_err(ReadError::Io)?;
-            read = buf.len() as u64;
-            self.progress.bytes(read);
-            for ch in fastcdc::v2020::FastCDC::new(&buf, c.min, c.avg, c.max) {
-                chunks.push(self.chunk(&buf[ch.offset..ch.offset + ch.length])?);
-            }
-            self.hook_after_read(path);
-        } else {
-            let mut batch: Vec<Vec<u8>> = Vec::with_capacity(CHUNK_BATCH);
-            let stream = fastcdc::v2020::StreamCDC::new(&mut f, c.min, c.avg, c.max);
-            for ch in stream {
-                let ch = ch.map_err(|e| ReadError::Io(std::io::Error::other(e.to_string())))?;
-                read += ch.length as u64;
-                self.progress.bytes(ch.length as u64);
-                batch.push(ch.data);
-                if batch.len() == CHUNK_BATCH {
-                    self.chunk_batch(&mut batch, &mut chunks)?;
-                }
-                self.hook_after_read(path);
-            }
-            self.chunk_batch(&mut batch, &mut chunks)?;
-        }
+        let mut buf = take_buffer(&READ_BUF);
+        let result = self.chunk_file(path, &mut f, &mut buf);
+        put_buffer(&READ_BUF, buf);
+        let (chunks, read) = result?;
         self.counters.bytes_read.fetch_add(read, Relaxed);
         let after = f.metadata().map_err(ReadError::Io)?;
         if Stamp::of(&before) != Stamp::of(&after) || read != after.size() {
@@ -470,18 +487,65 @@ impl Saver<'_> {
         Ok(Some((chunks, after)))
     }
 
-    fn chunk_batch(
+    /// Reads a file through a window of at least twice the largest chunk,
+    /// cuts it with FastCDC and stores every chunk; the chunks of one window
+    /// are sealed in parallel. The last cut of a window that is not the end
+    /// of the file is carried over, so the cuts are those of the whole file.
+    fn chunk_file(
         &self,
-        batch: &mut Vec<Vec<u8>>,
-        out: &mut Vec<BlobId>,
-    ) -> Result<(), RepoError> {
-        let ids: Vec<BlobId> = batch
-            .par_iter()
-            .map(|data| self.chunk(data))
-            .collect::<Result<_, _>>()?;
-        out.extend(ids);
-        batch.clear();
-        Ok(())
+        path: &Path,
+        f: &mut File,
+        buf: &mut Vec<u8>,
+    ) -> Result<(Vec<BlobId>, u64), ReadError> {
+        let c = self.chunker;
+        let window = (2 * c.max as usize).max(WHOLE_FILE as usize);
+        if buf.len() < window {
+            buf.resize(window, 0);
+        }
+        let mut chunks = Vec::new();
+        let mut filled = 0;
+        let mut read = 0u64;
+        loop {
+            let mut eof = false;
+            while filled < window {
+                match f.read(&mut buf[filled..window]) {
+                    Ok(0) => {
+                        eof = true;
+                        break;
+                    }
+                    Ok(n) => {
+                        filled += n;
+                        read += n as u64;
+                        self.progress.bytes(n as u64);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(ReadError::Io(e)),
+                }
+            }
+            self.hook_after_read(path);
+            let mut cuts: Vec<(usize, usize)> =
+                fastcdc::v2020::FastCDC::new(&buf[..filled], c.min, c.avg, c.max)
+                    .map(|ch| (ch.offset, ch.length))
+                    .collect();
+            let carry = if eof { None } else { cuts.pop() };
+            let ids: Vec<BlobId> = if cuts.len() > 1 {
+                cuts.par_iter()
+                    .map(|&(o, l)| self.chunk(&buf[o..o + l]))
+                    .collect::<Result<_, _>>()?
+            } else {
+                cuts.iter()
+                    .map(|&(o, l)| self.chunk(&buf[o..o + l]))
+                    .collect::<Result<_, _>>()?
+            };
+            chunks.extend(ids);
+            match carry {
+                Some((o, l)) => {
+                    buf.copy_within(o..o + l, 0);
+                    filled = l;
+                }
+                None => return Ok((chunks, read)),
+            }
+        }
     }
 
     fn chunk(&self, data: &[u8]) -> Result<BlobId, RepoError> {
@@ -578,6 +642,15 @@ fn virtual_root(paths: &[PathBuf]) -> VNode {
     root
 }
 
+/// Worker threads: the option, else the config, else one per core.
+pub fn worker_threads(option: usize, config: usize) -> usize {
+    match (option, config) {
+        (0, 0) => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        (0, c) => c,
+        (o, _) => o,
+    }
+}
+
 /// This machine's host name.
 pub fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")
@@ -638,13 +711,29 @@ pub fn backup(
         _ => None,
     };
 
+    // Records packs in the catalog in batches while the workers go on. A
+    // pack written but not recorded (the process is killed) is recorded by
+    // the next backup's sync_catalog.
+    let (recorder, mut recorded) = tokio::sync::mpsc::unbounded_channel::<PackRecord>();
+    let catalog = repo.catalog.clone();
+    let catalog_writer = rt.spawn(async move {
+        let mut batch = Vec::new();
+        while recorded.recv_many(&mut batch, 64).await > 0 {
+            catalog.add_packs(&batch).await?;
+            batch.clear();
+        }
+        Ok::<(), pluto_plugins_api::StoreError>(())
+    });
     let saver = Saver {
         repo,
         index: &index,
-        rt: rt.clone(),
+        recorder,
         new_blobs: Mutex::new(HashSet::new()),
-        data_pack: Mutex::new(PackWriter::with_capacity(repo.config.pack_size + (1 << 20))),
+        data_pack: Mutex::new(PackWriter::with_capacity(
+            repo.config.pack_size + repo.config.chunker.max as usize + (1 << 16),
+        )),
         meta_pack: Mutex::new(PackWriter::default()),
+        spare_pack: Mutex::new(None),
         written: Mutex::new(Vec::new()),
         excludes: Excludes::new(&opts.excludes, repo.home.root())?,
         chunker: repo.config.chunker,
@@ -653,11 +742,7 @@ pub fn backup(
         warnings: Mutex::new(Vec::new()),
         progress,
     };
-    let threads = if opts.threads > 0 {
-        opts.threads
-    } else {
-        std::thread::available_parallelism().map_or(2, |n| n.get()) + 1
-    };
+    let threads = worker_threads(opts.threads, repo.config.threads);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("pluto-backup-{i}"))
@@ -705,12 +790,18 @@ pub fn backup(
     let snap_id = saver.store_if_new(BlobKind::Snapshot, &snap_raw)?;
     let meta = std::mem::take(&mut *lock(&saver.meta_pack));
     saver.flush(meta)?;
+    let Saver {
+        recorder, warnings, ..
+    } = saver;
+    drop(recorder);
+    rt.block_on(catalog_writer)
+        .map_err(|e| RepoError::io("catalog writer", std::io::Error::other(e.to_string())))??;
     let snap_id = SnapshotId(snap_id.0);
     rt.block_on(
         repo.catalog
             .add_snapshot(&snapshot_record(snap_id, &snapshot)),
     )?;
-    let warnings = std::mem::take(&mut *lock(&saver.warnings));
+    let warnings = warnings.into_inner().unwrap_or_else(|p| p.into_inner());
     Ok(BackupReport {
         snapshot: snap_id,
         parent: parent.map(|p| p.id),

@@ -66,12 +66,13 @@ impl SealKey {
         let mut buf = Vec::with_capacity(plaintext.len() + SEAL_OVERHEAD);
         buf.extend_from_slice(&[0u8; 12]);
         buf.extend_from_slice(plaintext);
-        self.seal_in_place(aad, buf)
+        self.seal_in_place(aad, &mut buf);
+        buf
     }
 
     /// Encrypts `buf[12..]` in place: the first 12 bytes are overwritten
     /// with a fresh random nonce and the tag is appended.
-    fn seal_in_place(&self, aad: &[u8], mut buf: Vec<u8>) -> Vec<u8> {
+    fn seal_in_place(&self, aad: &[u8], buf: &mut Vec<u8>) {
         let mut nonce = [0u8; 12];
         OsRng.fill_bytes(&mut nonce);
         buf[..12].copy_from_slice(&nonce);
@@ -82,7 +83,6 @@ impl SealKey {
             .encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, &mut buf[12..])
             .unwrap_or_default();
         buf.extend_from_slice(&tag);
-        buf
     }
 
     /// Decrypts and authenticates.
@@ -106,28 +106,40 @@ fn blob_aad(kind: BlobKind, id: &BlobId) -> [u8; 46] {
 }
 
 thread_local! {
-    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+    /// A zstd context and its output buffer, reused for every blob a
+    /// thread seals (no allocation per blob).
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>, Vec<u8>)>> =
         const { RefCell::new(None) };
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
         const { RefCell::new(None) };
 }
 
-/// Compresses with a per-thread zstd context; `None` when zstd does not
-/// make the body smaller by at least 1/64.
-fn compress(level: i32, raw: &[u8]) -> Option<Vec<u8>> {
+/// Compresses with a per-thread zstd context and hands the result to
+/// `emit`; returns false (emitting nothing) when zstd does not make the body
+/// smaller by at least 1/64.
+fn compress(level: i32, raw: &[u8], emit: impl FnOnce(&[u8])) -> bool {
     if level == 0 || raw.len() < 64 {
-        return None;
+        return false;
     }
-    COMPRESSOR
-        .with(|c| {
-            let mut c = c.borrow_mut();
-            if c.as_ref().is_none_or(|(l, _)| *l != level) {
-                *c = Some((level, zstd::bulk::Compressor::new(level).ok()?));
-            }
-            let (_, comp) = c.as_mut()?;
-            comp.compress(raw).ok()
-        })
-        .filter(|out| out.len() < raw.len() - raw.len() / 64)
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().is_none_or(|(l, _, _)| *l != level) {
+            let Ok(comp) = zstd::bulk::Compressor::new(level) else {
+                return false;
+            };
+            *c = Some((level, comp, Vec::new()));
+        }
+        let Some((_, comp, out)) = c.as_mut() else {
+            return false;
+        };
+        out.clear();
+        out.reserve(zstd::zstd_safe::compress_bound(raw.len()));
+        if comp.compress_to_buffer(raw, out).is_err() || out.len() >= raw.len() - raw.len() / 64 {
+            return false;
+        }
+        emit(out);
+        true
+    })
 }
 
 fn decompress(body: &[u8], raw_len: usize) -> Result<Vec<u8>, OpenError> {
@@ -154,16 +166,33 @@ fn decompress(body: &[u8], raw_len: usize) -> Result<Vec<u8>, OpenError> {
 
 /// Seals one blob: compresses when that helps, encrypts, binds kind and id.
 pub fn seal_blob(key: &SealKey, level: i32, kind: BlobKind, id: &BlobId, raw: &[u8]) -> Vec<u8> {
-    let aad = blob_aad(kind, id);
-    let (codec, body) = match compress(level, raw) {
-        Some(z) => (CODEC_ZSTD, std::borrow::Cow::Owned(z)),
-        None => (CODEC_RAW, std::borrow::Cow::Borrowed(raw)),
-    };
-    let mut buf = Vec::with_capacity(body.len() + 1 + SEAL_OVERHEAD);
-    buf.extend_from_slice(&[0u8; 12]);
-    buf.push(codec);
-    buf.extend_from_slice(&body);
-    key.seal_in_place(&aad, buf)
+    let mut out = Vec::new();
+    seal_blob_into(key, level, kind, id, raw, &mut out);
+    out
+}
+
+/// [`seal_blob`] into a buffer the caller reuses.
+pub fn seal_blob_into(
+    key: &SealKey,
+    level: i32,
+    kind: BlobKind,
+    id: &BlobId,
+    raw: &[u8],
+    out: &mut Vec<u8>,
+) {
+    out.clear();
+    out.extend_from_slice(&[0u8; 12]);
+    let compressed = compress(level, raw, |z| {
+        out.reserve(z.len() + 1 + 16);
+        out.push(CODEC_ZSTD);
+        out.extend_from_slice(z);
+    });
+    if !compressed {
+        out.reserve(raw.len() + 1 + 16);
+        out.push(CODEC_RAW);
+        out.extend_from_slice(raw);
+    }
+    key.seal_in_place(&blob_aad(kind, id), out);
 }
 
 /// Opens one blob: authenticates, decompresses, and checks the plaintext

@@ -33,6 +33,8 @@ pub struct Config {
     pub pack_size: usize,
     /// zstd level for blobs (0 turns compression off).
     pub compression: i32,
+    /// Worker threads for backup, restore and check (0: one per core).
+    pub threads: usize,
 }
 
 /// FastCDC sizes, in bytes.
@@ -67,7 +69,9 @@ impl Default for Config {
             offer: 0,
             chunker: ChunkerConfig::default(),
             pack_size: 16 << 20,
-            compression: 3,
+            // Chosen by measurement, see docs/benchmarks.md.
+            compression: 2,
+            threads: 0,
         }
     }
 }

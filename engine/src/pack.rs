@@ -79,6 +79,14 @@ impl PackWriter {
             entries: Vec::new(),
         }
     }
+    /// An empty pack that reuses `buf`'s allocation.
+    pub fn from_buffer(mut buf: Vec<u8>) -> Self {
+        buf.clear();
+        Self {
+            bytes: buf,
+            entries: Vec::new(),
+        }
+    }
     /// Appends a sealed blob.
     pub fn add(&mut self, kind: BlobKind, id: BlobId, sealed: &[u8], raw_length: u32) {
         self.bytes.extend_from_slice(sealed);

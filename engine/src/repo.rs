@@ -11,7 +11,7 @@ use pluto_plugins_api::{
     SnapshotRecord, StoreError,
 };
 
-use crate::crypto::{open_blob, seal_blob, OpenError, SealKey};
+use crate::crypto::{open_blob, seal_blob, seal_blob_into, OpenError, SealKey};
 use crate::home::{Config, Home};
 use crate::index::{decode_segment, Index};
 use crate::keys::{KeyError, Keys, MasterKey};
@@ -206,20 +206,29 @@ impl Repo {
         (id, sealed)
     }
 
-    /// Seals with a known id (the caller hashed already).
-    pub fn seal_with_id(&self, kind: BlobKind, id: &BlobId, raw: &[u8]) -> Vec<u8> {
-        seal_blob(self.key_for(kind), self.config.compression, kind, id, raw)
+    /// Seals with a known id (the caller hashed already) into `out`.
+    pub fn seal_into(&self, kind: BlobKind, id: &BlobId, raw: &[u8], out: &mut Vec<u8>) {
+        seal_blob_into(
+            self.key_for(kind),
+            self.config.compression,
+            kind,
+            id,
+            raw,
+            out,
+        )
     }
 
     /// Finishes a pack and writes it durably to the local pack store.
-    pub fn write_pack(&self, w: PackWriter) -> Result<PackRecord, RepoError> {
+    /// Returns its record and its buffer, for the next pack to reuse.
+    pub fn write_pack(&self, w: PackWriter) -> Result<(PackRecord, Vec<u8>), RepoError> {
         let FinishedPack { id, bytes, blobs } = w.finish(&self.meta_key);
         self.packs.put(&id, &bytes)?;
-        Ok(PackRecord {
+        let record = PackRecord {
             id,
             size: bytes.len() as u64,
             blobs,
-        })
+        };
+        Ok((record, bytes))
     }
 
     /// Opens a sealed blob, authenticating it and checking its id.

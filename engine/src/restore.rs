@@ -35,7 +35,7 @@ pub struct RestoreOptions {
     pub target: PathBuf,
     /// Only these snapshot paths (and what is below them); empty means all.
     pub include: Vec<PathBuf>,
-    /// Worker threads (0: one more than the cores).
+    /// Worker threads (0: the config's, else one per core).
     pub threads: usize,
 }
 
@@ -89,6 +89,9 @@ fn wanted(path: &Path, include: &[PathBuf]) -> bool {
             .iter()
             .any(|i| i.starts_with(path) || path.starts_with(i))
 }
+
+/// Chunks of one large file opened in parallel at once.
+const CHUNK_BATCH: usize = 4;
 
 /// What marks a file a restore is still writing.
 const TMP_MARK: &[u8] = b".pluto-restore-";
@@ -166,6 +169,7 @@ impl Restorer<'_> {
                     .saturating_mul(1_000_000_000)
                     .saturating_add(m.mtime_nsec())
                     == node.mtime_ns
+                && self.holds(&dest, chunks)
             {
                 return Ok(false);
             }
@@ -183,6 +187,27 @@ impl Restorer<'_> {
         result.map(|()| true)
     }
 
+    /// True when the file at `path` holds exactly these chunks (checked by
+    /// their keyed hashes), so an earlier run restored it completely.
+    fn holds(&self, path: &Path, chunks: &[pluto_plugins_api::BlobId]) -> bool {
+        let Ok(mut f) = File::open(path) else {
+            return false;
+        };
+        let mut buf = Vec::new();
+        for c in chunks {
+            let Some(loc) = self.index.get(BlobKind::Data, c) else {
+                return false;
+            };
+            buf.resize(loc.raw_length as usize, 0);
+            if std::io::Read::read_exact(&mut f, &mut buf).is_err()
+                || self.repo.keys.blob_id(&buf) != *c
+            {
+                return false;
+            }
+        }
+        std::io::Read::read(&mut f, &mut [0u8; 1]).is_ok_and(|n| n == 0)
+    }
+
     fn write_file(
         &self,
         tmp: &Path,
@@ -197,12 +222,24 @@ impl Restorer<'_> {
             .open(tmp)
             .map_err(io("creating"))?;
         let mut total = 0u64;
-        for c in chunks {
-            let data = self.repo.read_by_id(self.index, BlobKind::Data, c)?;
-            f.write_all(&data).map_err(io("writing"))?;
-            total += data.len() as u64;
-            self.written.fetch_add(data.len() as u64, Relaxed);
-            self.progress.bytes(data.len() as u64);
+        // Chunks of a large file are opened in parallel, written in order.
+        for batch in chunks.chunks(CHUNK_BATCH) {
+            let opened: Vec<Vec<u8>> = if batch.len() > 1 {
+                batch
+                    .par_iter()
+                    .map(|c| self.repo.read_by_id(self.index, BlobKind::Data, c))
+                    .collect::<Result<_, _>>()?
+            } else {
+                vec![self
+                    .repo
+                    .read_by_id(self.index, BlobKind::Data, &batch[0])?]
+            };
+            for data in opened {
+                f.write_all(&data).map_err(io("writing"))?;
+                total += data.len() as u64;
+                self.written.fetch_add(data.len() as u64, Relaxed);
+                self.progress.bytes(data.len() as u64);
+            }
         }
         if total != node.size {
             return Err(RepoError::io(
@@ -307,6 +344,8 @@ pub fn restore(
     }
     // Parents before children.
     dirs.sort_by(|a, b| a.rel.cmp(&b.rel));
+    // Largest files first, so no large file is left to run alone at the end.
+    files.sort_by_key(|j| std::cmp::Reverse(j.node.size));
 
     let r = Restorer {
         repo,
@@ -317,6 +356,8 @@ pub fn restore(
         progress,
     };
     let mut report = RestoreReport::default();
+    ensure_dir(&r.target)
+        .map_err(|e| RepoError::io(format!("preparing {}", r.target.display()), e))?;
     let mut bad_dirs: Vec<&Path> = Vec::new();
     for d in &dirs {
         if bad_dirs.iter().any(|b| d.rel.starts_with(b)) {
@@ -332,11 +373,7 @@ pub fn restore(
     }
     let under_bad = |p: &Path| bad_dirs.iter().any(|b| p.starts_with(b));
 
-    let threads = if opts.threads > 0 {
-        opts.threads
-    } else {
-        std::thread::available_parallelism().map_or(2, |n| n.get()) + 1
-    };
+    let threads = crate::backup::worker_threads(opts.threads, repo.config.threads);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()

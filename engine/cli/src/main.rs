@@ -422,41 +422,14 @@ async fn ls(ui: &Ui, home: Home, spec: &str, under: Option<&Path>) -> Result<u8>
     let index = repo.load_index().await?;
     let under = under.map(|p| p.components().collect::<PathBuf>());
     let mut out = Vec::new();
-    let mut stack = vec![(PathBuf::from("/"), snap.tree)];
-    while let Some((dir, id)) = stack.pop() {
-        let t = repo.load_tree(&index, &id)?;
-        for n in t.nodes.iter().rev() {
-            let p =
-                dir.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&n.name));
-            let shown = under.as_ref().is_none_or(|u| p.starts_with(u));
-            let leads = under
-                .as_ref()
-                .is_none_or(|u| u.starts_with(&p) || p.starts_with(u));
-            if let NodeContent::Dir { tree } = n.content {
-                if leads {
-                    stack.push((p.clone(), tree));
-                }
-            }
-            if shown {
-                let (kind, target) = match &n.content {
-                    NodeContent::File { .. } => ("file", None),
-                    NodeContent::Dir { .. } => ("dir", None),
-                    NodeContent::Symlink { target } => (
-                        "symlink",
-                        Some(String::from_utf8_lossy(target).into_owned()),
-                    ),
-                };
-                out.push(LsEntry {
-                    path: p.display().to_string(),
-                    kind,
-                    mode: format!("{:04o}", n.mode),
-                    size: n.size,
-                    mtime: time(n.mtime_ns),
-                    target,
-                });
-            }
-        }
-    }
+    list_tree(
+        &repo,
+        &index,
+        snap.tree,
+        Path::new("/"),
+        under.as_deref(),
+        &mut out,
+    )?;
     if ui.json {
         return ui.print_json(&out).map(|()| 0);
     }
@@ -467,6 +440,47 @@ async fn ls(ui: &Ui, home: Home, spec: &str, under: Option<&Path>) -> Result<u8>
         }
     }
     Ok(0)
+}
+
+/// Lists a tree depth-first, parents before children, in name order.
+fn list_tree(
+    repo: &Repo,
+    index: &pluto_engine::index::Index,
+    tree: pluto_plugins_api::BlobId,
+    dir: &Path,
+    under: Option<&Path>,
+    out: &mut Vec<LsEntry>,
+) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    for n in &repo.load_tree(index, &tree)?.nodes {
+        let p = dir.join(std::ffi::OsStr::from_bytes(&n.name));
+        let shown = under.is_none_or(|u| p.starts_with(u));
+        let leads = under.is_none_or(|u| u.starts_with(&p) || p.starts_with(u));
+        if shown {
+            let (kind, target) = match &n.content {
+                NodeContent::File { .. } => ("file", None),
+                NodeContent::Dir { .. } => ("dir", None),
+                NodeContent::Symlink { target } => (
+                    "symlink",
+                    Some(String::from_utf8_lossy(target).into_owned()),
+                ),
+            };
+            out.push(LsEntry {
+                path: p.display().to_string(),
+                kind,
+                mode: format!("{:04o}", n.mode),
+                size: n.size,
+                mtime: time(n.mtime_ns),
+                target,
+            });
+        }
+        if let NodeContent::Dir { tree } = n.content {
+            if leads {
+                list_tree(repo, index, tree, &p, under, out)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 struct RestoreBar(ProgressBar);

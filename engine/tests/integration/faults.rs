@@ -131,7 +131,7 @@ fn plant_snapshot(h: &TestHome, tree: &Tree) -> SnapshotId {
         &sealed_snap,
         raw_snap.len() as u32,
     );
-    let rec = repo.write_pack(w).unwrap();
+    let (rec, _) = repo.write_pack(w).unwrap();
     h.rt.block_on(repo.catalog.add_pack(&rec)).unwrap();
     let id = SnapshotId(snap_id.0);
     h.rt.block_on(repo.catalog.add_snapshot(&snapshot_record(id, &snap)))

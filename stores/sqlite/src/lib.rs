@@ -71,6 +71,8 @@ impl MetaStore for SqliteMetaStore {
     }
 
     async fn add_packs(&self, packs: &[PackRecord]) -> Result<(), StoreError> {
+        // Multi-row inserts: one statement per BATCH blobs, not per blob.
+        const BATCH: usize = 256;
         let mut tx = self.pool.begin().await.map_err(db_err("begin"))?;
         for pack in packs {
             sqlx::query("INSERT OR IGNORE INTO packs (id, size) VALUES (?, ?)")
@@ -79,20 +81,22 @@ impl MetaStore for SqliteMetaStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(db_err("adding a pack"))?;
-            for b in &pack.blobs {
-                sqlx::query(
-                    "INSERT OR IGNORE INTO blobs (kind, id, pack, offset, length, raw_length) \
-                     VALUES (?, ?, ?, ?, ?, ?)",
-                )
-                .bind(b.kind as u8 as i64)
-                .bind(&b.id.0[..])
-                .bind(&b.pack.0[..])
-                .bind(b.offset as i64)
-                .bind(b.length as i64)
-                .bind(b.raw_length as i64)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err("adding a blob"))?;
+            for chunk in pack.blobs.chunks(BATCH) {
+                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                    "INSERT OR IGNORE INTO blobs (kind, id, pack, offset, length, raw_length) ",
+                );
+                q.push_values(chunk, |mut row, b| {
+                    row.push_bind(b.kind as u8 as i64)
+                        .push_bind(&b.id.0[..])
+                        .push_bind(&b.pack.0[..])
+                        .push_bind(b.offset as i64)
+                        .push_bind(b.length as i64)
+                        .push_bind(b.raw_length as i64);
+                });
+                q.build()
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err("adding blobs"))?;
             }
         }
         tx.commit().await.map_err(db_err("commit"))

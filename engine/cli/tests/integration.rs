@@ -1,0 +1,8 @@
+//! End-to-end tests of the `pluto` command: real processes, real files.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod integration {
+    mod cli;
+    pub mod common;
+    mod faults;
+}
