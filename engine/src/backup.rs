@@ -125,11 +125,13 @@ struct Counters {
 struct Excludes {
     names: GlobSet,
     paths: GlobSet,
-    home: PathBuf,
+    /// pluto's own files: the home, and the catalog and pack store when
+    /// they live elsewhere. Never saved.
+    own: Vec<PathBuf>,
 }
 
 impl Excludes {
-    fn new(patterns: &[String], home: &Path) -> Result<Self, RepoError> {
+    fn new(patterns: &[String], own: Vec<PathBuf>) -> Result<Self, RepoError> {
         let mut names = GlobSetBuilder::new();
         let mut paths = GlobSetBuilder::new();
         for p in patterns {
@@ -150,15 +152,34 @@ impl Excludes {
         Ok(Self {
             names: build(names)?,
             paths: build(paths)?,
-            home: clean_absolute(home)?,
+            own,
         })
     }
 
     fn excluded(&self, path: &Path, name: &[u8]) -> bool {
-        path == self.home
+        self.own.iter().any(|o| o == path)
             || self.names.is_match(std::ffi::OsStr::from_bytes(name))
             || self.paths.is_match(path)
     }
+}
+
+/// pluto's own files for a repo: its home, and its catalog and pack store
+/// paths when their URLs name local paths.
+fn own_paths(repo: &Repo) -> Result<Vec<PathBuf>, RepoError> {
+    let mut own = vec![clean_absolute(repo.home.root())?];
+    for url in [&repo.config.catalog, &repo.config.packs] {
+        let url = repo.home.resolve_url(url);
+        for scheme in ["sqlite:", "fs:"] {
+            if let Some(p) = url.strip_prefix(scheme) {
+                let p = p.trim_start_matches("//");
+                let p = p.split('?').next().unwrap_or(p);
+                if p.starts_with('/') {
+                    own.push(clean_absolute(Path::new(p))?);
+                }
+            }
+        }
+    }
+    Ok(own)
 }
 
 /// The state that every worker shares during one backup.
@@ -682,11 +703,7 @@ pub fn backup(
             "nothing to back up: give at least one path".into(),
         ));
     }
-    let recovered = rt.block_on(repo.sync_catalog())?;
-    if recovered > 0 {
-        tracing::info!("recorded {recovered} packs left by an interrupted backup");
-    }
-    let index = rt.block_on(repo.load_index())?;
+    let index = rt.block_on(repo.sync_catalog())?;
     let mut paths = Vec::new();
     for p in &opts.paths {
         let abs = clean_absolute(p)?;
@@ -696,6 +713,17 @@ pub fn backup(
     }
     paths.sort();
     paths.dedup();
+    let own = own_paths(repo)?;
+    if let Some((p, o)) = paths
+        .iter()
+        .find_map(|p| own.iter().find(|o| p.starts_with(o)).map(|o| (p, o)))
+    {
+        return Err(RepoError::Config(format!(
+            "refusing to back up {}: it is inside pluto's own {}",
+            p.display(),
+            o.display()
+        )));
+    }
     let host = opts.host.clone().unwrap_or_else(hostname);
     let path_strings: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
     let parent = match &opts.parent {
@@ -707,7 +735,18 @@ pub fn backup(
             .find(|s| s.host == host && s.paths == path_strings),
     };
     let parent_tree = match &parent {
-        Some(p) if !opts.force => Some(repo.load_tree(&index, &p.tree)?),
+        Some(p) if !opts.force => match repo.load_tree(&index, &p.tree) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                // Not fatal, and the snapshot is complete: every file is
+                // read instead of compared.
+                tracing::warn!(
+                    "parent snapshot {} unreadable, reading every file: {e}",
+                    p.id.short()
+                );
+                None
+            }
+        },
         _ => None,
     };
 
@@ -735,7 +774,7 @@ pub fn backup(
         meta_pack: Mutex::new(PackWriter::default()),
         spare_pack: Mutex::new(None),
         written: Mutex::new(Vec::new()),
-        excludes: Excludes::new(&opts.excludes, repo.home.root())?,
+        excludes: Excludes::new(&opts.excludes, own)?,
         chunker: repo.config.chunker,
         opts,
         counters: Counters::default(),

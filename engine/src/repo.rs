@@ -13,7 +13,7 @@ use pluto_plugins_api::{
 
 use crate::crypto::{open_blob, seal_blob, seal_blob_into, OpenError, SealKey};
 use crate::home::{Config, Home};
-use crate::index::{decode_segment, Index};
+use crate::index::Index;
 use crate::keys::{KeyError, Keys, MasterKey};
 use crate::pack::{self, FinishedPack, PackError, PackWriter, TRAILER_LEN};
 use crate::snapshot::Snapshot;
@@ -92,6 +92,17 @@ impl RepoError {
             source,
         }
     }
+}
+
+/// What a catalog rebuild found.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct RebuildReport {
+    /// Packs recorded.
+    pub packs: usize,
+    /// Snapshots recorded.
+    pub snapshots: usize,
+    /// Packs or snapshots that could not be read and were left out.
+    pub problems: Vec<String>,
 }
 
 /// How the home is held while open.
@@ -321,10 +332,12 @@ impl Repo {
         })
     }
 
-    /// Adds to the catalog every pack in the store that it does not know
-    /// (written by a backup that was killed before it could record them),
-    /// with the snapshots they hold. Returns how many packs were added.
-    pub async fn sync_catalog(&self) -> Result<usize, RepoError> {
+    /// Brings the catalog up to date with the pack store, and returns the
+    /// index of everything it then knows. A backup killed after writing
+    /// packs but before recording them (or before recording its snapshot)
+    /// leaves packs the catalog does not know; they are recorded here, with
+    /// the snapshots they hold. Unreadable packs are skipped with a warning.
+    pub async fn sync_catalog(&self) -> Result<Index, RepoError> {
         let known: HashSet<PackId> = self
             .catalog
             .packs()
@@ -332,52 +345,96 @@ impl Repo {
             .into_iter()
             .map(|p| p.0)
             .collect();
-        let stored = self.packs.list()?;
-        let mut records = Vec::new();
-        for (id, size) in stored.into_iter().filter(|(id, _)| !known.contains(id)) {
-            match self.read_pack_header(&id, size) {
-                Ok(r) => records.push(r),
-                Err(e) => tracing::warn!("ignoring unreadable pack {id}: {e}"),
-            }
+        let unknown: Vec<(PackId, u64)> = self
+            .packs
+            .list()?
+            .into_iter()
+            .filter(|(id, _)| !known.contains(id))
+            .collect();
+        let (records, problems) = self.read_headers(&unknown);
+        for p in &problems {
+            tracing::warn!("{p}");
         }
-        self.record_packs(&records).await?;
-        Ok(records.len())
+        if !records.is_empty() {
+            tracing::info!(
+                "recording {} packs left by an interrupted backup",
+                records.len()
+            );
+            self.catalog.add_packs(&records).await?;
+        }
+        let blobs = self.catalog.blobs().await?;
+        let (_, problems) = self.recover_snapshots(&blobs).await?;
+        for p in &problems {
+            tracing::warn!("{p}");
+        }
+        Ok(Index::from_locations(blobs))
     }
 
     /// Forgets the catalog and rebuilds it from the pack headers alone.
-    pub async fn rebuild_catalog(&self) -> Result<(usize, usize), RepoError> {
+    pub async fn rebuild_catalog(&self) -> Result<RebuildReport, RepoError> {
         self.catalog.clear().await?;
-        let stored = self.packs.list()?;
-        let mut records = Vec::new();
-        for (id, size) in stored {
-            records.push(self.read_pack_header(&id, size)?);
-        }
-        let snaps = self.record_packs(&records).await?;
-        Ok((records.len(), snaps))
+        let (records, mut problems) = self.read_headers(&self.packs.list()?);
+        self.catalog.add_packs(&records).await?;
+        let blobs = self.catalog.blobs().await?;
+        let (snapshots, more) = self.recover_snapshots(&blobs).await?;
+        problems.extend(more);
+        Ok(RebuildReport {
+            packs: records.len(),
+            snapshots,
+            problems,
+        })
     }
 
-    /// Records packs and the snapshots inside them; returns the snapshot count.
-    async fn record_packs(&self, records: &[PackRecord]) -> Result<usize, RepoError> {
-        self.catalog.add_packs(records).await?;
-        let mut snaps = 0;
-        for loc in records.iter().flat_map(|r| &r.blobs) {
-            match loc.kind {
-                BlobKind::Snapshot => {
-                    let snap = Snapshot::decode(&self.read_blob(loc)?)?;
-                    self.catalog
-                        .add_snapshot(&snapshot_record(SnapshotId(loc.id.0), &snap))
-                        .await?;
-                    snaps += 1;
-                }
-                BlobKind::Index => {
-                    // Segments only repeat what headers say; decoding them
-                    // here proves they are readable.
-                    decode_segment(&self.read_blob(loc)?)?;
-                }
-                _ => {}
+    /// Reads the headers of these packs; unreadable ones are reported, not fatal.
+    fn read_headers(&self, packs: &[(PackId, u64)]) -> (Vec<PackRecord>, Vec<String>) {
+        let mut records = Vec::new();
+        let mut problems = Vec::new();
+        for (id, size) in packs {
+            match self.read_pack_header(id, *size) {
+                Ok(r) => records.push(r),
+                Err(e) => problems.push(format!("skipping unreadable pack: {e}")),
             }
         }
-        Ok(snaps)
+        (records, problems)
+    }
+
+    /// Records every snapshot whose blob is indexed but which the catalog
+    /// does not list. Returns how many were added, and what could not be read.
+    async fn recover_snapshots(
+        &self,
+        blobs: &[BlobLocation],
+    ) -> Result<(usize, Vec<String>), RepoError> {
+        let listed: HashSet<SnapshotId> = self
+            .catalog
+            .snapshots()
+            .await?
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        let mut added = 0;
+        let mut problems = Vec::new();
+        let mut seen = HashSet::new();
+        for loc in blobs.iter().filter(|l| l.kind == BlobKind::Snapshot) {
+            let id = SnapshotId(loc.id.0);
+            if listed.contains(&id) || !seen.insert(id) {
+                continue;
+            }
+            match self
+                .read_blob(loc)
+                .and_then(|raw| Ok(Snapshot::decode(&raw)?))
+            {
+                Ok(snap) => {
+                    self.catalog
+                        .add_snapshot(&snapshot_record(id, &snap))
+                        .await?;
+                    added += 1;
+                }
+                Err(e) => {
+                    problems.push(format!("skipping unreadable snapshot {}: {e}", id.short()))
+                }
+            }
+        }
+        Ok((added, problems))
     }
 
     /// Every snapshot, oldest first.

@@ -152,4 +152,6 @@ pub trait MetaStore: Send + Sync {
     async fn set_value(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
     /// Forgets every pack, blob and snapshot (values stay), before a rebuild.
     async fn clear(&self) -> Result<(), StoreError>;
+    /// Flushes and closes; called once when the node is done with the store.
+    async fn close(&self) {}
 }

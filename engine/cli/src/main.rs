@@ -144,9 +144,7 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            // One line: the error and its causes.
-            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("pluto: {}", chain.join(": "));
+            eprintln!("pluto: {}", one_line(&e));
             ExitCode::from(1)
         }
     }
@@ -224,15 +222,38 @@ async fn run(cli: Cli) -> Result<u8> {
         Command::Check { read_data } => check_cmd(&ui, home, read_data).await,
         Command::RebuildCatalog => {
             let repo = Repo::open(home, LockMode::Exclusive).await?;
-            let (packs, snaps) = repo.rebuild_catalog().await?;
+            let report = repo.rebuild_catalog().await?;
+            repo.catalog.close().await;
+            for p in &report.problems {
+                eprintln!("warning: {p}");
+            }
             if ui.json {
-                ui.print_json(&serde_json::json!({"packs": packs, "snapshots": snaps}))?;
+                ui.print_json(&report)?;
             } else if !ui.quiet {
-                println!("catalog rebuilt from {packs} packs: {snaps} snapshots");
+                println!(
+                    "catalog rebuilt from {} packs: {} snapshots",
+                    report.packs, report.snapshots
+                );
             }
             Ok(0)
         }
     }
+}
+
+/// One line: the error and those of its causes that add something (an
+/// error whose message already ends with its cause's is not repeated).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !line.ends_with(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 fn init(ui: &Ui, home: &Home, mnemonic_file: Option<&Path>) -> Result<u8> {
@@ -310,7 +331,8 @@ async fn backup_cmd(ui: &Ui, home: Home, opts: BackupOptions) -> Result<u8> {
         pb: pb.clone(),
         files: AtomicU64::new(0),
     });
-    let report = backup_async(repo, opts, progress).await?;
+    let report = backup_async(repo.clone(), opts, progress).await?;
+    repo.catalog.close().await;
     pb.finish_and_clear();
     let s = &report.summary;
     if ui.json {

@@ -205,7 +205,7 @@ fn catalog_is_rebuilt_from_packs_alone() {
     h.reopen();
     let repo = h.repo();
     assert!(h.rt.block_on(repo.snapshots()).unwrap().is_empty());
-    let (_, snaps) = h.rt.block_on(repo.rebuild_catalog()).unwrap();
+    let snaps = h.rt.block_on(repo.rebuild_catalog()).unwrap().snapshots;
     assert_eq!(snaps, 2);
     let ids: Vec<_> =
         h.rt.block_on(repo.snapshots())
@@ -262,4 +262,60 @@ fn snapshot_lookup_by_prefix() {
     );
     assert!(h.rt.block_on(repo.find_snapshot("")).is_err());
     let _ = Path::new("/");
+}
+
+#[test]
+fn paths_inside_the_home_are_refused() {
+    let h = TestHome::new();
+    let inside = h.home().join("packs");
+    let err = pluto_engine::backup::backup(
+        h.repo(),
+        h.rt.handle().clone(),
+        &BackupOptions {
+            paths: vec![inside],
+            ..Default::default()
+        },
+        &pluto_engine::backup::NoProgress,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("inside pluto's own"), "{err}");
+}
+
+#[test]
+fn a_snapshot_written_but_not_listed_is_found_again() {
+    // What a backup killed between writing its last pack and listing its
+    // snapshot leaves behind.
+    let h = TestHome::new();
+    let src = h.path("src");
+    fs::write(src.join("f"), b"data").unwrap();
+    let id = h.backup(&[&src]).snapshot;
+    h.rt.block_on(h.repo().catalog.remove_snapshot(&id))
+        .unwrap();
+    assert!(h.rt.block_on(h.repo().snapshots()).unwrap().is_empty());
+    let next = h.backup(&[&src]);
+    let ids: Vec<_> =
+        h.rt.block_on(h.repo().snapshots())
+            .unwrap()
+            .iter()
+            .map(|s| s.id)
+            .collect();
+    assert!(ids.contains(&id) && ids.contains(&next.snapshot), "{ids:?}");
+}
+
+#[test]
+fn rebuild_skips_a_damaged_pack_and_says_so() {
+    let h = TestHome::new();
+    let src = h.path("src");
+    sample_tree(&src);
+    h.backup(&[&src]);
+    let junk = b"not a pack at all".to_vec();
+    let junk_id = pluto_plugins_api::PackId::of(&junk);
+    h.repo().packs.put(&junk_id, &junk).unwrap();
+    let report = h.rt.block_on(h.repo().rebuild_catalog()).unwrap();
+    assert_eq!(report.snapshots, 1);
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    assert!(report.problems[0].contains(&junk_id.to_hex()));
+    let target = h.path("out");
+    h.restore("latest", &target, &[]);
+    assert_same_tree(&src, &restored(&target, &src));
 }

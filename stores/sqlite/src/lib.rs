@@ -235,6 +235,12 @@ impl MetaStore for SqliteMetaStore {
         }
         tx.commit().await.map_err(db_err("commit"))
     }
+
+    /// Closing the pool checkpoints the write-ahead log into the database
+    /// file and removes it.
+    async fn close(&self) {
+        self.pool.close().await;
+    }
 }
 
 fn open_url(url: &str) -> MetaStoreFuture {
