@@ -41,6 +41,7 @@ restic init -q >/dev/null
 # run NAME CMD...: wall seconds and peak RSS (KiB) of CMD into $work/NAME.
 run() {
   local name=$1; shift
+  sync  # no step pays for the previous one's write-back
   /usr/bin/time -f "%e %M" -o "$work/$name.time" "$@" >"$work/$name.out" 2>"$work/$name.err" || {
     local rc=$?
     # restic exits 3 and pluto 3 when some files could not be read; still timed.
@@ -67,8 +68,13 @@ run pluto-restore "$pluto" -q restore latest --target "$work/restore-pluto"
 # The restore must be exact.
 diff -r "$data" "$work/restore-pluto$data" >/dev/null || { echo "pluto restore differs!" >&2; exit 1; }
 
+# The repository is what a restore needs: restic's whole repository, pluto's
+# packs. pluto's catalog is a cache rebuilt from the packs (like restic's
+# cache directory, which is not counted either); the whole home is shown too.
 restic_repo=$(du -sb "$RESTIC_REPOSITORY" | cut -f1)
-pluto_repo=$(du -sb "$PLUTO_HOME" | cut -f1)
+pluto_repo=$(du -sb "$PLUTO_HOME/packs" | cut -f1)
+pluto_home=$(du -sb "$PLUTO_HOME" | cut -f1)
+restic_cache=$(du -sb "$RESTIC_CACHE_DIR" 2>/dev/null | cut -f1 || echo 0)
 
 t() { cut -d' ' -f1 "$work/$1.time"; }
 rss() { cut -d' ' -f2 "$work/$1.time"; }
@@ -90,6 +96,7 @@ print(f"{'':28} {'restic':>10} {'pluto':>10} {'ratio':>8}  {'(of)':<13} target")
 for name, r, p, how, target in rows:
     ratio = r / p if how == "restic/pluto" else p / r
     print(f"{name:28} {r:10.2f} {p:10.2f} {ratio:8.2f}  {how:<13} {target}")
+print(f"with caches: restic repository + cache {($restic_repo + $restic_cache)/1e6:.1f} MB, pluto home (packs + catalog) {$pluto_home/1e6:.1f} MB")
 print(f"initial backup throughput: restic {size/1e6/$(t restic-initial):.0f} MB/s, pluto {size/1e6/$(t pluto-initial):.0f} MB/s")
 PY
 echo "work directory: $work (remove it when done)" >&2

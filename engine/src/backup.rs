@@ -86,8 +86,10 @@ pub struct BackupOptions {
 pub trait BackupProgress: Send + Sync {
     /// Bytes read from a file.
     fn bytes(&self, _n: u64) {}
-    /// A file was saved (read or reused).
+    /// A file was read and saved.
     fn file(&self, _path: &Path, _size: u64) {}
+    /// A file was unchanged since the parent and saved without reading it.
+    fn reused(&self, _path: &Path, _size: u64) {}
     /// Something could not be saved; the backup goes on.
     fn warning(&self, _message: &str) {}
 }
@@ -443,7 +445,7 @@ impl Saver<'_> {
                     || (p.inode == stamp.inode && p.ctime_ns == stamp.ctime_ns));
             if same && !self.opts.force && chunks.iter().all(|c| self.known(BlobKind::Data, c)) {
                 self.counters.files_unmodified.fetch_add(1, Relaxed);
-                self.progress.file(path, stamp.size);
+                self.progress.reused(path, stamp.size);
                 return Ok(Some(node_for(
                     name,
                     meta,

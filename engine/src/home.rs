@@ -51,7 +51,7 @@ pub struct ChunkerConfig {
 
 impl Default for ChunkerConfig {
     fn default() -> Self {
-        // Chosen by measurement, see docs/formats.md ("Chunk sizes").
+        // Chosen by measurement, see docs/benchmarks.md.
         Self {
             min: 512 << 10,
             avg: 1 << 20,

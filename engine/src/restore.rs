@@ -41,7 +41,10 @@ pub struct RestoreOptions {
 
 /// Progress hooks; may be called from several threads.
 pub trait RestoreProgress: Send + Sync {
-    /// Bytes written.
+    /// How many bytes the restore will write at most (known once the trees
+    /// are read).
+    fn total(&self, _bytes: u64) {}
+    /// Bytes written (or found already in place).
     fn bytes(&self, _n: u64) {}
     /// A file could not be restored; the restore goes on.
     fn error(&self, _message: &str) {}
@@ -171,6 +174,7 @@ impl Restorer<'_> {
                     == node.mtime_ns
                 && self.holds(&dest, chunks)
             {
+                self.progress.bytes(node.size);
                 return Ok(false);
             }
         }
@@ -346,6 +350,7 @@ pub fn restore(
     dirs.sort_by(|a, b| a.rel.cmp(&b.rel));
     // Largest files first, so no large file is left to run alone at the end.
     files.sort_by_key(|j| std::cmp::Reverse(j.node.size));
+    progress.total(files.iter().map(|j| j.node.size).sum());
 
     let r = Restorer {
         repo,

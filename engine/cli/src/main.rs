@@ -307,26 +307,62 @@ struct BackupBar {
     files: AtomicU64,
 }
 
+impl BackupBar {
+    fn done_one(&self) {
+        let f = self.files.fetch_add(1, Relaxed) + 1;
+        self.pb.set_message(format!("{f} files"));
+    }
+}
+
 impl BackupProgress for BackupBar {
     fn bytes(&self, n: u64) {
         self.pb.inc(n);
     }
-    fn file(&self, _path: &Path, size: u64) {
-        let f = self.files.fetch_add(1, Relaxed) + 1;
-        self.pb.set_message(format!("{f} files"));
-        let _ = size;
+    fn file(&self, _path: &Path, _size: u64) {
+        self.done_one();
+    }
+    fn reused(&self, _path: &Path, size: u64) {
+        self.pb.inc(size);
+        self.done_one();
     }
     fn warning(&self, message: &str) {
         self.pb.suspend(|| eprintln!("warning: {message}"));
     }
 }
 
+/// Sums the sizes of the regular files under `paths` on its own thread and
+/// grows the bar's length as it goes, so the bar can show a percentage and
+/// an estimate. Stops early when the bar is finished.
+fn scan_sizes(pb: ProgressBar, paths: Vec<PathBuf>) {
+    std::thread::spawn(move || {
+        let mut stack = paths;
+        while let Some(p) = stack.pop() {
+            if pb.is_finished() {
+                return;
+            }
+            let Ok(meta) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
+            if meta.is_file() {
+                pb.inc_length(meta.len());
+            } else if meta.is_dir() {
+                if let Ok(rd) = std::fs::read_dir(&p) {
+                    stack.extend(rd.flatten().map(|e| e.path()));
+                }
+            }
+        }
+    });
+}
+
 async fn backup_cmd(ui: &Ui, home: Home, opts: BackupOptions) -> Result<u8> {
     let repo = Arc::new(Repo::open(home, LockMode::Exclusive).await?);
     let pb = ui.bar(
-        None,
-        "{spinner} {elapsed_precise} {bytes} read ({bytes_per_sec}), {msg}",
+        Some(0),
+        "{spinner} [{elapsed_precise}] [{bar:30}] {percent:>3}% {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta}) {msg}",
     );
+    if !pb.is_hidden() {
+        scan_sizes(pb.clone(), opts.paths.clone());
+    }
     let progress = Arc::new(BackupBar {
         pb: pb.clone(),
         files: AtomicU64::new(0),
@@ -507,6 +543,9 @@ fn list_tree(
 
 struct RestoreBar(ProgressBar);
 impl RestoreProgress for RestoreBar {
+    fn total(&self, bytes: u64) {
+        self.0.set_length(bytes);
+    }
     fn bytes(&self, n: u64) {
         self.0.inc(n);
     }
