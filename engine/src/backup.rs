@@ -10,8 +10,8 @@
 //!   end: flush data pack, then one pack with the last trees, an index segment and the snapshot
 //! ```
 //!
-//! Chunks of one large file are sealed in parallel batches, so a single big
-//! file also uses every core. Packs are durable before anything that refers
+//! Files are read through a reusable window; the chunks of one window are
+//! sealed in parallel, so a single big file also uses every core. Packs are durable before anything that refers
 //! to them is written, so a backup killed at any point leaves packs the next
 //! one reuses and never a snapshot that points at missing data.
 
@@ -332,6 +332,23 @@ impl Saver<'_> {
         Ok(id)
     }
 
+    /// The parent snapshot's tree for a directory, when it had one there. An
+    /// unreadable one is not fatal: everything below is read instead.
+    fn parent_subtree(&self, path: &Path, parent: Option<&Node>) -> Option<Tree> {
+        let NodeContent::Dir { tree } = &parent?.content else {
+            return None;
+        };
+        self.repo
+            .load_tree(self.index, tree)
+            .map_err(|e| {
+                tracing::warn!(
+                    "parent tree of {} unreadable, reading all: {e}",
+                    path.display()
+                )
+            })
+            .ok()
+    }
+
     /// Saves one directory entry. `None` when it is excluded or could not be
     /// read (a warning says which).
     fn save_entry(
@@ -343,19 +360,7 @@ impl Saver<'_> {
     ) -> Result<Option<Node>, RepoError> {
         let ft = meta.file_type();
         if ft.is_dir() {
-            let parent_tree = match parent.map(|n| &n.content) {
-                Some(NodeContent::Dir { tree }) => match self.repo.load_tree(self.index, tree) {
-                    Ok(t) => Some(t),
-                    Err(e) => {
-                        tracing::warn!(
-                            "parent tree of {} unreadable, reading all: {e}",
-                            path.display()
-                        );
-                        None
-                    }
-                },
-                _ => None,
-            };
+            let parent_tree = self.parent_subtree(path, parent);
             let tree = self.save_dir(path, parent_tree.as_ref())?;
             let Some(tree) = tree else { return Ok(None) };
             let id = self.store_if_new(BlobKind::Tree, &tree.encode())?;
@@ -600,7 +605,13 @@ impl Saver<'_> {
         let mut nodes = Vec::new();
         for (name, child) in children {
             let path = here.join(std::ffi::OsStr::from_bytes(name));
-            let meta = match fs::symlink_metadata(&path) {
+            // A given path is saved as what it is (a symlink stays a link);
+            // an ancestor is recorded as the directory it leads to.
+            let meta = match child {
+                VNode::Target => fs::symlink_metadata(&path),
+                VNode::Inner(_) => fs::metadata(&path),
+            };
+            let meta = match meta {
                 Ok(m) => m,
                 Err(e) => {
                     self.warn(format!("{}: {e}", path.display()));
@@ -611,12 +622,7 @@ impl Saver<'_> {
             let node = match child {
                 VNode::Target => self.save_entry(&path, name.clone(), &meta, prev)?,
                 VNode::Inner(_) => {
-                    let prev_tree = match prev.map(|n| &n.content) {
-                        Some(NodeContent::Dir { tree }) => {
-                            self.repo.load_tree(self.index, tree).ok()
-                        }
-                        _ => None,
-                    };
+                    let prev_tree = self.parent_subtree(&path, prev);
                     let sub = self.save_virtual(&path, child, prev_tree.as_ref())?;
                     let id = self.store_if_new(BlobKind::Tree, &sub.encode())?;
                     Some(node_for(name.clone(), &meta, NodeContent::Dir { tree: id }))

@@ -179,7 +179,18 @@ pub fn read_header(
     pack_len: u64,
 ) -> Result<Vec<PackEntry>, PackError> {
     let plain = key.open(PACK_HEADER_AAD, sealed)?;
-    let mut r = Reader::new(&plain, "pack header");
+    let body_len = pack_len
+        .checked_sub((sealed.len() + TRAILER_LEN) as u64)
+        .ok_or_else(|| {
+            PackError::Structure(format!("header longer than the pack ({pack_len} bytes)"))
+        })?;
+    decode_header(&plain, body_len)
+}
+
+/// Decodes a header's plaintext and checks that its blobs fill exactly the
+/// `body_len` bytes before the header.
+pub fn decode_header(plain: &[u8], body_len: u64) -> Result<Vec<PackEntry>, PackError> {
+    let mut r = Reader::new(plain, "pack header");
     let n = r.count(ENTRY_LEN)?;
     let mut entries = Vec::with_capacity(n);
     let mut total = 0u64;
@@ -201,10 +212,9 @@ pub fn read_header(
         });
     }
     r.finish()?;
-    let expected = pack_len - (sealed.len() + TRAILER_LEN) as u64;
-    if total != expected {
+    if total != body_len {
         return Err(PackError::Structure(format!(
-            "blobs take {total} bytes, the pack has {expected} before its header"
+            "blobs take {total} bytes, the pack has {body_len} before its header"
         )));
     }
     Ok(entries)
