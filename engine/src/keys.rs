@@ -77,6 +77,8 @@ pub enum KeyPurpose {
     ReplicaKeys,
     /// Key a storer obfuscates what it holds for others with.
     StorageObfuscation,
+    /// X25519 secret that messages private to this node are sealed to.
+    NodeExchange,
 }
 
 impl KeyPurpose {
@@ -89,6 +91,7 @@ impl KeyPurpose {
             Self::MetadataEncryption => "pluto v1 key metadata-encryption aes-256-gcm",
             Self::ReplicaKeys => "pluto v1 key replica-keys",
             Self::StorageObfuscation => "pluto v1 key storage-obfuscation",
+            Self::NodeExchange => "pluto v1 key node-exchange x25519",
         }
     }
 }
@@ -182,6 +185,7 @@ impl MasterKey {
             chunk_id: self.derive(KeyPurpose::ChunkIdMac),
             replica: self.derive(KeyPurpose::ReplicaKeys),
             obfuscation: self.derive(KeyPurpose::StorageObfuscation),
+            exchange: self.derive(KeyPurpose::NodeExchange),
         }
     }
 
@@ -242,6 +246,8 @@ pub struct Keys {
     pub replica: Zeroizing<[u8; 32]>,
     /// Storage obfuscation.
     pub obfuscation: Zeroizing<[u8; 32]>,
+    /// X25519 secret for messages private to this node.
+    pub exchange: Zeroizing<[u8; 32]>,
 }
 
 impl std::fmt::Debug for Keys {
@@ -280,6 +286,7 @@ mod tests {
             hex::encode(*k.chunk_id),
             hex::encode(*k.replica),
             hex::encode(*k.obfuscation),
+            hex::encode(*k.exchange),
         ];
         let want = GOLDEN;
         assert_eq!(got, want, "derived keys changed: {got:#?}");
@@ -290,7 +297,7 @@ mod tests {
         );
     }
 
-    const GOLDEN: [&str; 7] = [
+    const GOLDEN: [&str; 8] = [
         // identity secret
         "542f1fa0808f628bcb5d221a4727e60397b331cf2152451ee02ee3a58fa57a60",
         // node id
@@ -305,6 +312,8 @@ mod tests {
         "8b70850c8581861bcdc6b3b38bedc0e2669a2b8975cd4d3a10c737a32f6b3dfc",
         // obfuscation
         "451dc793cadb0fbbbc63824278a32c25b4bf7adb0bb26faec87e7514cbe70087",
+        // exchange
+        "e0cf3ff51983e720b5a15201f2581fcfbb5a1235d5c85ad96c2b192d6a83c051",
     ];
 
     #[test]

@@ -30,7 +30,8 @@ pub mod repo;
 pub mod restore;
 pub mod snapshot;
 pub mod tree;
-pub mod wire;
 
 pub use home::{Config, Home};
+/// The byte-level codec every format is built from.
+pub use pluto_plugins_api::wire;
 pub use repo::{LockMode, Repo, RepoError};

@@ -25,6 +25,7 @@
 mod ids;
 mod registry;
 mod store;
+pub mod wire;
 
 pub use ids::{BlobId, BlobKind, IdParseError, NodeId, PackId, SnapshotId};
 pub use registry::{

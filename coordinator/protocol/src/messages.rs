@@ -1,0 +1,427 @@
+//! The messages nodes and the coordinator exchange, and their encodings.
+//!
+//! ```text
+//! message = kind (u8) || fields, in the order declared, with the wire codec:
+//!           u64 as 8 bytes LE, u8 as 1 byte, ids as 32 bytes,
+//!           lists and byte strings as varint count or length first
+//! ```
+
+use pluto_plugins_api::wire::{DecodeError, Reader, Writer};
+use pluto_plugins_api::{NodeId, PackId};
+
+/// Most node ids a list in one message may hold.
+const MAX_IDS: usize = 1024;
+
+/// Why a request was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// Did not decode.
+    Malformed = 1,
+    /// Not authenticated (no valid `Auth` yet).
+    Unauthenticated = 2,
+    /// Stale, future-dated or replayed.
+    NotFresh = 3,
+    /// Understood but not allowed.
+    Refused = 4,
+    /// Nothing there.
+    NotFound = 5,
+    /// A manifest version not newer than the one kept.
+    StaleVersion = 6,
+    /// Not enough storers with free space.
+    NoCapacity = 7,
+    /// Too much at once.
+    Busy = 8,
+    /// The coordinator failed.
+    Internal = 9,
+}
+
+impl ErrorCode {
+    fn from_u16(v: u16) -> Option<Self> {
+        Some(match v {
+            1 => Self::Malformed,
+            2 => Self::Unauthenticated,
+            3 => Self::NotFresh,
+            4 => Self::Refused,
+            5 => Self::NotFound,
+            6 => Self::StaleVersion,
+            7 => Self::NoCapacity,
+            8 => Self::Busy,
+            9 => Self::Internal,
+            _ => return None,
+        })
+    }
+}
+
+/// What the coordinator's books say about one node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatusReport {
+    /// Bytes the node offers to others.
+    pub offered: u64,
+    /// Bytes others placed on the node.
+    pub held: u64,
+    /// Bytes the node placed on others, every replica counted.
+    pub placed: u64,
+    /// Nodes the node stores with or for.
+    pub peers: u32,
+}
+
+/// One control message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Message {
+    /// Node: "give me a challenge".
+    Hello,
+    /// Coordinator: sign this to prove your key.
+    Challenge {
+        /// Fresh random bytes.
+        challenge: [u8; 32],
+    },
+    /// Node: proof of key (the envelope's signature over the challenge),
+    /// with the node's X25519 key for private replies and its offer.
+    Auth {
+        /// The challenge being answered.
+        challenge: [u8; 32],
+        /// The node's X25519 public key.
+        exchange_key: [u8; 32],
+        /// Bytes offered to others.
+        offer: u64,
+    },
+    /// Coordinator: authenticated.
+    Welcome {
+        /// The coordinator's X25519 public key.
+        exchange_key: [u8; 32],
+        /// How often the node must send a heartbeat.
+        heartbeat_ms: u64,
+    },
+    /// Node: still here.
+    Heartbeat,
+    /// Node: change the space offered.
+    SetOffer {
+        /// Bytes.
+        bytes: u64,
+    },
+    /// Node: where may I put a pack?
+    MatchRequest {
+        /// Size of one replica.
+        size: u64,
+        /// Replicas wanted.
+        copies: u8,
+        /// Friends to prefer.
+        friends: Vec<NodeId>,
+        /// How many of the copies should go to friends.
+        friend_copies: u8,
+        /// Nodes not to use (those that already hold a replica, say).
+        exclude: Vec<NodeId>,
+    },
+    /// Coordinator: these storers have room for you.
+    MatchReply {
+        /// Distinct storers, never the asker.
+        storers: Vec<NodeId>,
+    },
+    /// Node: a replica was placed.
+    RecordReplica {
+        /// The pack.
+        pack: PackId,
+        /// Who holds the replica.
+        storer: NodeId,
+        /// Its size.
+        size: u64,
+        /// BLAKE3 root of the replica's bytes.
+        root: [u8; 32],
+    },
+    /// Node: keep my manifest.
+    PutManifest {
+        /// Must be greater than the kept version.
+        version: u64,
+        /// Opaque (encrypted by the node).
+        blob: Vec<u8>,
+    },
+    /// Node: give my manifest back.
+    GetManifest,
+    /// Coordinator: the kept manifest.
+    Manifest {
+        /// Its version.
+        version: u64,
+        /// Opaque bytes.
+        blob: Vec<u8>,
+    },
+    /// Node: what do your books say about me?
+    GetStatus,
+    /// Coordinator: the books about the asker.
+    Status(StatusReport),
+    /// Coordinator: done.
+    Ok,
+    /// Coordinator: refused.
+    Error {
+        /// Why, for programs.
+        code: ErrorCode,
+        /// Why, for people.
+        message: String,
+    },
+}
+
+fn ids(w: &mut Writer, list: &[NodeId]) {
+    w.varint(list.len() as u64);
+    for id in list {
+        w.id(&id.0);
+    }
+}
+
+fn read_ids(r: &mut Reader<'_>) -> Result<Vec<NodeId>, DecodeError> {
+    let n = r.count(32)?;
+    if n > MAX_IDS {
+        return Err(r.error(format!("{n} ids in one list")));
+    }
+    (0..n).map(|_| Ok(NodeId(r.id()?))).collect()
+}
+
+impl Message {
+    /// The kind byte.
+    pub fn kind(&self) -> u8 {
+        match self {
+            Self::Hello => 1,
+            Self::Challenge { .. } => 2,
+            Self::Auth { .. } => 3,
+            Self::Welcome { .. } => 4,
+            Self::Heartbeat => 5,
+            Self::SetOffer { .. } => 6,
+            Self::MatchRequest { .. } => 7,
+            Self::MatchReply { .. } => 8,
+            Self::RecordReplica { .. } => 9,
+            Self::PutManifest { .. } => 10,
+            Self::GetManifest => 11,
+            Self::Manifest { .. } => 12,
+            Self::GetStatus => 13,
+            Self::Status(_) => 14,
+            Self::Ok => 15,
+            Self::Error { .. } => 16,
+        }
+    }
+
+    /// Encodes the message.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u8(self.kind());
+        match self {
+            Self::Hello | Self::Heartbeat | Self::GetManifest | Self::GetStatus | Self::Ok => {}
+            Self::Challenge { challenge } => w.id(challenge),
+            Self::Auth {
+                challenge,
+                exchange_key,
+                offer,
+            } => {
+                w.id(challenge);
+                w.id(exchange_key);
+                w.u64(*offer);
+            }
+            Self::Welcome {
+                exchange_key,
+                heartbeat_ms,
+            } => {
+                w.id(exchange_key);
+                w.u64(*heartbeat_ms);
+            }
+            Self::SetOffer { bytes } => w.u64(*bytes),
+            Self::MatchRequest {
+                size,
+                copies,
+                friends,
+                friend_copies,
+                exclude,
+            } => {
+                w.u64(*size);
+                w.u8(*copies);
+                ids(&mut w, friends);
+                w.u8(*friend_copies);
+                ids(&mut w, exclude);
+            }
+            Self::MatchReply { storers } => ids(&mut w, storers),
+            Self::RecordReplica {
+                pack,
+                storer,
+                size,
+                root,
+            } => {
+                w.id(&pack.0);
+                w.id(&storer.0);
+                w.u64(*size);
+                w.id(root);
+            }
+            Self::PutManifest { version, blob } | Self::Manifest { version, blob } => {
+                w.u64(*version);
+                w.bytes(blob);
+            }
+            Self::Status(s) => {
+                w.u64(s.offered);
+                w.u64(s.held);
+                w.u64(s.placed);
+                w.u32(s.peers);
+            }
+            Self::Error { code, message } => {
+                w.buf.extend_from_slice(&(*code as u16).to_le_bytes());
+                w.bytes(message.as_bytes());
+            }
+        }
+        w.finish()
+    }
+
+    /// Decodes a message, refusing unknown kinds and trailing bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes, "message");
+        let kind = r.u8()?;
+        let m = match kind {
+            1 => Self::Hello,
+            2 => Self::Challenge { challenge: r.id()? },
+            3 => Self::Auth {
+                challenge: r.id()?,
+                exchange_key: r.id()?,
+                offer: r.u64()?,
+            },
+            4 => Self::Welcome {
+                exchange_key: r.id()?,
+                heartbeat_ms: r.u64()?,
+            },
+            5 => Self::Heartbeat,
+            6 => Self::SetOffer { bytes: r.u64()? },
+            7 => Self::MatchRequest {
+                size: r.u64()?,
+                copies: r.u8()?,
+                friends: read_ids(&mut r)?,
+                friend_copies: r.u8()?,
+                exclude: read_ids(&mut r)?,
+            },
+            8 => Self::MatchReply {
+                storers: read_ids(&mut r)?,
+            },
+            9 => Self::RecordReplica {
+                pack: PackId(r.id()?),
+                storer: NodeId(r.id()?),
+                size: r.u64()?,
+                root: r.id()?,
+            },
+            10 => Self::PutManifest {
+                version: r.u64()?,
+                blob: r.bytes()?.to_vec(),
+            },
+            11 => Self::GetManifest,
+            12 => Self::Manifest {
+                version: r.u64()?,
+                blob: r.bytes()?.to_vec(),
+            },
+            13 => Self::GetStatus,
+            14 => Self::Status(StatusReport {
+                offered: r.u64()?,
+                held: r.u64()?,
+                placed: r.u64()?,
+                peers: r.u32()?,
+            }),
+            15 => Self::Ok,
+            16 => {
+                let raw = r.take(2)?;
+                let code = u16::from_le_bytes([raw[0], raw[1]]);
+                Self::Error {
+                    code: ErrorCode::from_u16(code)
+                        .ok_or_else(|| r.error(format!("error code {code}")))?,
+                    message: r.string()?,
+                }
+            }
+            k => return Err(r.error(format!("unknown message kind {k}"))),
+        };
+        r.finish()?;
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn id() -> impl Strategy<Value = NodeId> {
+        any::<[u8; 32]>().prop_map(NodeId)
+    }
+
+    fn message() -> impl Strategy<Value = Message> {
+        let ids = || proptest::collection::vec(id(), 0..5);
+        prop_oneof![
+            Just(Message::Hello),
+            Just(Message::Heartbeat),
+            Just(Message::GetManifest),
+            Just(Message::GetStatus),
+            Just(Message::Ok),
+            any::<[u8; 32]>().prop_map(|challenge| Message::Challenge { challenge }),
+            (any::<[u8; 32]>(), any::<[u8; 32]>(), any::<u64>()).prop_map(|(c, k, o)| {
+                Message::Auth {
+                    challenge: c,
+                    exchange_key: k,
+                    offer: o,
+                }
+            }),
+            (any::<[u8; 32]>(), any::<u64>()).prop_map(|(k, h)| Message::Welcome {
+                exchange_key: k,
+                heartbeat_ms: h
+            }),
+            any::<u64>().prop_map(|bytes| Message::SetOffer { bytes }),
+            (any::<u64>(), any::<u8>(), ids(), any::<u8>(), ids()).prop_map(|(s, c, f, fc, e)| {
+                Message::MatchRequest {
+                    size: s,
+                    copies: c,
+                    friends: f,
+                    friend_copies: fc,
+                    exclude: e,
+                }
+            }),
+            ids().prop_map(|storers| Message::MatchReply { storers }),
+            (any::<[u8; 32]>(), id(), any::<u64>(), any::<[u8; 32]>()).prop_map(|(p, s, z, r)| {
+                Message::RecordReplica {
+                    pack: PackId(p),
+                    storer: s,
+                    size: z,
+                    root: r,
+                }
+            }),
+            (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..64))
+                .prop_map(|(version, blob)| Message::PutManifest { version, blob }),
+            (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..64))
+                .prop_map(|(version, blob)| Message::Manifest { version, blob }),
+            (any::<u64>(), any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(o, h, p, n)| {
+                Message::Status(StatusReport {
+                    offered: o,
+                    held: h,
+                    placed: p,
+                    peers: n,
+                })
+            }),
+            ".{0,30}".prop_map(|message| Message::Error {
+                code: ErrorCode::Refused,
+                message
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(m in message()) {
+            prop_assert_eq!(Message::decode(&m.encode()).unwrap(), m);
+        }
+
+        #[test]
+        fn decoder_never_panics(data: Vec<u8>) {
+            let _ = Message::decode(&data);
+        }
+    }
+
+    #[test]
+    fn unknown_kinds_and_trailing_bytes_are_refused() {
+        assert!(Message::decode(&[0]).is_err());
+        assert!(Message::decode(&[200]).is_err());
+        assert!(Message::decode(&[1, 0]).is_err());
+        assert!(Message::decode(&[]).is_err());
+        let mut too_many = vec![8];
+        too_many.extend_from_slice(&[0x81, 0x08]); // 1025 ids
+        too_many.extend(std::iter::repeat_n(0u8, 1025 * 32));
+        assert!(Message::decode(&too_many).is_err());
+    }
+}

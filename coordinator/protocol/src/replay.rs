@@ -1,0 +1,153 @@
+//! Freshness: refuses stale, future-dated and repeated envelopes.
+//!
+//! A message is fresh when its timestamp is within `window_ms` of the
+//! receiver's clock and its `(sender, nonce)` was not seen before. A nonce
+//! is remembered only until its timestamp leaves the window, after which the
+//! timestamp alone refuses it, so memory stays bounded by the message rate
+//! times the window; past `capacity` remembered nonces, new messages are
+//! refused rather than remembered less.
+
+use std::collections::{HashSet, VecDeque};
+
+use pluto_plugins_api::NodeId;
+
+use crate::Envelope;
+
+/// Why a message is not fresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refused {
+    /// Older than the window.
+    #[error("stale message ({0} ms old)")]
+    Stale(u64),
+    /// Too far in the future.
+    #[error("message from the future ({0} ms ahead)")]
+    Future(u64),
+    /// Seen before.
+    #[error("replayed message")]
+    Replay,
+    /// Too many messages in the window to remember.
+    #[error("too many messages; try again later")]
+    Busy,
+}
+
+/// Remembers recent nonces.
+#[derive(Debug)]
+pub struct ReplayGuard {
+    window_ms: u64,
+    capacity: usize,
+    seen: HashSet<(NodeId, [u8; 16])>,
+    by_expiry: VecDeque<(u64, NodeId, [u8; 16])>,
+}
+
+impl ReplayGuard {
+    /// Accepts timestamps within `window_ms` of now, remembering at most
+    /// `capacity` nonces.
+    pub fn new(window_ms: u64, capacity: usize) -> Self {
+        Self {
+            window_ms,
+            capacity,
+            seen: HashSet::new(),
+            by_expiry: VecDeque::new(),
+        }
+    }
+
+    /// Checks an envelope received at `now_ms` and remembers it when fresh.
+    pub fn check(&mut self, env: &Envelope, now_ms: u64) -> Result<(), Refused> {
+        if env.time_ms + self.window_ms < now_ms {
+            return Err(Refused::Stale(now_ms - env.time_ms));
+        }
+        if env.time_ms > now_ms + self.window_ms {
+            return Err(Refused::Future(env.time_ms - now_ms));
+        }
+        while let Some(&(expiry, from, nonce)) = self.by_expiry.front() {
+            if expiry >= now_ms {
+                break;
+            }
+            self.by_expiry.pop_front();
+            self.seen.remove(&(from, nonce));
+        }
+        let key = (env.from, env.nonce);
+        if self.seen.contains(&key) {
+            return Err(Refused::Replay);
+        }
+        if self.seen.len() >= self.capacity {
+            return Err(Refused::Busy);
+        }
+        self.seen.insert(key);
+        let expiry = env.time_ms + self.window_ms;
+        // Keep the queue ordered by expiry (timestamps arrive nearly in order).
+        let at = self
+            .by_expiry
+            .iter()
+            .rposition(|(e, _, _)| *e <= expiry)
+            .map_or(0, |i| i + 1);
+        self.by_expiry.insert(at, (expiry, env.from, env.nonce));
+        Ok(())
+    }
+
+    /// Nonces remembered now.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// True when nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(from: u8, nonce: u8, time_ms: u64) -> Envelope {
+        Envelope {
+            kind: 0,
+            from: NodeId([from; 32]),
+            to: NodeId([0; 32]),
+            time_ms,
+            nonce: [nonce; 16],
+            reply_to: None,
+            body: vec![],
+        }
+    }
+
+    #[test]
+    fn stale_future_replayed_refused() {
+        let mut g = ReplayGuard::new(1000, 10);
+        assert_eq!(g.check(&env(1, 1, 10_000), 10_000), Ok(()));
+        assert_eq!(g.check(&env(1, 1, 10_000), 10_500), Err(Refused::Replay));
+        // Same nonce from another sender is a different message.
+        assert_eq!(g.check(&env(2, 1, 10_000), 10_500), Ok(()));
+        assert_eq!(
+            g.check(&env(1, 2, 8_000), 10_000),
+            Err(Refused::Stale(2000))
+        );
+        assert_eq!(
+            g.check(&env(1, 3, 12_000), 10_000),
+            Err(Refused::Future(2000))
+        );
+        // After the window the nonce is forgotten, and the timestamp refuses it.
+        assert_eq!(
+            g.check(&env(1, 1, 10_000), 11_001),
+            Err(Refused::Stale(1001))
+        );
+        assert_eq!(g.check(&env(3, 3, 11_001), 11_001), Ok(()));
+        assert_eq!(g.len(), 1, "expired nonces are dropped");
+    }
+
+    #[test]
+    fn memory_is_bounded() {
+        let mut g = ReplayGuard::new(1000, 3);
+        for n in 0..3 {
+            g.check(&env(1, n, 5000), 5000).unwrap();
+        }
+        assert_eq!(g.check(&env(1, 9, 5000), 5000), Err(Refused::Busy));
+        assert_eq!(
+            g.check(&env(1, 9, 6001), 6001),
+            Ok(()),
+            "room again once old ones expire"
+        );
+    }
+}
