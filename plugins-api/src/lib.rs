@@ -8,6 +8,8 @@
 //!   the packs a node holds for others later). Blocking by contract, so that it
 //!   maps one-to-one onto the C ABI of dynamically loaded plugins.
 //! - [`MetaStore`]: the node's catalog (index, snapshots, pack list), async.
+//! - [`ControlChannel`]: how control messages travel between nodes and the
+//!   coordinator (opaque bytes addressed by node id, plus presence).
 //!
 //! Plugins announce themselves with a const descriptor submitted to
 //! [`inventory`]; a binary links the plugins it wants and resolves them by URL
@@ -22,11 +24,16 @@
 //!
 //! No async runtime, database or network types appear in this crate's API.
 
+mod channel;
 mod ids;
 mod registry;
 mod store;
 pub mod wire;
 
+pub use channel::{
+    connect_channel, ChannelDescriptor, ChannelError, ChannelEvent, ChannelFuture, ChannelOptions,
+    ChannelRole, ControlChannel,
+};
 pub use ids::{BlobId, BlobKind, IdParseError, NodeId, PackId, SnapshotId};
 pub use registry::{
     open_blob_store, open_meta_store, BlobStoreDescriptor, MetaStoreDescriptor, MetaStoreFuture,

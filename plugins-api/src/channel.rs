@@ -1,0 +1,144 @@
+//! The coordinator channel: how control messages travel between nodes and
+//! the coordinator (MQTT by default, NATS later).
+//!
+//! A channel moves opaque bytes addressed by node id, in both directions,
+//! and reports presence; it authenticates nothing. Request/reply, signing,
+//! freshness and privacy live one layer up (the control protocol), so a
+//! broker, and anyone who can publish on it, is an untrusted pipe, and a new
+//! channel plugin only has to move bytes.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::NodeId;
+
+/// Why a channel operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChannelError {
+    /// No linked plugin handles this URL.
+    #[error("no channel plugin handles {0:?} (known schemes: {1})")]
+    UnknownScheme(String, String),
+    /// The URL is not usable.
+    #[error("bad channel URL {0:?}: {1}")]
+    BadUrl(String, String),
+    /// The payload is larger than the channel carries.
+    #[error("payload of {0} bytes exceeds the channel's limit of {1}")]
+    TooLarge(usize, usize),
+    /// The channel was closed.
+    #[error("channel closed")]
+    Closed,
+    /// An error of the plugin's own.
+    #[error("{0}")]
+    Plugin(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Which end of the channel this is.
+#[derive(Clone, Debug)]
+pub enum ChannelRole {
+    /// A node: receives what is sent to its id.
+    Node {
+        /// The node.
+        id: NodeId,
+        /// Published for the coordinator when the connection is lost without
+        /// a goodbye (MQTT last will).
+        will: Vec<u8>,
+        /// Published on the presence channel after every (re)connection.
+        hello: Vec<u8>,
+    },
+    /// A coordinator replica: receives what nodes send and their presence.
+    /// Replicas in the same group share the load (each message reaches one).
+    Coordinator {
+        /// Load-sharing group; `None` for a single coordinator.
+        group: Option<String>,
+    },
+}
+
+/// Settings of a channel.
+#[derive(Clone, Debug)]
+pub struct ChannelOptions {
+    /// This end's role.
+    pub role: ChannelRole,
+    /// Largest payload sent or accepted.
+    pub max_payload: usize,
+}
+
+/// Something that happened on a channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ChannelEvent {
+    /// (Re)connected, with subscriptions in place.
+    Connected,
+    /// The connection dropped; the channel reconnects by itself.
+    Disconnected(String),
+    /// A payload for this end. `from` is the sender the transport claims
+    /// (not authenticated); `None` when it came from the coordinator.
+    Message {
+        /// Claimed sender.
+        from: Option<NodeId>,
+        /// The bytes.
+        payload: Vec<u8>,
+    },
+    /// A node's presence notice (its hello or its will), unauthenticated.
+    Presence {
+        /// The node the topic names.
+        node: NodeId,
+        /// The bytes.
+        payload: Vec<u8>,
+    },
+}
+
+/// One end of a coordinator channel.
+#[async_trait::async_trait]
+pub trait ControlChannel: Send + Sync {
+    /// Sends `payload` to a node (`Some`) or to the coordinator (`None`).
+    /// Delivery is at least once while connected; a message sent while
+    /// disconnected may be lost (the protocol retries).
+    async fn send(&self, to: Option<&NodeId>, payload: &[u8]) -> Result<(), ChannelError>;
+    /// The next event; `None` once the channel is closed.
+    async fn next_event(&self) -> Option<ChannelEvent>;
+    /// Says goodbye (no will is published) and stops.
+    async fn close(&self);
+}
+
+/// The future a [`ChannelDescriptor`] returns.
+pub type ChannelFuture =
+    Pin<Box<dyn Future<Output = Result<Box<dyn ControlChannel>, ChannelError>> + Send>>;
+
+/// Announces a channel plugin.
+#[derive(Debug)]
+pub struct ChannelDescriptor {
+    /// Its name, as config files spell it.
+    pub name: &'static str,
+    /// URL schemes it connects to (`mqtt` connects to `mqtt://HOST:PORT`).
+    pub schemes: &'static [&'static str],
+    /// Must equal [`crate::PLUGIN_ABI_VERSION`].
+    pub abi_version: u32,
+    /// Connects (and keeps reconnecting) to the URL.
+    pub connect: fn(&str, ChannelOptions) -> ChannelFuture,
+}
+
+inventory::collect!(ChannelDescriptor);
+
+/// Connects with whichever linked channel plugin handles the URL's scheme.
+pub async fn connect_channel(
+    url: &str,
+    opts: ChannelOptions,
+) -> Result<Box<dyn ControlChannel>, ChannelError> {
+    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
+    let mut known = Vec::new();
+    for d in inventory::iter::<ChannelDescriptor>() {
+        if d.abi_version != crate::PLUGIN_ABI_VERSION {
+            continue;
+        }
+        if d.schemes.contains(&scheme) {
+            return (d.connect)(url, opts).await;
+        }
+        known.extend(d.schemes.iter().copied());
+    }
+    known.sort_unstable();
+    Err(ChannelError::UnknownScheme(
+        url.to_string(),
+        known.join(", "),
+    ))
+}

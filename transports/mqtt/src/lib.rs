@@ -1,0 +1,389 @@
+//! pluto's coordinator channel over MQTT.
+//!
+//! Registered as the `mqtt` channel plugin: `mqtt://HOST:PORT[/PREFIX]`
+//! (default port 1883, default prefix `pluto`). Topics:
+//!
+//! ```text
+//! PREFIX/v1/to-coordinator/<node id>   a node's messages to the coordinator
+//! PREFIX/v1/to-node/<node id>          the coordinator's messages to one node
+//! PREFIX/v1/presence/<node id>         a node's hello after each connection, and its last will
+//! ```
+//!
+//! Coordinator replicas subscribe through an MQTT shared subscription
+//! (`$share/GROUP/...`), so each message reaches one replica. Everything is
+//! QoS 1. The connection is kept by a task that reconnects with exponential
+//! backoff (100 ms to 5 s) and resubscribes after every connection; events
+//! report each connection and disconnection.
+//!
+//! The broker authenticates nothing here: anyone may publish on any topic.
+//! The control protocol (signed, addressed, replay-checked and, where
+//! private, sealed envelopes) is what makes that harmless.
+//!
+//! With the `broker` feature, [`broker::EmbeddedBroker`] runs rumqttd inside
+//! the process, which is how the coordinator runs on one command.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pluto_plugins_api::{
+    async_trait, ChannelDescriptor, ChannelError, ChannelEvent, ChannelFuture, ChannelOptions,
+    ChannelRole, ControlChannel, NodeId, PLUGIN_ABI_VERSION,
+};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
+use tokio::sync::{mpsc, Mutex};
+
+#[cfg(feature = "broker")]
+pub mod broker;
+
+const KEEP_ALIVE: Duration = Duration::from_secs(10);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Where a URL points.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MqttUrl {
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// Topic prefix.
+    pub prefix: String,
+}
+
+impl MqttUrl {
+    /// Parses `mqtt://HOST[:PORT][/PREFIX]`.
+    pub fn parse(url: &str) -> Result<Self, ChannelError> {
+        let bad = |why: &str| ChannelError::BadUrl(url.to_string(), why.to_string());
+        let rest = url
+            .strip_prefix("mqtt://")
+            .ok_or_else(|| bad("expected mqtt://HOST:PORT"))?;
+        let (authority, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse::<u16>().map_err(|_| bad("bad port"))?),
+            None => (authority, 1883),
+        };
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        let prefix = prefix.trim_end_matches('/');
+        let prefix = if prefix.is_empty() { "pluto" } else { prefix };
+        if prefix.contains(['+', '#']) || prefix.starts_with('$') {
+            return Err(bad(
+                "the topic prefix may not hold wildcards or start with $",
+            ));
+        }
+        Ok(Self {
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            port,
+            prefix: prefix.to_string(),
+        })
+    }
+}
+
+/// The topics of one prefix.
+#[derive(Clone, Debug)]
+struct Topics {
+    prefix: String,
+}
+
+impl Topics {
+    fn to_coordinator(&self, node: &NodeId) -> String {
+        format!("{}/v1/to-coordinator/{}", self.prefix, node.to_hex())
+    }
+    fn to_node(&self, node: &NodeId) -> String {
+        format!("{}/v1/to-node/{}", self.prefix, node.to_hex())
+    }
+    fn presence(&self, node: &NodeId) -> String {
+        format!("{}/v1/presence/{}", self.prefix, node.to_hex())
+    }
+    fn all(&self, kind: &str) -> String {
+        format!("{}/v1/{kind}/+", self.prefix)
+    }
+    /// Classifies an incoming topic: (kind, node).
+    fn parse<'a>(&self, topic: &'a str) -> Option<(&'a str, NodeId)> {
+        let rest = topic
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix("/v1/")?;
+        let (kind, node) = rest.split_once('/')?;
+        Some((kind, node.parse().ok()?))
+    }
+}
+
+/// One end of the MQTT channel.
+pub struct MqttChannel {
+    client: AsyncClient,
+    events: Mutex<mpsc::Receiver<ChannelEvent>>,
+    topics: Topics,
+    node: Option<NodeId>,
+    max_payload: usize,
+    closing: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for MqttChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MqttChannel({:?}, {:?})", self.topics.prefix, self.node)
+    }
+}
+
+impl Drop for MqttChannel {
+    fn drop(&mut self) {
+        // Without a goodbye: the broker publishes the will, as after a crash.
+        self.task.abort();
+    }
+}
+
+impl MqttChannel {
+    /// Connects to `url` and keeps the connection up until closed.
+    pub async fn connect(url: &str, opts: ChannelOptions) -> Result<Self, ChannelError> {
+        let u = MqttUrl::parse(url)?;
+        let topics = Topics { prefix: u.prefix };
+        let (client_id, node) = match &opts.role {
+            ChannelRole::Node { id, .. } => (format!("pluto-n-{}", &id.to_hex()[..24]), Some(*id)),
+            ChannelRole::Coordinator { .. } => {
+                (format!("pluto-c-{:016x}", rand::random::<u64>()), None)
+            }
+        };
+        let mut mo = MqttOptions::new(client_id, u.host, u.port);
+        // Room for the payload and the topic and header around it.
+        let packet = opts.max_payload + 1024;
+        mo.set_keep_alive(KEEP_ALIVE)
+            .set_clean_session(true)
+            .set_max_packet_size(packet, packet);
+        if let ChannelRole::Node { id, will, .. } = &opts.role {
+            mo.set_last_will(LastWill::new(
+                topics.presence(id),
+                will.clone(),
+                QoS::AtLeastOnce,
+                false,
+            ));
+        }
+        let (client, eventloop) = AsyncClient::new(mo, 256);
+        let (tx, rx) = mpsc::channel(1024);
+        let closing = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(run(
+            client.clone(),
+            eventloop,
+            tx,
+            topics.clone(),
+            opts.role.clone(),
+            closing.clone(),
+        ));
+        Ok(Self {
+            client,
+            events: Mutex::new(rx),
+            topics,
+            node,
+            max_payload: opts.max_payload,
+            closing,
+            task,
+        })
+    }
+}
+
+fn subscriptions(topics: &Topics, role: &ChannelRole) -> Vec<String> {
+    match role {
+        ChannelRole::Node { id, .. } => vec![topics.to_node(id)],
+        ChannelRole::Coordinator { group } => {
+            let share = |t: String| match group {
+                Some(g) => format!("$share/{g}/{t}"),
+                None => t,
+            };
+            vec![
+                share(topics.all("to-coordinator")),
+                share(topics.all("presence")),
+            ]
+        }
+    }
+}
+
+/// Keeps the connection: polls, resubscribes after every connection,
+/// forwards what arrives, and backs off between failed attempts.
+async fn run(
+    client: AsyncClient,
+    mut eventloop: rumqttc::EventLoop,
+    tx: mpsc::Sender<ChannelEvent>,
+    topics: Topics,
+    role: ChannelRole,
+    closing: Arc<AtomicBool>,
+) {
+    let mut backoff = BACKOFF_MIN;
+    let mut pending = 0usize;
+    loop {
+        let event = match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff = BACKOFF_MIN;
+                // try_*: never wait on the request queue from the task that drains it.
+                let subs = subscriptions(&topics, &role);
+                pending = subs.len();
+                for t in subs {
+                    if let Err(e) = client.try_subscribe(t, QoS::AtLeastOnce) {
+                        tracing::warn!("mqtt: subscribing: {e}");
+                    }
+                }
+                None
+            }
+            // Connected only once every subscription is in place, so nothing
+            // sent in answer to what follows can be missed.
+            Ok(Event::Incoming(Packet::SubAck(_))) if pending > 0 => {
+                pending -= 1;
+                if pending > 0 {
+                    None
+                } else {
+                    if let ChannelRole::Node { id, hello, .. } = &role {
+                        let _ = client.try_publish(
+                            topics.presence(id),
+                            QoS::AtLeastOnce,
+                            false,
+                            hello.clone(),
+                        );
+                    }
+                    Some(ChannelEvent::Connected)
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => match (topics.parse(&p.topic), &role) {
+                (Some(("to-node", id)), ChannelRole::Node { id: me, .. }) if id == *me => {
+                    Some(ChannelEvent::Message {
+                        from: None,
+                        payload: p.payload.to_vec(),
+                    })
+                }
+                (Some(("to-coordinator", id)), ChannelRole::Coordinator { .. }) => {
+                    Some(ChannelEvent::Message {
+                        from: Some(id),
+                        payload: p.payload.to_vec(),
+                    })
+                }
+                (Some(("presence", id)), ChannelRole::Coordinator { .. }) => {
+                    Some(ChannelEvent::Presence {
+                        node: id,
+                        payload: p.payload.to_vec(),
+                    })
+                }
+                _ => {
+                    tracing::debug!("mqtt: ignoring a message on {}", p.topic);
+                    None
+                }
+            },
+            Ok(Event::Outgoing(Outgoing::Disconnect)) if closing.load(Ordering::SeqCst) => return,
+            Ok(_) => None,
+            Err(e) => {
+                if closing.load(Ordering::SeqCst) {
+                    return;
+                }
+                let _ = tx.try_send(ChannelEvent::Disconnected(e.to_string()));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                None
+            }
+        };
+        if let Some(ev) = event {
+            if tx.send(ev).await.is_err() {
+                return; // nobody listens any more
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ControlChannel for MqttChannel {
+    async fn send(&self, to: Option<&NodeId>, payload: &[u8]) -> Result<(), ChannelError> {
+        if payload.len() > self.max_payload {
+            return Err(ChannelError::TooLarge(payload.len(), self.max_payload));
+        }
+        let topic = match (to, &self.node) {
+            (Some(node), _) => self.topics.to_node(node),
+            (None, Some(me)) => self.topics.to_coordinator(me),
+            (None, None) => {
+                return Err(ChannelError::Plugin(
+                    "a coordinator sends to nodes, not to itself".into(),
+                ))
+            }
+        };
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(ChannelError::Closed);
+        }
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
+            .await
+            .map_err(|e| ChannelError::Plugin(Box::new(e)))
+    }
+
+    async fn next_event(&self) -> Option<ChannelEvent> {
+        self.events.lock().await.recv().await
+    }
+
+    async fn close(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        if self.client.try_disconnect().is_ok() {
+            // Let the task send the goodbye, then stop it regardless.
+            for _ in 0..50 {
+                if self.task.is_finished() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        self.task.abort();
+    }
+}
+
+fn connect_url(url: &str, opts: ChannelOptions) -> ChannelFuture {
+    let url = url.to_string();
+    Box::pin(async move {
+        Ok(Box::new(MqttChannel::connect(&url, opts).await?) as Box<dyn ControlChannel>)
+    })
+}
+
+pluto_plugins_api::inventory::submit! {
+    ChannelDescriptor {
+        name: "mqtt",
+        schemes: &["mqtt"],
+        abi_version: PLUGIN_ABI_VERSION,
+        connect: connect_url,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let u = MqttUrl::parse("mqtt://127.0.0.1:1883").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.prefix.as_str()),
+            ("127.0.0.1", 1883, "pluto")
+        );
+        let u = MqttUrl::parse("mqtt://broker/family/net").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.prefix.as_str()),
+            ("broker", 1883, "family/net")
+        );
+        for bad in [
+            "nats://x",
+            "mqtt://",
+            "mqtt://h:x",
+            "mqtt://h/#",
+            "mqtt://h/$sys",
+        ] {
+            assert!(MqttUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn topics_round_trip() {
+        let t = Topics {
+            prefix: "p/q".into(),
+        };
+        let id = NodeId([7; 32]);
+        assert_eq!(t.parse(&t.to_node(&id)), Some(("to-node", id)));
+        assert_eq!(t.parse(&t.presence(&id)), Some(("presence", id)));
+        assert_eq!(t.parse("p/q/v1/to-node/zz"), None);
+        assert_eq!(t.parse("other/v1/to-node/00"), None);
+    }
+}
