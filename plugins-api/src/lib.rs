@@ -24,20 +24,22 @@
 //!
 //! No async runtime, database or network types appear in this crate's API.
 
+mod books;
 mod channel;
 mod ids;
 mod registry;
 mod store;
 pub mod wire;
 
+pub use books::{BooksStore, ManifestRecord, NodeRecord, ReplicaRecord};
 pub use channel::{
     connect_channel, ChannelDescriptor, ChannelError, ChannelEvent, ChannelFuture, ChannelOptions,
     ChannelRole, ControlChannel,
 };
 pub use ids::{BlobId, BlobKind, IdParseError, NodeId, PackId, SnapshotId};
 pub use registry::{
-    open_blob_store, open_meta_store, BlobStoreDescriptor, MetaStoreDescriptor, MetaStoreFuture,
-    PLUGIN_ABI_VERSION,
+    open_blob_store, open_books_store, open_meta_store, BlobStoreDescriptor, BooksStoreDescriptor,
+    BooksStoreFuture, MetaStoreDescriptor, MetaStoreFuture, PLUGIN_ABI_VERSION,
 };
 pub use store::{BlobLocation, BlobStore, MetaStore, PackRecord, SnapshotRecord, StoreError};
 

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::{BlobStore, MetaStore, StoreError};
+use crate::{BlobStore, BooksStore, MetaStore, StoreError};
 
 /// The version of the plugin contracts. A descriptor built against another
 /// version is refused.
@@ -41,6 +41,24 @@ pub struct BlobStoreDescriptor {
     pub open: fn(&str) -> Result<Box<dyn BlobStore>, StoreError>,
 }
 
+/// The future a [`BooksStoreDescriptor`] returns.
+pub type BooksStoreFuture =
+    Pin<Box<dyn Future<Output = Result<Box<dyn BooksStore>, StoreError>> + Send>>;
+
+/// Announces a coordinator books store plugin.
+#[derive(Debug)]
+pub struct BooksStoreDescriptor {
+    /// Its name, as config files spell it.
+    pub name: &'static str,
+    /// URL schemes it opens (`sqlite:PATH`, `postgres://...`).
+    pub schemes: &'static [&'static str],
+    /// Must equal [`PLUGIN_ABI_VERSION`].
+    pub abi_version: u32,
+    /// Opens (creating and migrating as needed) the books at a URL.
+    pub open: fn(&str) -> BooksStoreFuture,
+}
+
+inventory::collect!(BooksStoreDescriptor);
 inventory::collect!(MetaStoreDescriptor);
 inventory::collect!(BlobStoreDescriptor);
 
@@ -72,6 +90,14 @@ fn pick<'a, D: 'static>(
 /// Opens a catalog store by URL with whichever linked plugin handles its scheme.
 pub async fn open_meta_store(url: &str) -> Result<Box<dyn MetaStore>, StoreError> {
     let d = pick(url, inventory::iter::<MetaStoreDescriptor>(), |d| {
+        (d.schemes, d.abi_version)
+    })?;
+    (d.open)(url).await
+}
+
+/// Opens the coordinator's books by URL with whichever linked plugin handles its scheme.
+pub async fn open_books_store(url: &str) -> Result<Box<dyn BooksStore>, StoreError> {
+    let d = pick(url, inventory::iter::<BooksStoreDescriptor>(), |d| {
         (d.schemes, d.abi_version)
     })?;
     (d.open)(url).await

@@ -4,11 +4,18 @@
 //! creates, and migrates) a catalog. The database runs in WAL mode so a
 //! backup and a reader can share it.
 //!
+//! The same plugin keeps the coordinator's books ([`SqliteBooks`]), in a
+//! database of their own with their own migrations.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), pluto_plugins_api::StoreError> {
 //! let store = pluto_store_sqlite::SqliteMetaStore::open("sqlite:/tmp/catalog.db").await?;
 //! # let _ = store; Ok(()) }
 //! ```
+
+mod books;
+
+pub use books::SqliteBooks;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -39,27 +46,34 @@ fn id32<T>(bytes: &[u8], what: &str, wrap: fn([u8; 32]) -> T) -> Result<T, Store
     })
 }
 
+/// Opens a pool on `url` (`sqlite:PATH`), creating the file when needed.
+async fn connect(url: &str) -> Result<SqlitePool, StoreError> {
+    let opts = SqliteConnectOptions::from_str(url)
+        .map_err(|e| StoreError::BadUrl(url.into(), e.to_string()))?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .foreign_keys(true)
+        .busy_timeout(Duration::from_secs(30));
+    SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(opts)
+        .await
+        .map_err(db_err("opening"))
+}
+
+fn migrate_err(e: sqlx::migrate::MigrateError) -> StoreError {
+    StoreError::Plugin(format!("sqlite: migrating: {e}").into())
+}
+
 impl SqliteMetaStore {
     /// Opens the catalog at `url` (`sqlite:PATH`), creating and migrating it.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
-        let opts = SqliteConnectOptions::from_str(url)
-            .map_err(|e| StoreError::BadUrl(url.into(), e.to_string()))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(30));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(opts)
-            .await
-            .map_err(db_err("opening"))?;
+        let pool = connect(url).await?;
         sqlx::migrate!("./migrations")
             .run(&pool)
             .await
-            .map_err(|e| {
-                StoreError::Plugin(format!("sqlite: migrating the catalog: {e}").into())
-            })?;
+            .map_err(migrate_err)?;
         Ok(Self { pool })
     }
 }
