@@ -1,0 +1,423 @@
+//! The coordinator's message handling against the real SQLite books.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+
+use ed25519_dalek::SigningKey;
+use pluto_coordinator::{Coordinator, CoordinatorConfig, Rejected};
+use pluto_plugins_api::{BooksStore, NodeId, PackId};
+use pluto_protocol::{exchange_public, Envelope, ErrorCode, Message, MAX_ENVELOPE};
+use rand_core::{OsRng, RngCore};
+use x25519_dalek::StaticSecret;
+
+struct Node {
+    key: SigningKey,
+    exchange: StaticSecret,
+}
+
+impl Node {
+    fn new() -> Self {
+        Self {
+            key: SigningKey::generate(&mut OsRng),
+            exchange: StaticSecret::random_from_rng(OsRng),
+        }
+    }
+    fn id(&self) -> NodeId {
+        NodeId(self.key.verifying_key().to_bytes())
+    }
+    fn envelope(&self, to: NodeId, now: u64, msg: &Message) -> (Vec<u8>, [u8; 16]) {
+        let mut nonce = [0u8; 16];
+        OsRng.fill_bytes(&mut nonce);
+        let env = Envelope::new(&self.key, to, now, nonce, None, msg);
+        (env.sign(&self.key).unwrap(), nonce)
+    }
+}
+
+struct Net {
+    _dir: tempfile::TempDir,
+    books: Arc<dyn BooksStore>,
+    c: Coordinator,
+}
+
+async fn net() -> Net {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("books.db").display());
+    let books: Arc<dyn BooksStore> = pluto_store_sqlite::SqliteBooks::open(&url)
+        .await
+        .map(Arc::new)
+        .unwrap();
+    let c = Coordinator::new(
+        SigningKey::generate(&mut OsRng),
+        StaticSecret::random_from_rng(OsRng),
+        books.clone(),
+        CoordinatorConfig::default(),
+    );
+    Net {
+        _dir: dir,
+        books,
+        c,
+    }
+}
+
+/// Sends `msg` from `node` and returns the coordinator's reply, checked:
+/// signed by the coordinator, addressed to the node, answering the request,
+/// and opened when private.
+async fn ask(net: &Net, node: &Node, now: u64, msg: &Message) -> Message {
+    let (bytes, nonce) = node.envelope(net.c.id(), now, msg);
+    let out = net
+        .c
+        .handle(Some(node.id()), &bytes, now, &mut OsRng)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.to, node.id());
+    let env = Envelope::verify(&out.bytes).unwrap();
+    assert_eq!(env.from, net.c.id());
+    assert_eq!(env.to, node.id());
+    assert_eq!(env.reply_to, Some(nonce));
+    if env.is_private() {
+        env.open_private(&node.exchange).unwrap()
+    } else {
+        env.message().unwrap()
+    }
+}
+
+async fn authenticate(net: &Net, node: &Node, offer: u64, now: u64) {
+    let Message::Challenge { challenge } = ask(net, node, now, &Message::Hello).await else {
+        panic!("no challenge")
+    };
+    let auth = Message::Auth {
+        challenge,
+        exchange_key: exchange_public(&node.exchange),
+        offer,
+    };
+    match ask(net, node, now, &auth).await {
+        Message::Welcome { exchange_key, .. } => assert_eq!(exchange_key, net.c.exchange_key()),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn code(m: &Message) -> ErrorCode {
+    match m {
+        Message::Error { code, .. } => *code,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+const T: u64 = 1_800_000_000_000;
+
+#[tokio::test]
+async fn handshake_registers_the_node() {
+    let net = net().await;
+    let a = Node::new();
+    authenticate(&net, &a, 1000, T).await;
+    let rec = net.books.node(&a.id()).await.unwrap().unwrap();
+    assert_eq!(
+        (rec.offer, rec.exchange_key, rec.online),
+        (1000, exchange_public(&a.exchange), true)
+    );
+    match ask(&net, &a, T, &Message::GetStatus).await {
+        Message::Status(s) => assert_eq!(s.offered, 1000),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn challenges_cannot_be_reused_stolen_or_skipped() {
+    let net = net().await;
+    let (a, b) = (Node::new(), Node::new());
+    // Skipping the handshake.
+    assert_eq!(
+        code(&ask(&net, &a, T, &Message::GetStatus).await),
+        ErrorCode::Unauthenticated
+    );
+    // A made-up challenge.
+    let fake = Message::Auth {
+        challenge: [1; 32],
+        exchange_key: [2; 32],
+        offer: 1,
+    };
+    assert_eq!(
+        code(&ask(&net, &a, T, &fake).await),
+        ErrorCode::Unauthenticated
+    );
+    // B answering the challenge issued to A.
+    let Message::Challenge { challenge } = ask(&net, &a, T, &Message::Hello).await else {
+        panic!()
+    };
+    let stolen = Message::Auth {
+        challenge,
+        exchange_key: [2; 32],
+        offer: 1,
+    };
+    assert_eq!(
+        code(&ask(&net, &b, T, &stolen).await),
+        ErrorCode::Unauthenticated
+    );
+    // ... which also used it up for A.
+    let mine = Message::Auth {
+        challenge,
+        exchange_key: exchange_public(&a.exchange),
+        offer: 1,
+    };
+    assert_eq!(
+        code(&ask(&net, &a, T, &mine).await),
+        ErrorCode::Unauthenticated
+    );
+    // An expired challenge.
+    let Message::Challenge { challenge } = ask(&net, &a, T, &Message::Hello).await else {
+        panic!()
+    };
+    let late = T + CoordinatorConfig::default().challenge_ttl_ms + 1;
+    let auth = Message::Auth {
+        challenge,
+        exchange_key: exchange_public(&a.exchange),
+        offer: 1,
+    };
+    assert_eq!(
+        code(&ask(&net, &a, late, &auth).await),
+        ErrorCode::Unauthenticated
+    );
+    assert!(net.books.node(&a.id()).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn forged_replayed_and_misaddressed_envelopes_get_no_reply() {
+    let net = net().await;
+    let (a, b) = (Node::new(), Node::new());
+    authenticate(&net, &a, 1000, T).await;
+    let (bytes, _) = a.envelope(net.c.id(), T, &Message::Heartbeat);
+    assert!(net
+        .c
+        .handle(Some(a.id()), &bytes, T, &mut OsRng)
+        .await
+        .unwrap()
+        .is_some());
+    // The same bytes again: a replay.
+    let r = net.c.handle(Some(a.id()), &bytes, T + 10, &mut OsRng).await;
+    assert!(matches!(r, Err(Rejected::NotFresh(..))), "{r:?}");
+    // Stale and future-dated.
+    let (old, _) = a.envelope(net.c.id(), T - 10 * 60_000, &Message::Heartbeat);
+    assert!(matches!(
+        net.c.handle(Some(a.id()), &old, T, &mut OsRng).await,
+        Err(Rejected::NotFresh(..))
+    ));
+    let (future, _) = a.envelope(net.c.id(), T + 10 * 60_000, &Message::Heartbeat);
+    assert!(matches!(
+        net.c.handle(Some(a.id()), &future, T, &mut OsRng).await,
+        Err(Rejected::NotFresh(..))
+    ));
+    // Signed by A, published on B's topic: one node speaking about another.
+    let (bytes, _) = a.envelope(net.c.id(), T, &Message::Heartbeat);
+    assert!(matches!(
+        net.c.handle(Some(b.id()), &bytes, T, &mut OsRng).await,
+        Err(Rejected::SenderMismatch { .. })
+    ));
+    // Addressed to another coordinator.
+    let (bytes, _) = a.envelope(b.id(), T, &Message::Heartbeat);
+    assert!(matches!(
+        net.c.handle(Some(a.id()), &bytes, T, &mut OsRng).await,
+        Err(Rejected::WrongRecipient(_))
+    ));
+    // A bad signature, garbage, an oversized payload.
+    let (mut bytes, _) = a.envelope(net.c.id(), T, &Message::Heartbeat);
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    assert!(matches!(
+        net.c.handle(Some(a.id()), &bytes, T, &mut OsRng).await,
+        Err(Rejected::Envelope(_))
+    ));
+    assert!(matches!(
+        net.c.handle(None, b"garbage", T, &mut OsRng).await,
+        Err(Rejected::Envelope(_))
+    ));
+    let huge = vec![0u8; MAX_ENVELOPE + 1];
+    assert!(matches!(
+        net.c.handle(None, &huge, T, &mut OsRng).await,
+        Err(Rejected::Envelope(_))
+    ));
+    // An authentic envelope with an unknown message kind gets an error reply.
+    let mut env = Envelope::new(&a.key, net.c.id(), T, [9; 16], None, &Message::Heartbeat);
+    env.kind = 77;
+    env.body = vec![77];
+    let out = net
+        .c
+        .handle(Some(a.id()), &env.sign(&a.key).unwrap(), T, &mut OsRng)
+        .await
+        .unwrap()
+        .unwrap();
+    let m = Envelope::verify(&out.bytes).unwrap().message().unwrap();
+    assert_eq!(code(&m), ErrorCode::Malformed);
+    // A node may not send the coordinator's messages.
+    assert_eq!(
+        code(&ask(&net, &a, T, &Message::Ok).await),
+        ErrorCode::Malformed
+    );
+    // And the coordinator still serves everyone.
+    assert_eq!(ask(&net, &a, T, &Message::Heartbeat).await, Message::Ok);
+}
+
+#[tokio::test]
+async fn matching_picks_distinct_storers_with_room_and_respects_quotas() {
+    let net = net().await;
+    let nodes: Vec<Node> = (0..5).map(|_| Node::new()).collect();
+    for n in &nodes {
+        authenticate(&net, n, 100, T).await;
+    }
+    let asker = &nodes[0];
+    let req = |copies| Message::MatchRequest {
+        size: 10,
+        copies,
+        friends: vec![],
+        friend_copies: 0,
+        exclude: vec![],
+    };
+    let Message::MatchReply { storers } = ask(&net, asker, T, &req(3)).await else {
+        panic!()
+    };
+    assert_eq!(storers.len(), 3);
+    let mut distinct = storers.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "distinct storers");
+    assert!(!storers.contains(&asker.id()), "never the asker");
+    // The asker may place (every replica counted) only what it offers: 100.
+    let mut placed = 30;
+    while let Message::MatchReply { storers } = ask(&net, asker, T, &req(2)).await {
+        placed += 10 * storers.len() as u64;
+    }
+    assert_eq!(placed, 100);
+    assert_eq!(
+        code(&ask(&net, asker, T, &req(1)).await),
+        ErrorCode::NoCapacity
+    );
+    // Nobody is over-committed.
+    for n in net.books.nodes().await.unwrap() {
+        assert!(n.held <= n.offer && n.placed <= n.offer, "{n:?}");
+    }
+    // Out-of-range requests.
+    assert_eq!(
+        code(&ask(&net, &nodes[1], T, &req(0)).await),
+        ErrorCode::Refused
+    );
+    assert_eq!(
+        code(&ask(&net, &nodes[1], T, &req(200)).await),
+        ErrorCode::Refused
+    );
+}
+
+#[tokio::test]
+async fn friends_get_their_share_of_copies() {
+    let net = net().await;
+    let nodes: Vec<Node> = (0..6).map(|_| Node::new()).collect();
+    for n in &nodes {
+        authenticate(&net, n, 1000, T).await;
+    }
+    let friend = nodes[5].id();
+    for _ in 0..5 {
+        let req = Message::MatchRequest {
+            size: 1,
+            copies: 2,
+            friends: vec![friend],
+            friend_copies: 1,
+            exclude: vec![nodes[1].id()],
+        };
+        let Message::MatchReply { storers } = ask(&net, &nodes[0], T, &req).await else {
+            panic!()
+        };
+        assert_eq!(storers.len(), 2);
+        assert!(storers.contains(&friend), "one copy with the friend");
+        assert!(!storers.contains(&nodes[1].id()), "excluded");
+    }
+}
+
+#[tokio::test]
+async fn match_replies_are_private_and_offers_cannot_drop_below_use() {
+    let net = net().await;
+    let (a, b) = (Node::new(), Node::new());
+    authenticate(&net, &a, 100, T).await;
+    authenticate(&net, &b, 100, T).await;
+    let req = Message::MatchRequest {
+        size: 40,
+        copies: 1,
+        friends: vec![],
+        friend_copies: 0,
+        exclude: vec![],
+    };
+    let (bytes, _) = a.envelope(net.c.id(), T, &req);
+    let out = net
+        .c
+        .handle(Some(a.id()), &bytes, T, &mut OsRng)
+        .await
+        .unwrap()
+        .unwrap();
+    let env = Envelope::verify(&out.bytes).unwrap();
+    assert!(env.is_private());
+    assert!(
+        env.open_private(&b.exchange).is_err(),
+        "only the asker reads it"
+    );
+    assert_eq!(
+        env.open_private(&a.exchange).unwrap(),
+        Message::MatchReply {
+            storers: vec![b.id()]
+        }
+    );
+    assert_eq!(
+        code(&ask(&net, &b, T, &Message::SetOffer { bytes: 10 }).await),
+        ErrorCode::Refused
+    );
+    assert_eq!(
+        ask(&net, &b, T, &Message::SetOffer { bytes: 500 }).await,
+        Message::Ok
+    );
+    // Recording the replica: only on another registered node.
+    let rec = |storer| Message::RecordReplica {
+        pack: PackId([1; 32]),
+        storer,
+        size: 40,
+        root: [2; 32],
+    };
+    assert_eq!(ask(&net, &a, T, &rec(b.id())).await, Message::Ok);
+    assert_eq!(
+        code(&ask(&net, &a, T, &rec(a.id())).await),
+        ErrorCode::Refused
+    );
+    assert_eq!(
+        code(&ask(&net, &a, T, &rec(NodeId([5; 32]))).await),
+        ErrorCode::Refused
+    );
+    assert_eq!(net.books.replicas_of(&a.id()).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn manifests_only_move_forward() {
+    let net = net().await;
+    let a = Node::new();
+    authenticate(&net, &a, 1, T).await;
+    assert_eq!(
+        code(&ask(&net, &a, T, &Message::GetManifest).await),
+        ErrorCode::NotFound
+    );
+    let put = |version, blob: &[u8]| Message::PutManifest {
+        version,
+        blob: blob.to_vec(),
+    };
+    assert_eq!(ask(&net, &a, T, &put(1, b"one")).await, Message::Ok);
+    assert_eq!(ask(&net, &a, T, &put(2, b"two")).await, Message::Ok);
+    assert_eq!(
+        code(&ask(&net, &a, T, &put(2, b"replayed")).await),
+        ErrorCode::StaleVersion
+    );
+    assert_eq!(
+        code(&ask(&net, &a, T, &put(1, b"rolled back")).await),
+        ErrorCode::StaleVersion
+    );
+    assert_eq!(
+        ask(&net, &a, T, &Message::GetManifest).await,
+        Message::Manifest {
+            version: 2,
+            blob: b"two".to_vec()
+        }
+    );
+}
