@@ -22,4 +22,57 @@
 
 mod service;
 
-pub use service::{Coordinator, CoordinatorConfig, Outgoing, Rejected};
+pub use service::{Coordinator, CoordinatorConfig, Outgoing, Rejected, ANY_COORDINATOR};
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use pluto_plugins_api::{BooksStore, ChannelEvent, ControlChannel};
+use rand_core::OsRng;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Serves a channel until it closes: each message is handled on a task of
+/// its own and its reply sent back; presence notices update the books.
+pub async fn serve(
+    coordinator: Arc<Coordinator>,
+    channel: Arc<dyn ControlChannel>,
+    books: Arc<dyn BooksStore>,
+) {
+    while let Some(ev) = channel.next_event().await {
+        match ev {
+            ChannelEvent::Message { from, payload } => {
+                let (c, ch) = (coordinator.clone(), channel.clone());
+                tokio::spawn(async move {
+                    match c.handle(from, &payload, now_ms(), &mut OsRng).await {
+                        Ok(Some(out)) => {
+                            if let Err(e) = ch.send(Some(&out.to), &out.bytes).await {
+                                tracing::warn!("reply to {}: {e}", out.to.short());
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!("refused a message: {e}"),
+                    }
+                });
+            }
+            // Presence notices are unauthenticated hints: only "offline" for
+            // a registered node is taken (its next heartbeat, which is
+            // signed, brings it back online).
+            ChannelEvent::Presence { node, payload } if payload == b"offline" => {
+                if let Ok(Some(_)) = books.node(&node).await {
+                    if let Err(e) = books.presence(&node, false, now_ms()).await {
+                        tracing::warn!("presence of {}: {e}", node.short());
+                    }
+                }
+            }
+            ChannelEvent::Connected => tracing::info!("channel connected"),
+            ChannelEvent::Disconnected(why) => tracing::warn!("channel: {why}; reconnecting"),
+            _ => {}
+        }
+    }
+}

@@ -13,6 +13,9 @@ use rand::seq::SliceRandom;
 use rand_core::CryptoRngCore;
 use x25519_dalek::StaticSecret;
 
+/// The recipient of a first Hello to a coordinator not yet pinned.
+pub const ANY_COORDINATOR: NodeId = NodeId([0; 32]);
+
 /// Settings; every interval is a setting so tests can run on a short clock.
 #[derive(Clone, Debug)]
 pub struct CoordinatorConfig {
@@ -161,7 +164,11 @@ impl Coordinator {
         rng: &mut (impl CryptoRngCore + Send),
     ) -> Result<Option<Outgoing>, Rejected> {
         let env = Envelope::verify(bytes)?;
-        if env.to != self.id() {
+        // A node that does not know the coordinator yet (trust on first use)
+        // may address its Hello to "any coordinator" (all zeros); the signed
+        // challenge it gets back tells it whom to pin.
+        let first_contact = env.to == ANY_COORDINATOR && env.kind == Message::Hello.kind();
+        if env.to != self.id() && !first_contact {
             return Err(Rejected::WrongRecipient(env.to));
         }
         if let Some(c) = claimed {

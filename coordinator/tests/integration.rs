@@ -213,6 +213,19 @@ async fn forged_replayed_and_misaddressed_envelopes_get_no_reply() {
         net.c.handle(Some(b.id()), &bytes, T, &mut OsRng).await,
         Err(Rejected::SenderMismatch { .. })
     ));
+    // A first Hello may go to "any coordinator"; nothing else may.
+    let (hello, _) = a.envelope(pluto_coordinator::ANY_COORDINATOR, T, &Message::Hello);
+    assert!(net
+        .c
+        .handle(Some(a.id()), &hello, T, &mut OsRng)
+        .await
+        .unwrap()
+        .is_some());
+    let (hb, _) = a.envelope(pluto_coordinator::ANY_COORDINATOR, T, &Message::Heartbeat);
+    assert!(matches!(
+        net.c.handle(Some(a.id()), &hb, T, &mut OsRng).await,
+        Err(Rejected::WrongRecipient(_))
+    ));
     // Addressed to another coordinator.
     let (bytes, _) = a.envelope(b.id(), T, &Message::Heartbeat);
     assert!(matches!(

@@ -25,6 +25,8 @@ pub struct Config {
     pub packs: String,
     /// Coordinator URL; none means local-only mode.
     pub coordinator: Option<String>,
+    /// The coordinator's identity (hex), pinned at `init` or on first contact.
+    pub coordinator_key: Option<String>,
     /// Space offered to others, in bytes.
     pub offer: u64,
     /// Content-defined chunking.
@@ -66,6 +68,7 @@ impl Default for Config {
             catalog: "sqlite:catalog.db".into(),
             packs: "fs:packs".into(),
             coordinator: None,
+            coordinator_key: None,
             offer: 0,
             chunker: ChunkerConfig::default(),
             pack_size: 16 << 20,

@@ -21,6 +21,7 @@
 
 pub mod backup;
 pub mod check;
+pub mod client;
 pub mod crypto;
 pub mod home;
 pub mod index;

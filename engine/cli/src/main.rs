@@ -25,8 +25,10 @@ use serde::Serialize;
 // The binary picks its plugins: linking them registers them.
 use pluto_store_fs as _;
 use pluto_store_sqlite as _;
+use pluto_transport_mqtt as _;
 
 mod fmt;
+mod node;
 use fmt::{bytes, time};
 
 /// Exit code of a backup that saved a partial snapshot.
@@ -59,7 +61,21 @@ enum Command {
         /// Recover from the 24 words in this file ("-" for standard input).
         #[arg(long)]
         mnemonic_file: Option<PathBuf>,
+        /// The coordinator to join (mqtt://HOST:PORT); none means local-only.
+        #[arg(long)]
+        coordinator: Option<String>,
+        /// The coordinator's key (hex) to pin; without it the key is learned
+        /// on first contact and pinned from then on.
+        #[arg(long)]
+        coordinator_key: Option<String>,
+        /// Disk space to offer to others (e.g. 50G, 500MiB).
+        #[arg(long, value_parser = fmt::parse_size, default_value = "0")]
+        offer: u64,
     },
+    /// Show this node's state, and the coordinator's books about it.
+    Status,
+    /// Stay connected to the coordinator (reconnecting when needed).
+    Daemon,
     /// Save paths as a new snapshot.
     Backup {
         /// Files and directories to save.
@@ -150,7 +166,7 @@ fn main() -> ExitCode {
     }
 }
 
-struct Ui {
+pub(crate) struct Ui {
     json: bool,
     quiet: bool,
 }
@@ -174,7 +190,7 @@ impl Ui {
         pb.enable_steady_tick(Duration::from_millis(200));
         pb
     }
-    fn print_json<T: Serialize>(&self, v: &T) -> Result<()> {
+    pub(crate) fn print_json<T: Serialize>(&self, v: &T) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(v)?);
         Ok(())
     }
@@ -190,7 +206,26 @@ async fn run(cli: Cli) -> Result<u8> {
         quiet: cli.quiet,
     };
     match cli.command {
-        Command::Init { mnemonic_file } => init(&ui, &home, mnemonic_file.as_deref()),
+        Command::Init {
+            mnemonic_file,
+            coordinator,
+            coordinator_key,
+            offer,
+        } => {
+            let mut config = Config {
+                offer,
+                ..Config::default()
+            };
+            if let Some(k) = &coordinator_key {
+                k.parse::<pluto_plugins_api::NodeId>()
+                    .context("--coordinator-key must be 64 hex digits")?;
+            }
+            config.coordinator = coordinator;
+            config.coordinator_key = coordinator_key;
+            init(&ui, &home, mnemonic_file.as_deref(), &config)
+        }
+        Command::Status => node::status(&ui, home).await,
+        Command::Daemon => node::daemon(&ui, home).await,
         Command::Backup {
             paths,
             tags,
@@ -256,7 +291,7 @@ fn one_line(e: &anyhow::Error) -> String {
     line
 }
 
-fn init(ui: &Ui, home: &Home, mnemonic_file: Option<&Path>) -> Result<u8> {
+fn init(ui: &Ui, home: &Home, mnemonic_file: Option<&Path>, config: &Config) -> Result<u8> {
     let (master, recovered) = match mnemonic_file {
         Some(p) => {
             let text = if p == Path::new("-") {
@@ -268,7 +303,7 @@ fn init(ui: &Ui, home: &Home, mnemonic_file: Option<&Path>) -> Result<u8> {
         }
         None => (MasterKey::generate(), false),
     };
-    Repo::init(home, &master, &Config::default())?;
+    Repo::init(home, &master, config)?;
     let node = master.keys().node_id();
     if ui.json {
         let mut v = serde_json::json!({

@@ -4,5 +4,6 @@
 mod integration {
     mod cli;
     pub mod common;
+    mod coordinator;
     mod faults;
 }

@@ -1,0 +1,179 @@
+//! `pluto-coordinator`: runs the coordinator on one command.
+//!
+//! With no options it embeds an MQTT broker listening on 0.0.0.0:18830 (not
+//! the usual 1883, so it never collides with a system broker) and keeps its
+//! books in SQLite under its home. `--channel mqtt://HOST:PORT` uses an
+//! external broker instead; `--db` picks the books.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use ed25519_dalek::SigningKey;
+use pluto_coordinator::{Coordinator, CoordinatorConfig};
+use pluto_plugins_api::{ChannelOptions, ChannelRole};
+use pluto_protocol::MAX_ENVELOPE;
+use pluto_transport_mqtt::broker::EmbeddedBroker;
+use rand_core::{OsRng, RngCore};
+
+use x25519_dalek::StaticSecret;
+use zeroize::Zeroizing;
+
+// The binary picks its plugins: linking them registers them.
+use pluto_store_sqlite as _;
+use pluto_transport_mqtt as _;
+
+/// The embedded broker's default address.
+const DEFAULT_LISTEN: &str = "0.0.0.0:18830";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pluto-coordinator",
+    version,
+    about = "Matches pluto nodes and keeps the books"
+)]
+struct Cli {
+    /// Where the coordinator keeps its identity key (and, by default, its books).
+    #[arg(long, env = "PLUTO_COORDINATOR_HOME")]
+    home: Option<PathBuf>,
+    /// Where the embedded MQTT broker listens (ignored with --channel).
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// The books: sqlite:PATH or postgres://... (default: sqlite:HOME/books.db).
+    #[arg(long)]
+    db: Option<String>,
+    /// An external broker (mqtt://HOST:PORT[/PREFIX]) instead of the embedded one.
+    #[arg(long)]
+    channel: Option<String>,
+    /// Most clients the embedded broker accepts.
+    #[arg(long, default_value_t = 20_000)]
+    max_connections: usize,
+    /// Load-sharing group, when several coordinators share one broker and one database.
+    #[arg(long)]
+    group: Option<String>,
+}
+
+/// The coordinator's identity lives in its own file (0600), not in the
+/// books: losing or restoring the database does not change who it is.
+fn load_or_create_identity(home: &Path) -> Result<(SigningKey, StaticSecret)> {
+    std::fs::create_dir_all(home).with_context(|| format!("creating {}", home.display()))?;
+    let path = home.join("identity.key");
+    let secret: Zeroizing<[u8; 32]> = if path.exists() {
+        let meta = std::fs::metadata(&path)?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            bail!(
+                "{} is readable by other users; run `chmod 600` on it",
+                path.display()
+            );
+        }
+        let text = Zeroizing::new(std::fs::read_to_string(&path)?);
+        let mut s = Zeroizing::new([0u8; 32]);
+        hex::decode_to_slice(text.trim(), &mut s[..])
+            .with_context(|| format!("{} is damaged", path.display()))?;
+        s
+    } else {
+        let mut s = Zeroizing::new([0u8; 32]);
+        OsRng.fill_bytes(&mut s[..]);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        writeln!(f, "{}", hex::encode(&s[..]))?;
+        f.sync_all()?;
+        s
+    };
+    let identity = SigningKey::from_bytes(&secret);
+    let exchange = StaticSecret::from(blake3::derive_key(
+        "pluto v1 coordinator exchange x25519",
+        &secret[..],
+    ));
+    Ok((identity, exchange))
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PLUTO_LOG").unwrap_or_else(|_| {
+                // rumqttd logs every dropped client as an error.
+                tracing_subscriber::EnvFilter::new("info,rumqttd=off,rumqttc=warn")
+            }),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pluto-coordinator: cannot start: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pluto-coordinator: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let home = match cli.home {
+        Some(h) => h,
+        None => PathBuf::from(std::env::var_os("HOME").context("set --home or HOME")?)
+            .join(".pluto-coordinator"),
+    };
+    let (identity, exchange) = load_or_create_identity(&home)?;
+    let db = cli
+        .db
+        .unwrap_or_else(|| format!("sqlite:{}", home.join("books.db").display()));
+    let books: Arc<dyn pluto_plugins_api::BooksStore> =
+        pluto_plugins_api::open_books_store(&db).await?.into();
+    let url = match cli.channel {
+        Some(url) => url,
+        None => {
+            let broker = EmbeddedBroker::start(cli.listen, cli.max_connections, MAX_ENVELOPE)?;
+            let addr = broker.addr;
+            let host = if addr.ip().is_unspecified() {
+                "127.0.0.1".to_string()
+            } else {
+                addr.ip().to_string()
+            };
+            format!("mqtt://{host}:{}", addr.port())
+        }
+    };
+    let coordinator = Arc::new(Coordinator::new(
+        identity,
+        exchange,
+        books.clone(),
+        CoordinatorConfig::default(),
+    ));
+    let channel: Arc<dyn pluto_plugins_api::ControlChannel> = pluto_plugins_api::connect_channel(
+        &url,
+        ChannelOptions {
+            role: ChannelRole::Coordinator { group: cli.group },
+            max_payload: MAX_ENVELOPE,
+        },
+    )
+    .await?
+    .into();
+    // One line that scripts (and tests) read: who we are and where.
+    println!("pluto-coordinator {} on {url} books {db}", coordinator.id());
+    let _ = std::io::stdout().flush();
+    let serve = pluto_coordinator::serve(coordinator, channel.clone(), books);
+    tokio::select! {
+        () = serve => bail!("the channel to {url} closed"),
+        r = tokio::signal::ctrl_c() => {
+            r?;
+            channel.close().await;
+            Ok(())
+        }
+    }
+}
