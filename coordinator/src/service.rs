@@ -381,8 +381,8 @@ impl Coordinator {
     }
 
     /// Picks up to `copies` distinct storers with room, never the asker,
-    /// friends first for `friend_copies`, then online nodes (random order,
-    /// so load spreads), then the others by how recently they were seen.
+    /// friends first for `friend_copies`, then online nodes in random order
+    /// (so load spreads), then offline ones.
     /// Each pick reserves its space atomically; a candidate that filled up
     /// meanwhile is skipped.
     #[allow(clippy::too_many_arguments)]
@@ -396,28 +396,29 @@ impl Coordinator {
         exclude: &[NodeId],
         rng: &mut (impl CryptoRngCore + Send),
     ) -> Result<Vec<NodeId>, Rejected> {
-        let mut candidates: Vec<NodeRecord> = self
+        let usable = |n: &NodeRecord| {
+            n.id != owner.id && !exclude.contains(&n.id) && n.offer.saturating_sub(n.held) >= size
+        };
+        // A bounded sample of nodes with room (online first, random order),
+        // so a match costs the same with ten nodes or ten thousand.
+        let sample = 32 + 4 * copies as usize + exclude.len();
+        let others: Vec<NodeRecord> = self
             .books
-            .nodes()
+            .candidates(size, sample)
             .await?
             .into_iter()
-            .filter(|n| {
-                n.id != owner.id
-                    && !exclude.contains(&n.id)
-                    && n.offer.saturating_sub(n.held) >= size
-            })
+            .filter(|n| usable(n) && !friends.contains(&n.id))
             .collect();
-        candidates.shuffle(&mut RngAdapter(rng));
-        // Online first; among the offline, the most recently seen first.
-        candidates.sort_by_key(|n| {
-            (
-                !n.online,
-                std::cmp::Reverse(if n.online { 0 } else { n.last_seen_ms }),
-            )
-        });
-        let (friendly, others): (Vec<_>, Vec<_>) = candidates
-            .into_iter()
-            .partition(|n| friends.contains(&n.id));
+        let mut friendly = Vec::new();
+        for f in friends.iter().take(64) {
+            if let Some(n) = self.books.node(f).await? {
+                if usable(&n) && !friendly.iter().any(|x: &NodeRecord| x.id == n.id) {
+                    friendly.push(n);
+                }
+            }
+        }
+        friendly.shuffle(&mut RngAdapter(rng));
+        friendly.sort_by_key(|n| !n.online);
         let want_friends = friend_copies.min(copies) as usize;
         let mut picked = Vec::new();
         for n in &friendly {

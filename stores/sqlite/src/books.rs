@@ -96,6 +96,21 @@ impl BooksStore for SqliteBooks {
             .collect()
     }
 
+    async fn candidates(&self, size: u64, limit: usize) -> Result<Vec<NodeRecord>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {NODE_COLUMNS} FROM nodes WHERE offer - held >= ?1 \
+             ORDER BY online DESC, random() LIMIT ?2"
+        ))
+        .bind(int(size))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err("finding candidates"))?
+        .iter()
+        .map(node_row)
+        .collect()
+    }
+
     async fn set_offer(&self, id: &NodeId, offer: u64) -> Result<bool, StoreError> {
         let r = sqlx::query(
             "UPDATE nodes SET offer = ?1 WHERE id = ?2 AND held <= ?1 AND placed <= ?1",
