@@ -177,6 +177,11 @@ impl CoordinatorClient {
             .sign(&self.identity)
             .map_err(|e| ClientError::Unexpected(e.to_string()))?;
         self.channel.send(None, &bytes).await?;
+        // An answer signed by another key is ignored, not fatal: anyone on
+        // the broker sees the request's nonce and could otherwise break every
+        // request by answering first. Only when the pinned key never answers
+        // is the other key reported.
+        let mut other_signer = None;
         let wait = async {
             loop {
                 let Some(ev) = self.channel.next_event().await else {
@@ -193,12 +198,7 @@ impl CoordinatorClient {
                     continue;
                 }
                 if !learn && reply.from != self.coordinator {
-                    if self.coordinator != ANY_COORDINATOR {
-                        return Err(ClientError::KeyChanged {
-                            pinned: self.coordinator,
-                            seen: reply.from,
-                        });
-                    }
+                    other_signer = Some(reply.from);
                     continue;
                 }
                 let fresh = self
@@ -221,9 +221,16 @@ impl CoordinatorClient {
                 return Ok((m, reply.from));
             }
         };
-        tokio::time::timeout(REQUEST_TIMEOUT, wait)
-            .await
-            .map_err(|_| ClientError::Timeout(REQUEST_TIMEOUT))?
+        match tokio::time::timeout(REQUEST_TIMEOUT, wait).await {
+            Ok(r) => r,
+            Err(_) => Err(match other_signer {
+                Some(seen) => ClientError::KeyChanged {
+                    pinned: self.coordinator,
+                    seen,
+                },
+                None => ClientError::Timeout(REQUEST_TIMEOUT),
+            }),
+        }
     }
 
     /// Says goodbye.
