@@ -53,9 +53,12 @@ fn unchanged_files_are_not_read_again() {
     let r = h.backup(&[&src]);
     assert_eq!(r.summary.bytes_read, 0, "{:?}", r.summary);
     assert_eq!(r.summary.files_unmodified, 6);
-    assert_eq!(
-        r.summary.blobs_added, 0,
-        "nothing new (the snapshot is not counted)"
+    // No data is new; at most the trees of the ancestors of the saved path
+    // (/tmp's mtime changes whenever another test makes a directory there).
+    assert!(
+        r.summary.bytes_added_raw < 10_000 && r.summary.blobs_added <= 2,
+        "only ancestor trees may be new: {:?}",
+        r.summary
     );
 
     // Change one file: only it is read.
