@@ -409,6 +409,9 @@ impl Coordinator {
             .into_iter()
             .filter(|n| usable(n) && !friends.contains(&n.id))
             .collect();
+        let mut others = others;
+        others.shuffle(&mut RngAdapter(rng));
+        others.sort_by_key(|n| !n.online);
         let mut friendly = Vec::new();
         for f in friends.iter().take(64) {
             if let Some(n) = self.books.node(f).await? {

@@ -63,8 +63,8 @@ pub trait BooksStore: Send + Sync {
     async fn node(&self, id: &NodeId) -> Result<Option<NodeRecord>, StoreError>;
     /// Every node.
     async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
-    /// Up to `limit` nodes with at least `size` bytes of free offer, online
-    /// ones first, in random order within each group (so load spreads).
+    /// Up to `limit` nodes with at least `size` bytes of free offer, a
+    /// random sample when there are more (so load spreads), online ones first.
     async fn candidates(&self, size: u64, limit: usize) -> Result<Vec<NodeRecord>, StoreError>;
     /// Changes a node's offer; refused (false) below what it already holds
     /// or has placed.
