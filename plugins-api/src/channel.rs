@@ -125,20 +125,9 @@ pub async fn connect_channel(
     url: &str,
     opts: ChannelOptions,
 ) -> Result<Box<dyn ControlChannel>, ChannelError> {
-    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
-    let mut known = Vec::new();
-    for d in inventory::iter::<ChannelDescriptor>() {
-        if d.abi_version != crate::PLUGIN_ABI_VERSION {
-            continue;
-        }
-        if d.schemes.contains(&scheme) {
-            return (d.connect)(url, opts).await;
-        }
-        known.extend(d.schemes.iter().copied());
-    }
-    known.sort_unstable();
-    Err(ChannelError::UnknownScheme(
-        url.to_string(),
-        known.join(", "),
-    ))
+    let d = crate::registry::pick(url, inventory::iter::<ChannelDescriptor>(), |d| {
+        (d.schemes, d.abi_version)
+    })
+    .map_err(|known| ChannelError::UnknownScheme(url.to_string(), known))?;
+    (d.connect)(url, opts).await
 }

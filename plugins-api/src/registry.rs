@@ -66,11 +66,13 @@ fn scheme(url: &str) -> &str {
     url.split_once(':').map(|(s, _)| s).unwrap_or("")
 }
 
-fn pick<'a, D: 'static>(
+/// The linked descriptor (of the current ABI) whose schemes include the
+/// URL's; otherwise the schemes that are known, for the error message.
+pub(crate) fn pick<'a, D: 'static>(
     url: &str,
     all: impl Iterator<Item = &'a D>,
     schemes: fn(&D) -> (&'static [&'static str], u32),
-) -> Result<&'a D, StoreError> {
+) -> Result<&'a D, String> {
     let wanted = scheme(url);
     let mut known = Vec::new();
     for d in all {
@@ -84,14 +86,19 @@ fn pick<'a, D: 'static>(
         known.extend(ss.iter().copied());
     }
     known.sort_unstable();
-    Err(StoreError::UnknownScheme(url.to_string(), known.join(", ")))
+    Err(known.join(", "))
+}
+
+fn unknown(url: &str) -> impl FnOnce(String) -> StoreError + '_ {
+    move |known| StoreError::UnknownScheme(url.to_string(), known)
 }
 
 /// Opens a catalog store by URL with whichever linked plugin handles its scheme.
 pub async fn open_meta_store(url: &str) -> Result<Box<dyn MetaStore>, StoreError> {
     let d = pick(url, inventory::iter::<MetaStoreDescriptor>(), |d| {
         (d.schemes, d.abi_version)
-    })?;
+    })
+    .map_err(unknown(url))?;
     (d.open)(url).await
 }
 
@@ -99,7 +106,8 @@ pub async fn open_meta_store(url: &str) -> Result<Box<dyn MetaStore>, StoreError
 pub async fn open_books_store(url: &str) -> Result<Box<dyn BooksStore>, StoreError> {
     let d = pick(url, inventory::iter::<BooksStoreDescriptor>(), |d| {
         (d.schemes, d.abi_version)
-    })?;
+    })
+    .map_err(unknown(url))?;
     (d.open)(url).await
 }
 
@@ -107,6 +115,7 @@ pub async fn open_books_store(url: &str) -> Result<Box<dyn BooksStore>, StoreErr
 pub fn open_blob_store(url: &str) -> Result<Box<dyn BlobStore>, StoreError> {
     let d = pick(url, inventory::iter::<BlobStoreDescriptor>(), |d| {
         (d.schemes, d.abi_version)
-    })?;
+    })
+    .map_err(unknown(url))?;
     (d.open)(url)
 }
