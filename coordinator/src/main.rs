@@ -164,6 +164,18 @@ async fn run(cli: Cli) -> Result<()> {
     )
     .await?
     .into();
+    // Serving starts once the channel's subscriptions are in place, so the
+    // ready line below is a promise: nothing sent after it is missed.
+    loop {
+        match channel.next_event().await {
+            Some(pluto_plugins_api::ChannelEvent::Connected) => break,
+            Some(pluto_plugins_api::ChannelEvent::Disconnected(why)) => {
+                tracing::warn!("cannot reach {url} yet: {why}; retrying")
+            }
+            Some(_) => {}
+            None => bail!("the channel to {url} closed"),
+        }
+    }
     // One line that scripts (and tests) read: who we are and where.
     println!("pluto-coordinator {} on {url} books {db}", coordinator.id());
     let _ = std::io::stdout().flush();
