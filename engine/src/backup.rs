@@ -32,14 +32,14 @@ use rayon::prelude::*;
 use crate::home::ChunkerConfig;
 use crate::index::{encode_segment, Index};
 use crate::pack::PackWriter;
-use crate::repo::{clean_absolute, snapshot_record, Repo, RepoError};
+use crate::repo::{clean_absolute, lock, snapshot_record, Repo, RepoError};
 use crate::snapshot::{Snapshot, Summary};
 use crate::tree::{Node, NodeContent, Tree};
 
 /// How often a file that changes while it is read is read again.
 const READ_ATTEMPTS: usize = 3;
 /// Smallest read window (files up to this size are read in one go).
-const WHOLE_FILE: u64 = 4 << 20;
+const MIN_WINDOW: usize = 4 << 20;
 
 thread_local! {
     /// Each worker's read window, reused from file to file.
@@ -202,10 +202,6 @@ struct Saver<'a> {
     counters: Counters,
     warnings: Mutex<Vec<String>>,
     progress: &'a dyn BackupProgress,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn time_ns(secs: i64, nsecs: i64) -> i64 {
@@ -526,7 +522,7 @@ impl Saver<'_> {
         buf: &mut Vec<u8>,
     ) -> Result<(Vec<BlobId>, u64), ReadError> {
         let c = self.chunker;
-        let window = (2 * c.max as usize).max(WHOLE_FILE as usize);
+        let window = (2 * c.max as usize).max(MIN_WINDOW);
         if buf.len() < window {
             buf.resize(window, 0);
         }

@@ -16,7 +16,7 @@ use pluto_plugins_api::{BlobId, BlobKind, BlobLocation, PackId, PackRecord, Snap
 use rayon::prelude::*;
 
 use crate::index::{decode_segment, Index};
-use crate::repo::{Repo, RepoError};
+use crate::repo::{lock, Repo, RepoError};
 use crate::snapshot::Snapshot;
 use crate::tree::NodeContent;
 
@@ -95,10 +95,10 @@ pub fn check(
     let stored: HashMap<PackId, u64> = repo.packs.list()?.into_iter().collect();
 
     let errors = Mutex::new(Vec::new());
-    let err = |m: String| errors.lock().unwrap_or_else(|p| p.into_inner()).push(m);
+    let err = |m: String| lock(&errors).push(m);
     let bad_blobs: Mutex<HashSet<(BlobKind, BlobId)>> = Mutex::new(HashSet::new());
     let mark_pack_bad = |id: &PackId| {
-        let mut b = bad_blobs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut b = lock(&bad_blobs);
         for l in by_pack.get(id).into_iter().flatten() {
             b.insert((l.kind, l.id));
         }
@@ -183,10 +183,7 @@ pub fn check(
                 Ok(_) => {}
                 Err(e) => {
                     err(e);
-                    bad_blobs
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert((loc.kind, loc.id));
+                    lock(&bad_blobs).insert((loc.kind, loc.id));
                 }
             }
         }

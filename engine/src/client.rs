@@ -201,11 +201,7 @@ impl CoordinatorClient {
                     other_signer = Some(reply.from);
                     continue;
                 }
-                let fresh = self
-                    .guard
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .check(&reply, now_ms());
+                let fresh = crate::repo::lock(&self.guard).check(&reply, now_ms());
                 if fresh.is_err() {
                     continue;
                 }

@@ -137,7 +137,7 @@ impl std::fmt::Debug for Repo {
     }
 }
 
-fn lock(home: &Home, mode: LockMode) -> Result<File, RepoError> {
+fn lock_home(home: &Home, mode: LockMode) -> Result<File, RepoError> {
     let path = home.lock_path();
     let f = fs::OpenOptions::new()
         .create(true)
@@ -181,7 +181,7 @@ impl Repo {
         if !home.exists() {
             return Err(RepoError::NotInitialized(home.root().display().to_string()));
         }
-        let lock = lock(&home, mode)?;
+        let lock = lock_home(&home, mode)?;
         let config = home.load_config().map_err(RepoError::Config)?;
         let keys = MasterKey::load(&home.secrets())?.keys();
         let catalog: Arc<dyn MetaStore> =
@@ -461,6 +461,13 @@ impl Repo {
             _ => Err(RepoError::NoSnapshot(spec.into())),
         }
     }
+}
+
+/// Locks a mutex, taking over one a panicked thread left poisoned: every
+/// mutex in the engine guards data a panic cannot leave half-updated
+/// (collections that are only pushed to or inserted into).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The catalog record of a snapshot.

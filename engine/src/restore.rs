@@ -25,7 +25,7 @@ use pluto_plugins_api::{BlobKind, SnapshotRecord};
 use rayon::prelude::*;
 
 use crate::index::Index;
-use crate::repo::{Repo, RepoError};
+use crate::repo::{lock, Repo, RepoError};
 use crate::tree::{Node, NodeContent};
 
 /// What to restore and where.
@@ -151,10 +151,7 @@ impl Restorer<'_> {
     fn fail(&self, rel: &Path, why: impl std::fmt::Display) {
         let msg = format!("/{}: {why}", rel.display());
         self.progress.error(&msg);
-        self.errors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(msg);
+        lock(&self.errors).push(msg);
     }
 
     /// Returns whether the file was written (false: already there).
