@@ -1,7 +1,17 @@
-//! The coordinator's books: registered nodes, their offers and usage, pack
-//! replicas, manifests and presence. SQLite by default, Postgres for scale;
-//! every coordinator replica works from the same books, so the atomic
-//! operations here are what keeps concurrent replicas consistent.
+//! The coordinator's books: registered nodes, their offers and usage, space
+//! reservations, pack replicas, manifests and presence. SQLite by default,
+//! Postgres for scale; every coordinator replica works from the same books,
+//! so the atomic operations here are what keeps concurrent replicas
+//! consistent.
+//!
+//! Space moves through two steps. A match *reserves* room on a storer (and
+//! quota on the owner) until a deadline; the owner then *records* the
+//! replica it placed, which turns one reservation into a replica. A
+//! reservation nobody records is released once its deadline passes, so an
+//! owner that asked and went away gives the space back.
+//!
+//! [`testkit`](crate::testkit) (feature `testkit`) holds the tests every
+//! implementation must pass.
 
 use crate::{NodeId, PackId, StoreError};
 
@@ -16,12 +26,41 @@ pub struct NodeRecord {
     pub offer: u64,
     /// Bytes others placed on it (reserved or stored).
     pub held: u64,
-    /// Bytes it placed on others, every replica counted.
+    /// Bytes it placed on others, every replica counted (reserved or stored).
     pub placed: u64,
     /// Whether its channel is connected.
     pub online: bool,
     /// Last time it was heard from, ms since the epoch.
     pub last_seen_ms: u64,
+    /// When it first registered.
+    pub registered_ms: u64,
+    /// Time spent online in stretches that ended.
+    pub online_ms: u64,
+    /// When the current online stretch began (meaningful while online).
+    pub online_since_ms: u64,
+}
+
+impl NodeRecord {
+    /// Bytes of its offer nobody uses yet.
+    pub fn free(&self) -> u64 {
+        self.offer.saturating_sub(self.held)
+    }
+
+    /// The fraction of its life since registration spent online, at `now_ms`.
+    /// A cheap running figure for ranking; [`online_fraction`] gives the
+    /// exact one for a window.
+    pub fn lifetime_uptime(&self, now_ms: u64) -> f64 {
+        let life = now_ms.saturating_sub(self.registered_ms);
+        if life == 0 {
+            return if self.online { 1.0 } else { 0.0 };
+        }
+        let current = if self.online {
+            now_ms.saturating_sub(self.online_since_ms)
+        } else {
+            0
+        };
+        ((self.online_ms + current) as f64 / life as f64).clamp(0.0, 1.0)
+    }
 }
 
 /// One replica of a pack, as the books keep it.
@@ -39,6 +78,20 @@ pub struct ReplicaRecord {
     pub root: [u8; 32],
 }
 
+/// What recording a replica did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recorded {
+    /// A reservation became this replica.
+    New,
+    /// The very same replica was already recorded; nothing changed.
+    Again,
+    /// No reservation from this owner on this storer covers it; nothing changed.
+    NoReservation,
+    /// Another replica of this pack at this storer is recorded (other size
+    /// or root); nothing changed.
+    Conflict,
+}
+
 /// A node's manifest kept at the coordinator.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ManifestRecord {
@@ -48,10 +101,36 @@ pub struct ManifestRecord {
     pub blob: Vec<u8>,
 }
 
+/// The fraction of `from_ms..to_ms` a node spent online, from its presence
+/// log (changes in time order; the first may lie before `from_ms` and gives
+/// the state at the start). Before the first change the node counts as
+/// offline.
+pub fn online_fraction(log: &[(u64, bool)], from_ms: u64, to_ms: u64) -> f64 {
+    if to_ms <= from_ms {
+        return 0.0;
+    }
+    let mut online_ms = 0u64;
+    let mut state = false;
+    let mut since = from_ms;
+    for &(at, online) in log {
+        let at = at.clamp(from_ms, to_ms);
+        if state {
+            online_ms += at.saturating_sub(since);
+        }
+        state = online;
+        since = since.max(at);
+    }
+    if state {
+        online_ms += to_ms.saturating_sub(since);
+    }
+    online_ms as f64 / (to_ms - from_ms) as f64
+}
+
 /// The coordinator's store.
 #[async_trait::async_trait]
 pub trait BooksStore: Send + Sync {
-    /// Registers a node or updates its exchange key and offer; usage stays.
+    /// Registers a node or updates its exchange key and offer (never below
+    /// what it holds or placed); usage stays.
     async fn register(
         &self,
         id: &NodeId,
@@ -69,18 +148,48 @@ pub trait BooksStore: Send + Sync {
     /// Changes a node's offer; refused (false) below what it already holds
     /// or has placed.
     async fn set_offer(&self, id: &NodeId, offer: u64) -> Result<bool, StoreError>;
-    /// Records that a node came online or went offline.
+    /// Records that a node was heard from (`online`) or went offline at
+    /// `now_ms`. Only changes go to the presence log; a heartbeat from a
+    /// node already online just moves its last-seen time.
     async fn presence(&self, id: &NodeId, online: bool, now_ms: u64) -> Result<(), StoreError>;
+    /// Marks offline, at `now_ms`, every online node last heard from before
+    /// `silent_since_ms` (its goodbye was lost, or it came while the
+    /// coordinator was down). Returns them.
+    async fn mark_silent_offline(
+        &self,
+        silent_since_ms: u64,
+        now_ms: u64,
+    ) -> Result<Vec<NodeId>, StoreError>;
+    /// A node's presence changes from the last one at or before `from_ms`
+    /// onwards, in time order, for [`online_fraction`].
+    async fn presence_log(&self, id: &NodeId, from_ms: u64)
+        -> Result<Vec<(u64, bool)>, StoreError>;
+    /// Forgets presence changes before `before_ms`, keeping each node's last
+    /// one before it (so its state at that time stays known).
+    async fn prune_presence(&self, before_ms: u64) -> Result<u64, StoreError>;
     /// Atomically reserves `size` bytes of `storer`'s free offer for one
     /// replica of `owner`'s, within `owner`'s own quota (what it placed may
-    /// not exceed what it offers). False, changing nothing, when either
-    /// would be over-committed.
-    async fn reserve(&self, owner: &NodeId, storer: &NodeId, size: u64)
-        -> Result<bool, StoreError>;
-    /// Records a placed replica (after its reservation).
-    async fn record_replica(&self, replica: &ReplicaRecord) -> Result<(), StoreError>;
+    /// not exceed what it offers), until `expires_ms`. False, changing
+    /// nothing, when either would be over-committed.
+    async fn reserve(
+        &self,
+        owner: &NodeId,
+        storer: &NodeId,
+        size: u64,
+        expires_ms: u64,
+    ) -> Result<bool, StoreError>;
+    /// Releases every reservation whose deadline is at or before `now_ms`,
+    /// giving the space back to storers and the quota back to owners.
+    /// Returns how many were released.
+    async fn release_expired(&self, now_ms: u64) -> Result<u64, StoreError>;
+    /// Turns one of `owner`'s reservations on `storer` (one at least
+    /// `replica.size`, the earliest to expire) into this replica; reserved
+    /// bytes beyond its size are given back.
+    async fn record_replica(&self, replica: &ReplicaRecord) -> Result<Recorded, StoreError>;
     /// The replicas of one owner's packs.
     async fn replicas_of(&self, owner: &NodeId) -> Result<Vec<ReplicaRecord>, StoreError>;
+    /// The replicas one storer holds, for every owner.
+    async fn replicas_held_by(&self, storer: &NodeId) -> Result<Vec<ReplicaRecord>, StoreError>;
     /// Keeps a manifest when `version` is newer than the kept one; false
     /// (keeping the old one) otherwise.
     async fn put_manifest(
@@ -91,4 +200,42 @@ pub trait BooksStore: Send + Sync {
     ) -> Result<bool, StoreError>;
     /// A node's kept manifest.
     async fn manifest(&self, id: &NodeId) -> Result<Option<ManifestRecord>, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn online_fraction_counts_only_the_window() {
+        assert_eq!(online_fraction(&[], 0, 100), 0.0);
+        assert_eq!(online_fraction(&[(0, true)], 0, 100), 1.0);
+        // Online before the window, offline half way.
+        assert_eq!(online_fraction(&[(0, true), (150, false)], 100, 200), 0.5);
+        // Came online at 150 and stays.
+        assert_eq!(online_fraction(&[(150, true)], 100, 200), 0.5);
+        // Two stretches of 10.
+        let log = [(10, true), (20, false), (50, true), (60, false)];
+        assert!((online_fraction(&log, 0, 100) - 0.2).abs() < 1e-9);
+        assert_eq!(online_fraction(&log, 100, 100), 0.0);
+    }
+
+    #[test]
+    fn lifetime_uptime_counts_the_current_stretch() {
+        let n = NodeRecord {
+            id: NodeId([0; 32]),
+            exchange_key: [0; 32],
+            offer: 0,
+            held: 0,
+            placed: 0,
+            online: true,
+            last_seen_ms: 0,
+            registered_ms: 0,
+            online_ms: 20,
+            online_since_ms: 80,
+        };
+        assert!((n.lifetime_uptime(100) - 0.4).abs() < 1e-9);
+        let off = NodeRecord { online: false, ..n };
+        assert!((off.lifetime_uptime(100) - 0.2).abs() < 1e-9);
+    }
 }

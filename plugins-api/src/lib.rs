@@ -29,17 +29,20 @@ mod channel;
 mod ids;
 mod registry;
 mod store;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 pub mod wire;
 
-pub use books::{BooksStore, ManifestRecord, NodeRecord, ReplicaRecord};
+pub use books::{online_fraction, BooksStore, ManifestRecord, NodeRecord, Recorded, ReplicaRecord};
 pub use channel::{
     connect_channel, ChannelDescriptor, ChannelError, ChannelEvent, ChannelFuture, ChannelOptions,
     ChannelRole, ControlChannel,
 };
 pub use ids::{BlobId, BlobKind, IdParseError, NodeId, PackId, SnapshotId};
 pub use registry::{
-    open_blob_store, open_books_store, open_meta_store, BlobStoreDescriptor, BooksStoreDescriptor,
-    BooksStoreFuture, MetaStoreDescriptor, MetaStoreFuture, PLUGIN_ABI_VERSION,
+    open_blob_store, open_books_store, open_meta_store, redact_url, BlobStoreDescriptor,
+    BooksStoreDescriptor, BooksStoreFuture, MetaStoreDescriptor, MetaStoreFuture,
+    PLUGIN_ABI_VERSION,
 };
 pub use store::{BlobLocation, BlobStore, MetaStore, PackRecord, SnapshotRecord, StoreError};
 

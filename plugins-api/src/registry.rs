@@ -90,7 +90,24 @@ pub(crate) fn pick<'a, D: 'static>(
 }
 
 fn unknown(url: &str) -> impl FnOnce(String) -> StoreError + '_ {
-    move |known| StoreError::UnknownScheme(url.to_string(), known)
+    move |known| StoreError::UnknownScheme(redact_url(url), known)
+}
+
+/// The URL with any password replaced by `***`, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let Some(start) = url.find("://").map(|s| s + 3) else {
+        return url.to_string();
+    };
+    let end = url[start..]
+        .find(['/', '?'])
+        .map_or(url.len(), |e| start + e);
+    let Some(at) = url[start..end].rfind('@').map(|a| start + a) else {
+        return url.to_string();
+    };
+    match url[start..at].find(':') {
+        Some(c) => format!("{}:***{}", &url[..start + c], &url[at..]),
+        None => url.to_string(),
+    }
 }
 
 /// Opens a catalog store by URL with whichever linked plugin handles its scheme.
@@ -118,4 +135,21 @@ pub fn open_blob_store(url: &str) -> Result<Box<dyn BlobStore>, StoreError> {
     })
     .map_err(unknown(url))?;
     (d.open)(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("postgres://h/db?x=a@b"), "postgres://h/db?x=a@b");
+        assert_eq!(redact_url("sqlite:/tmp/x.db"), "sqlite:/tmp/x.db");
+        assert_eq!(redact_url("mqtt://u:p@w@h:1883"), "mqtt://u:***@h:1883");
+    }
 }

@@ -2,7 +2,7 @@
 
 use pluto_plugins_api::{
     async_trait, BooksStore, BooksStoreDescriptor, BooksStoreFuture, ManifestRecord, NodeId,
-    NodeRecord, PackId, ReplicaRecord, StoreError, PLUGIN_ABI_VERSION,
+    NodeRecord, PackId, Recorded, ReplicaRecord, StoreError, PLUGIN_ABI_VERSION,
 };
 use sqlx::{Row, SqlitePool};
 
@@ -40,15 +40,43 @@ fn node_row(r: &sqlx::sqlite::SqliteRow) -> Result<NodeRecord, StoreError> {
         placed: r.get::<i64, _>(4) as u64,
         online: r.get::<i64, _>(5) != 0,
         last_seen_ms: r.get::<i64, _>(6) as u64,
+        registered_ms: r.get::<i64, _>(7) as u64,
+        online_ms: r.get::<i64, _>(8) as u64,
+        online_since_ms: r.get::<i64, _>(9) as u64,
     })
 }
 
-const NODE_COLUMNS: &str = "id, exchange_key, offer, held, placed, online, last_seen_ms";
+const NODE_COLUMNS: &str = "id, exchange_key, offer, held, placed, online, last_seen_ms, \
+                            registered_ms, online_ms, online_since_ms";
+
+fn replica_row(r: &sqlx::sqlite::SqliteRow) -> Result<ReplicaRecord, StoreError> {
+    Ok(ReplicaRecord {
+        owner: id32(r.get::<&[u8], _>(0), "node", NodeId)?,
+        pack: id32(r.get::<&[u8], _>(1), "pack", PackId)?,
+        storer: id32(r.get::<&[u8], _>(2), "node", NodeId)?,
+        size: r.get::<i64, _>(3) as u64,
+        root: key32(r.get::<&[u8], _>(4))?,
+    })
+}
 
 /// SQLite stores i64: larger values are clamped, never wrapped.
 fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
+
+/// Manifest versions use the whole u64 range: flipping the top bit maps
+/// u64 order onto i64 order.
+fn ordered(v: u64) -> i64 {
+    (v ^ (1 << 63)) as i64
+}
+
+fn unordered(v: i64) -> u64 {
+    (v as u64) ^ (1 << 63)
+}
+
+// Every transaction below starts with a write, so SQLite takes its write
+// lock first and a transaction never has to upgrade a read lock (which
+// fails at once, busy timeout or not, when another writer is waiting).
 
 #[async_trait]
 impl BooksStore for SqliteBooks {
@@ -63,7 +91,7 @@ impl BooksStore for SqliteBooks {
             "INSERT INTO nodes (id, exchange_key, offer, last_seen_ms, registered_ms) \
              VALUES (?1, ?2, ?3, ?4, ?4) \
              ON CONFLICT (id) DO UPDATE SET exchange_key = ?2, \
-                 offer = MAX(?3, held, placed), last_seen_ms = ?4",
+                 offer = MAX(?3, held, placed), last_seen_ms = MAX(last_seen_ms, ?4)",
         )
         .bind(&id.0[..])
         .bind(&exchange_key[..])
@@ -142,22 +170,96 @@ impl BooksStore for SqliteBooks {
     async fn presence(&self, id: &NodeId, online: bool, now_ms: u64) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.map_err(db_err("begin"))?;
         sqlx::query(
-            "UPDATE nodes SET online = ?1, last_seen_ms = MAX(last_seen_ms, ?2) WHERE id = ?3",
+            "INSERT INTO presence (node, at_ms, online) \
+             SELECT id, ?2, ?3 FROM nodes WHERE id = ?1 AND online != ?3",
         )
-        .bind(i64::from(online))
-        .bind(int(now_ms))
         .bind(&id.0[..])
+        .bind(int(now_ms))
+        .bind(i64::from(online))
         .execute(&mut *tx)
         .await
         .map_err(db_err("recording presence"))?;
-        sqlx::query("INSERT INTO presence (node, at_ms, online) VALUES (?, ?, ?)")
-            .bind(&id.0[..])
-            .bind(int(now_ms))
-            .bind(i64::from(online))
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err("recording presence"))?;
+        sqlx::query(
+            "UPDATE nodes SET \
+                 online_ms = online_ms + CASE WHEN online = 1 AND ?2 = 0 \
+                     THEN MAX(0, ?3 - online_since_ms) ELSE 0 END, \
+                 online_since_ms = CASE WHEN online = 0 AND ?2 = 1 THEN ?3 ELSE online_since_ms END, \
+                 online = ?2, last_seen_ms = MAX(last_seen_ms, ?3) \
+             WHERE id = ?1",
+        )
+        .bind(&id.0[..])
+        .bind(i64::from(online))
+        .bind(int(now_ms))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("recording presence"))?;
         tx.commit().await.map_err(db_err("commit"))
+    }
+
+    async fn mark_silent_offline(
+        &self,
+        silent_since_ms: u64,
+        _now_ms: u64,
+    ) -> Result<Vec<NodeId>, StoreError> {
+        // A silent node is taken to have left when it was last heard from.
+        let mut tx = self.pool.begin().await.map_err(db_err("begin"))?;
+        sqlx::query(
+            "INSERT INTO presence (node, at_ms, online) \
+             SELECT id, last_seen_ms, 0 FROM nodes WHERE online = 1 AND last_seen_ms < ?1",
+        )
+        .bind(int(silent_since_ms))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("marking silent nodes"))?;
+        let rows = sqlx::query(
+            "UPDATE nodes SET online = 0, \
+                 online_ms = online_ms + MAX(0, last_seen_ms - online_since_ms) \
+             WHERE online = 1 AND last_seen_ms < ?1 RETURNING id",
+        )
+        .bind(int(silent_since_ms))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err("marking silent nodes"))?;
+        tx.commit().await.map_err(db_err("commit"))?;
+        let mut ids = rows
+            .iter()
+            .map(|r| id32(r.get::<&[u8], _>(0), "node", NodeId))
+            .collect::<Result<Vec<_>, _>>()?;
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    async fn presence_log(
+        &self,
+        id: &NodeId,
+        from_ms: u64,
+    ) -> Result<Vec<(u64, bool)>, StoreError> {
+        Ok(sqlx::query(
+            "SELECT at_ms, online FROM presence WHERE node = ?1 AND at_ms >= \
+                 (SELECT COALESCE(MAX(at_ms), 0) FROM presence WHERE node = ?1 AND at_ms <= ?2) \
+             ORDER BY at_ms, rowid",
+        )
+        .bind(&id.0[..])
+        .bind(int(from_ms))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err("reading presence"))?
+        .iter()
+        .map(|r| (r.get::<i64, _>(0) as u64, r.get::<i64, _>(1) != 0))
+        .collect())
+    }
+
+    async fn prune_presence(&self, before_ms: u64) -> Result<u64, StoreError> {
+        let r = sqlx::query(
+            "DELETE FROM presence AS p WHERE at_ms < ?1 AND EXISTS ( \
+                 SELECT 1 FROM presence q WHERE q.node = p.node AND q.at_ms < ?1 \
+                 AND (q.at_ms > p.at_ms OR (q.at_ms = p.at_ms AND q.rowid > p.rowid)))",
+        )
+        .bind(int(before_ms))
+        .execute(&self.pool)
+        .await
+        .map_err(db_err("pruning presence"))?;
+        Ok(r.rows_affected())
     }
 
     async fn reserve(
@@ -165,6 +267,7 @@ impl BooksStore for SqliteBooks {
         owner: &NodeId,
         storer: &NodeId,
         size: u64,
+        expires_ms: u64,
     ) -> Result<bool, StoreError> {
         if owner == storer {
             return Ok(false);
@@ -192,27 +295,110 @@ impl BooksStore for SqliteBooks {
             .map_err(db_err("reserving quota"))?
             .rows_affected()
                 == 1;
-        if owner_ok {
-            tx.commit().await.map_err(db_err("commit"))?;
-        } else {
+        if !owner_ok {
             tx.rollback().await.map_err(db_err("rollback"))?;
+            return Ok(false);
         }
-        Ok(owner_ok)
+        sqlx::query(
+            "INSERT INTO reservations (owner, storer, size, expires_ms) VALUES (?, ?, ?, ?)",
+        )
+        .bind(&owner.0[..])
+        .bind(&storer.0[..])
+        .bind(int(size))
+        .bind(int(expires_ms))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("reserving space"))?;
+        tx.commit().await.map_err(db_err("commit"))?;
+        Ok(true)
     }
 
-    async fn record_replica(&self, r: &ReplicaRecord) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT OR REPLACE INTO replicas (owner, pack, storer, size, root) VALUES (?, ?, ?, ?, ?)",
+    async fn release_expired(&self, now_ms: u64) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db_err("begin"))?;
+        for (column, party) in [("held", "storer"), ("placed", "owner")] {
+            sqlx::query(&format!(
+                "UPDATE nodes SET {column} = MAX(0, {column} - (SELECT SUM(size) FROM reservations \
+                     WHERE {party} = nodes.id AND expires_ms <= ?1)) \
+                 WHERE id IN (SELECT {party} FROM reservations WHERE expires_ms <= ?1)"
+            ))
+            .bind(int(now_ms))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err("releasing reservations"))?;
+        }
+        let gone = sqlx::query("DELETE FROM reservations WHERE expires_ms <= ?1")
+            .bind(int(now_ms))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err("releasing reservations"))?
+            .rows_affected();
+        tx.commit().await.map_err(db_err("commit"))?;
+        Ok(gone)
+    }
+
+    async fn record_replica(&self, r: &ReplicaRecord) -> Result<Recorded, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db_err("begin"))?;
+        let inserted = sqlx::query(
+            "INSERT INTO replicas (owner, pack, storer, size, root) VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT DO NOTHING",
         )
         .bind(&r.owner.0[..])
         .bind(&r.pack.0[..])
         .bind(&r.storer.0[..])
         .bind(int(r.size))
         .bind(&r.root[..])
-        .execute(&self.pool)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("recording a replica"))?
+        .rows_affected()
+            == 1;
+        if !inserted {
+            let kept = sqlx::query(
+                "SELECT owner, pack, storer, size, root FROM replicas \
+                 WHERE owner = ? AND pack = ? AND storer = ?",
+            )
+            .bind(&r.owner.0[..])
+            .bind(&r.pack.0[..])
+            .bind(&r.storer.0[..])
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err("recording a replica"))?;
+            tx.rollback().await.map_err(db_err("rollback"))?;
+            return Ok(match kept.as_ref().map(replica_row).transpose()? {
+                Some(k) if k == *r => Recorded::Again,
+                _ => Recorded::Conflict,
+            });
+        }
+        let reservation = sqlx::query(
+            "DELETE FROM reservations WHERE id = (SELECT id FROM reservations \
+                 WHERE owner = ?1 AND storer = ?2 AND size >= ?3 ORDER BY expires_ms, id LIMIT 1) \
+             RETURNING size",
+        )
+        .bind(&r.owner.0[..])
+        .bind(&r.storer.0[..])
+        .bind(int(r.size))
+        .fetch_optional(&mut *tx)
         .await
         .map_err(db_err("recording a replica"))?;
-        Ok(())
+        let Some(reserved) = reservation.map(|row| row.get::<i64, _>(0)) else {
+            tx.rollback().await.map_err(db_err("rollback"))?;
+            return Ok(Recorded::NoReservation);
+        };
+        let surplus = reserved - int(r.size);
+        if surplus > 0 {
+            for (column, party) in [("held", &r.storer), ("placed", &r.owner)] {
+                sqlx::query(&format!(
+                    "UPDATE nodes SET {column} = MAX(0, {column} - ?1) WHERE id = ?2"
+                ))
+                .bind(surplus)
+                .bind(&party.0[..])
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err("recording a replica"))?;
+            }
+        }
+        tx.commit().await.map_err(db_err("commit"))?;
+        Ok(Recorded::New)
     }
 
     async fn replicas_of(&self, owner: &NodeId) -> Result<Vec<ReplicaRecord>, StoreError> {
@@ -222,15 +408,18 @@ impl BooksStore for SqliteBooks {
             .await
             .map_err(db_err("listing replicas"))?
             .iter()
-            .map(|r| {
-                Ok(ReplicaRecord {
-                    owner: id32(r.get::<&[u8], _>(0), "node", NodeId)?,
-                    pack: id32(r.get::<&[u8], _>(1), "pack", PackId)?,
-                    storer: id32(r.get::<&[u8], _>(2), "node", NodeId)?,
-                    size: r.get::<i64, _>(3) as u64,
-                    root: key32(r.get::<&[u8], _>(4))?,
-                })
-            })
+            .map(replica_row)
+            .collect()
+    }
+
+    async fn replicas_held_by(&self, storer: &NodeId) -> Result<Vec<ReplicaRecord>, StoreError> {
+        sqlx::query("SELECT owner, pack, storer, size, root FROM replicas WHERE storer = ?")
+            .bind(&storer.0[..])
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err("listing held replicas"))?
+            .iter()
+            .map(replica_row)
             .collect()
     }
 
@@ -245,7 +434,7 @@ impl BooksStore for SqliteBooks {
              ON CONFLICT (node) DO UPDATE SET version = ?2, blob = ?3 WHERE version < ?2",
         )
         .bind(&id.0[..])
-        .bind(int(version))
+        .bind(ordered(version))
         .bind(blob)
         .execute(&self.pool)
         .await
@@ -261,7 +450,7 @@ impl BooksStore for SqliteBooks {
                 .await
                 .map_err(db_err("reading a manifest"))?
                 .map(|r| ManifestRecord {
-                    version: r.get::<i64, _>(0) as u64,
+                    version: unordered(r.get::<i64, _>(0)),
                     blob: r.get(1),
                 }),
         )
@@ -284,99 +473,20 @@ pluto_plugins_api::inventory::submit! {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    async fn books() -> (tempfile::TempDir, Box<dyn BooksStore>) {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite:{}", dir.path().join("books.db").display());
-        let b = pluto_plugins_api::open_books_store(&url).await.unwrap();
-        (dir, b)
-    }
-
-    #[tokio::test]
-    async fn offers_reservations_and_manifests() {
-        let (_dir, b) = books().await;
-        let (a, s) = (NodeId([1; 32]), NodeId([2; 32]));
-        b.register(&a, &[9; 32], 100, 1).await.unwrap();
-        b.register(&s, &[8; 32], 50, 1).await.unwrap();
-        assert!(!b.reserve(&a, &a, 1).await.unwrap(), "never on oneself");
-        assert!(b.reserve(&a, &s, 30).await.unwrap());
-        assert!(
-            !b.reserve(&a, &s, 30).await.unwrap(),
-            "storer would be over-committed"
-        );
-        assert!(b.reserve(&a, &s, 20).await.unwrap());
-        let sn = b.node(&s).await.unwrap().unwrap();
-        assert_eq!((sn.offer, sn.held), (50, 50));
-        assert_eq!(b.node(&a).await.unwrap().unwrap().placed, 50);
-        assert!(
-            !b.set_offer(&s, 10).await.unwrap(),
-            "cannot offer less than held"
-        );
-        assert!(b.set_offer(&s, 60).await.unwrap());
-        // Re-registering keeps usage and never lowers the offer below it.
-        b.register(&s, &[7; 32], 5, 2).await.unwrap();
-        let sn = b.node(&s).await.unwrap().unwrap();
-        assert_eq!((sn.offer, sn.held, sn.exchange_key), (50, 50, [7; 32]));
-
-        assert!(b.put_manifest(&a, 2, b"v2").await.unwrap());
-        assert!(
-            !b.put_manifest(&a, 2, b"again").await.unwrap(),
-            "same version refused"
-        );
-        assert!(
-            !b.put_manifest(&a, 1, b"old").await.unwrap(),
-            "older version refused"
-        );
-        assert_eq!(b.manifest(&a).await.unwrap().unwrap().blob, b"v2");
-
-        let r = ReplicaRecord {
-            owner: a,
-            pack: PackId([3; 32]),
-            storer: s,
-            size: 30,
-            root: [4; 32],
-        };
-        b.record_replica(&r).await.unwrap();
-        assert_eq!(b.replicas_of(&a).await.unwrap(), vec![r]);
-        b.presence(&s, true, 10).await.unwrap();
-        assert!(b.node(&s).await.unwrap().unwrap().online);
-    }
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_reservations_never_over_commit() {
-        let (dir, b) = books().await;
-        let storer = NodeId([0xff; 32]);
-        b.register(&storer, &[0; 32], 1000, 0).await.unwrap();
-        let url = format!("sqlite:{}", dir.path().join("books.db").display());
-        let mut tasks = Vec::new();
-        for i in 0..20u8 {
-            let url = url.clone();
-            tasks.push(tokio::spawn(async move {
-                // Each asker on a connection pool of its own, as separate
-                // coordinator replicas would be.
-                let b = SqliteBooks::open(&url).await.unwrap();
-                let owner = NodeId([i; 32]);
-                b.register(&owner, &[0; 32], 1000, 0).await.unwrap();
-                let mut got = 0u64;
-                for _ in 0..10 {
-                    if b.reserve(&owner, &storer, 7).await.unwrap() {
-                        got += 7;
-                    }
-                }
-                got
-            }));
-        }
-        let mut total = 0;
-        for t in tasks {
-            total += t.await.unwrap();
-        }
-        let s = b.node(&storer).await.unwrap().unwrap();
-        assert_eq!(s.held, total);
-        assert!(s.held <= s.offer, "{} held of {}", s.held, s.offer);
-        assert!(
-            s.offer - s.held < 7,
-            "all space that could be used was used"
-        );
+    async fn books_conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = AtomicUsize::new(0);
+        pluto_plugins_api::testkit::books_conformance(|| {
+            let i = n.fetch_add(1, Ordering::Relaxed);
+            let url = format!(
+                "sqlite:{}",
+                dir.path().join(format!("books{i}.db")).display()
+            );
+            async move { url }
+        })
+        .await;
     }
 }

@@ -1,0 +1,311 @@
+//! The tests every [`BooksStore`] must pass, for store plugins to run in
+//! their own test suites (feature `testkit`):
+//!
+//! ```ignore
+//! #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+//! async fn conformance() {
+//!     pluto_plugins_api::testkit::books_conformance(|| async { fresh_url().await }).await;
+//! }
+//! ```
+//!
+//! Each check opens a fresh, empty store by URL (through the plugin
+//! registry, so the plugin's descriptor is tested too) and panics with a
+//! message naming what broke.
+
+#![allow(clippy::unwrap_used)] // a test kit: a failure is a panic naming what broke
+
+use std::future::Future;
+
+use crate::{open_books_store, BooksStore, NodeId, PackId, Recorded, ReplicaRecord};
+
+fn node(i: u8) -> NodeId {
+    NodeId([i; 32])
+}
+
+fn replica(owner: u8, pack: u8, storer: u8, size: u64) -> ReplicaRecord {
+    ReplicaRecord {
+        owner: node(owner),
+        pack: PackId([pack; 32]),
+        storer: node(storer),
+        size,
+        root: [pack ^ 0x55; 32],
+    }
+}
+
+async fn open(url: &str) -> Box<dyn BooksStore> {
+    open_books_store(url)
+        .await
+        .unwrap_or_else(|e| panic!("opening {url}: {e}"))
+}
+
+/// Runs every check, each on a store from `fresh_url`.
+pub async fn books_conformance<F, Fut>(mut fresh_url: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = String>,
+{
+    offers_and_registration(&*open(&fresh_url().await).await).await;
+    reservations_become_replicas_or_expire(&*open(&fresh_url().await).await).await;
+    presence_keeps_changes_only(&*open(&fresh_url().await).await).await;
+    candidates_have_room_and_come_online_first(&*open(&fresh_url().await).await).await;
+    manifests_only_move_forward(&*open(&fresh_url().await).await).await;
+    concurrent_reservations_never_over_commit(&fresh_url().await).await;
+}
+
+async fn offers_and_registration(b: &dyn BooksStore) {
+    let (a, s) = (node(1), node(2));
+    assert!(b.node(&a).await.unwrap().is_none());
+    b.register(&a, &[9; 32], 100, 1).await.unwrap();
+    b.register(&s, &[8; 32], 50, 1).await.unwrap();
+    let an = b.node(&a).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            an.offer,
+            an.held,
+            an.placed,
+            an.exchange_key,
+            an.registered_ms
+        ),
+        (100, 0, 0, [9; 32], 1)
+    );
+    assert!(!b.reserve(&a, &a, 1, 10).await.unwrap(), "never on oneself");
+    assert!(b.reserve(&a, &s, 30, 10).await.unwrap());
+    assert!(
+        !b.reserve(&a, &s, 30, 10).await.unwrap(),
+        "storer would be over-committed"
+    );
+    assert!(b.reserve(&a, &s, 20, 10).await.unwrap());
+    let sn = b.node(&s).await.unwrap().unwrap();
+    assert_eq!((sn.offer, sn.held, sn.free()), (50, 50, 0));
+    assert_eq!(b.node(&a).await.unwrap().unwrap().placed, 50);
+    assert!(
+        !b.set_offer(&s, 10).await.unwrap(),
+        "cannot offer less than held"
+    );
+    assert!(
+        !b.set_offer(&a, 10).await.unwrap(),
+        "cannot offer less than placed"
+    );
+    assert!(b.set_offer(&s, 60).await.unwrap());
+    assert!(!b.set_offer(&node(77), 60).await.unwrap(), "unknown node");
+    // Re-registering keeps usage and never lowers the offer below it.
+    b.register(&s, &[7; 32], 5, 2).await.unwrap();
+    let sn = b.node(&s).await.unwrap().unwrap();
+    assert_eq!(
+        (sn.offer, sn.held, sn.exchange_key, sn.registered_ms),
+        (50, 50, [7; 32], 1)
+    );
+    // The owner's quota is its offer: with 100 offered and 50 placed, a
+    // third node with room still cannot take more than 50.
+    b.register(&node(3), &[0; 32], 1000, 1).await.unwrap();
+    assert!(
+        !b.reserve(&a, &node(3), 51, 10).await.unwrap(),
+        "over quota"
+    );
+    assert!(b.reserve(&a, &node(3), 50, 10).await.unwrap());
+    assert!(
+        !b.reserve(&a, &node(3), u64::MAX, 10).await.unwrap(),
+        "huge sizes never wrap"
+    );
+    let mut all: Vec<NodeId> = b.nodes().await.unwrap().iter().map(|n| n.id).collect();
+    all.sort();
+    assert_eq!(all, vec![a, s, node(3)]);
+}
+
+async fn reservations_become_replicas_or_expire(b: &dyn BooksStore) {
+    let (a, s, t) = (node(1), node(2), node(3));
+    for n in [a, s, t] {
+        b.register(&n, &[0; 32], 1000, 0).await.unwrap();
+    }
+    assert!(b.reserve(&a, &s, 100, 1_000).await.unwrap());
+    assert!(b.reserve(&a, &t, 100, 1_000).await.unwrap());
+    assert!(b.reserve(&a, &s, 200, 5_000).await.unwrap());
+
+    let r1 = replica(1, 1, 2, 90);
+    assert_eq!(b.record_replica(&r1).await.unwrap(), Recorded::New);
+    // 10 of the 100 reserved came back.
+    assert_eq!(b.node(&s).await.unwrap().unwrap().held, 290);
+    assert_eq!(b.node(&a).await.unwrap().unwrap().placed, 390);
+    assert_eq!(
+        b.record_replica(&r1).await.unwrap(),
+        Recorded::Again,
+        "recording twice is harmless"
+    );
+    assert_eq!(b.node(&s).await.unwrap().unwrap().held, 290);
+    let changed = ReplicaRecord {
+        root: [0; 32],
+        ..r1.clone()
+    };
+    assert_eq!(
+        b.record_replica(&changed).await.unwrap(),
+        Recorded::Conflict
+    );
+    assert_eq!(
+        b.record_replica(&replica(1, 2, 2, 300)).await.unwrap(),
+        Recorded::NoReservation,
+        "bigger than any reservation"
+    );
+    assert_eq!(
+        b.record_replica(&replica(3, 2, 2, 10)).await.unwrap(),
+        Recorded::NoReservation,
+        "another owner's reservation is not this one's"
+    );
+    assert_eq!(b.replicas_of(&a).await.unwrap(), vec![r1.clone()]);
+    assert_eq!(b.replicas_held_by(&s).await.unwrap(), vec![r1.clone()]);
+    assert!(b.replicas_held_by(&t).await.unwrap().is_empty());
+
+    // The reservations on t (100, until 1,000) lapse; s's (200, until 5,000) stays.
+    assert_eq!(b.release_expired(999).await.unwrap(), 0);
+    assert_eq!(b.release_expired(1_000).await.unwrap(), 1);
+    assert_eq!(b.release_expired(1_000).await.unwrap(), 0, "only once");
+    assert_eq!(b.node(&t).await.unwrap().unwrap().held, 0);
+    assert_eq!(b.node(&a).await.unwrap().unwrap().placed, 290);
+    assert_eq!(
+        b.record_replica(&replica(1, 3, 3, 50)).await.unwrap(),
+        Recorded::NoReservation,
+        "a lapsed reservation cannot be used"
+    );
+    assert_eq!(
+        b.record_replica(&replica(1, 3, 2, 200)).await.unwrap(),
+        Recorded::New
+    );
+    assert_eq!(b.release_expired(u64::MAX / 2).await.unwrap(), 0);
+    assert_eq!(b.node(&s).await.unwrap().unwrap().held, 290);
+    assert_eq!(b.node(&a).await.unwrap().unwrap().placed, 290);
+}
+
+async fn presence_keeps_changes_only(b: &dyn BooksStore) {
+    let (a, c) = (node(1), node(2));
+    b.register(&a, &[0; 32], 0, 1_000).await.unwrap();
+    b.register(&c, &[0; 32], 0, 1_000).await.unwrap();
+    b.presence(&a, true, 1_000).await.unwrap();
+    for t in [1_100, 1_200, 1_300] {
+        b.presence(&a, true, t).await.unwrap();
+    }
+    b.presence(&a, false, 2_000).await.unwrap();
+    b.presence(&a, false, 2_100).await.unwrap();
+    b.presence(&a, true, 3_000).await.unwrap();
+    assert_eq!(
+        b.presence_log(&a, 0).await.unwrap(),
+        vec![(1_000, true), (2_000, false), (3_000, true)],
+        "heartbeats and repeated goodbyes are not changes"
+    );
+    assert_eq!(
+        b.presence_log(&a, 2_500).await.unwrap(),
+        vec![(2_000, false), (3_000, true)],
+        "the change before the window comes first"
+    );
+    let an = b.node(&a).await.unwrap().unwrap();
+    assert!(an.online);
+    assert_eq!(
+        (an.online_ms, an.online_since_ms, an.last_seen_ms),
+        (1_000, 3_000, 3_000)
+    );
+    assert!((an.lifetime_uptime(4_000) - 2_000.0 / 3_000.0).abs() < 1e-9);
+
+    // c came online and fell silent; a keeps talking.
+    b.presence(&c, true, 1_500).await.unwrap();
+    b.presence(&a, true, 9_000).await.unwrap();
+    let silent = b.mark_silent_offline(5_000, 10_000).await.unwrap();
+    assert_eq!(silent, vec![c]);
+    let cn = b.node(&c).await.unwrap().unwrap();
+    assert!(!cn.online);
+    assert_eq!(cn.online_ms, 0, "a silent node left when last heard from");
+    assert_eq!(
+        b.presence_log(&c, 0).await.unwrap(),
+        vec![(1_500, true), (1_500, false)]
+    );
+    assert!(b
+        .mark_silent_offline(5_000, 10_000)
+        .await
+        .unwrap()
+        .is_empty());
+
+    assert_eq!(b.prune_presence(2_500).await.unwrap(), 2);
+    assert_eq!(
+        b.presence_log(&a, 0).await.unwrap(),
+        vec![(2_000, false), (3_000, true)]
+    );
+    // Presence of an unknown node changes nothing.
+    b.presence(&node(99), true, 1).await.unwrap();
+    assert!(b.node(&node(99)).await.unwrap().is_none());
+}
+
+async fn candidates_have_room_and_come_online_first(b: &dyn BooksStore) {
+    for i in 1..=40u8 {
+        b.register(&node(i), &[0; 32], u64::from(i) * 10, 0)
+            .await
+            .unwrap();
+        if i % 2 == 0 {
+            b.presence(&node(i), true, 1).await.unwrap();
+        }
+    }
+    let c = b.candidates(200, 100).await.unwrap();
+    assert_eq!(c.len(), 21, "nodes 20..=40 have room for 200");
+    assert!(c.iter().all(|n| n.free() >= 200));
+    let first_offline = c.iter().position(|n| !n.online).unwrap();
+    assert!(c[first_offline..].iter().all(|n| !n.online), "online first");
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..20 {
+        let c = b.candidates(10, 5).await.unwrap();
+        assert_eq!(c.len(), 5);
+        seen.extend(c.into_iter().map(|n| n.id));
+    }
+    assert!(seen.len() > 5, "samples vary, so load spreads");
+    assert!(b.candidates(1_000, 10).await.unwrap().is_empty());
+}
+
+async fn manifests_only_move_forward(b: &dyn BooksStore) {
+    let a = node(1);
+    assert!(b.manifest(&a).await.unwrap().is_none());
+    assert!(b.put_manifest(&a, 2, b"v2").await.unwrap());
+    assert!(
+        !b.put_manifest(&a, 2, b"again").await.unwrap(),
+        "same version refused"
+    );
+    assert!(
+        !b.put_manifest(&a, 1, b"old").await.unwrap(),
+        "older version refused"
+    );
+    assert!(b.put_manifest(&a, u64::MAX, b"max").await.unwrap());
+    let m = b.manifest(&a).await.unwrap().unwrap();
+    assert_eq!((m.version, m.blob.as_slice()), (u64::MAX, &b"max"[..]));
+    assert!(b.manifest(&node(2)).await.unwrap().is_none());
+}
+
+async fn concurrent_reservations_never_over_commit(url: &str) {
+    let b = open(url).await;
+    let storer = node(0xff);
+    b.register(&storer, &[0; 32], 1000, 0).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..20u8 {
+        let url = url.to_string();
+        tasks.push(tokio::spawn(async move {
+            // Each asker on a connection of its own, as separate
+            // coordinator replicas would be.
+            let b = open(&url).await;
+            let owner = node(i);
+            b.register(&owner, &[0; 32], 1000, 0).await.unwrap();
+            let mut got = 0u64;
+            for _ in 0..10 {
+                if b.reserve(&owner, &storer, 7, 100).await.unwrap() {
+                    got += 7;
+                }
+            }
+            got
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.expect("an asker panicked");
+    }
+    let s = b.node(&storer).await.unwrap().unwrap();
+    assert_eq!(s.held, total);
+    assert!(s.held <= s.offer, "{} held of {}", s.held, s.offer);
+    assert!(
+        s.offer - s.held < 7,
+        "all space that could be used was used"
+    );
+    assert_eq!(b.release_expired(100).await.unwrap(), total / 7);
+    assert_eq!(b.node(&storer).await.unwrap().unwrap().held, 0);
+}
