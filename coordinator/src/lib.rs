@@ -22,7 +22,7 @@
 
 mod service;
 
-pub use service::{Coordinator, CoordinatorConfig, Outgoing, Rejected, ANY_COORDINATOR};
+pub use service::{Coordinator, CoordinatorConfig, Outgoing, Rejected, Sweep, ANY_COORDINATOR};
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -37,13 +37,41 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Sweeps the books every `sweep_ms` (see [`Coordinator::sweep`]) until
+/// the returned task is aborted.
+pub fn spawn_sweeper(coordinator: Arc<Coordinator>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let period = std::time::Duration::from_millis(coordinator.config().sweep_ms.max(10));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match coordinator.sweep(now_ms()).await {
+                Ok(s) => {
+                    if s.released > 0 || !s.silent.is_empty() {
+                        tracing::info!(
+                            "released {} lapsed reservations; {} silent nodes marked offline",
+                            s.released,
+                            s.silent.len()
+                        );
+                    }
+                }
+                Err(e) => tracing::warn!("sweeping the books: {e}"),
+            }
+        }
+    })
+}
+
 /// Serves a channel until it closes: each message is handled on a task of
-/// its own and its reply sent back; presence notices update the books.
+/// its own and its reply sent back; presence notices update the books; the
+/// books are swept meanwhile.
 pub async fn serve(
     coordinator: Arc<Coordinator>,
     channel: Arc<dyn ControlChannel>,
     books: Arc<dyn BooksStore>,
 ) {
+    let sweeper = spawn_sweeper(coordinator.clone());
+    let _stop = AbortOnDrop(sweeper);
     while let Some(ev) = channel.next_event().await {
         match ev {
             ChannelEvent::Message { from, payload } => {
@@ -74,5 +102,13 @@ pub async fn serve(
             ChannelEvent::Disconnected(why) => tracing::warn!("channel: {why}; reconnecting"),
             _ => {}
         }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -24,6 +24,7 @@ use x25519_dalek::StaticSecret;
 use zeroize::Zeroizing;
 
 // The binary picks its plugins: linking them registers them.
+use pluto_store_postgres as _;
 use pluto_store_sqlite as _;
 use pluto_transport_mqtt as _;
 
@@ -55,6 +56,23 @@ struct Cli {
     /// Load-sharing group, when several coordinators share one broker and one database.
     #[arg(long)]
     group: Option<String>,
+    /// Settings (intervals, limits) in TOML; see docs/protocol.md.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+fn load_config(path: Option<&Path>) -> Result<CoordinatorConfig> {
+    let Some(path) = path else {
+        return Ok(CoordinatorConfig::default());
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let config: CoordinatorConfig =
+        toml::from_str(&text).with_context(|| format!("{} is not valid", path.display()))?;
+    if config.heartbeat_ms == 0 || config.sweep_ms == 0 || config.window_ms == 0 {
+        bail!("{}: intervals must be above 0", path.display());
+    }
+    Ok(config)
 }
 
 /// The coordinator's identity lives in its own file (0600), not in the
@@ -130,6 +148,7 @@ async fn run(cli: Cli) -> Result<()> {
         None => PathBuf::from(std::env::var_os("HOME").context("set --home or HOME")?)
             .join(".pluto-coordinator"),
     };
+    let config = load_config(cli.config.as_deref())?;
     let (identity, exchange) = load_or_create_identity(&home)?;
     let db = cli
         .db
@@ -149,12 +168,7 @@ async fn run(cli: Cli) -> Result<()> {
             format!("mqtt://{host}:{}", addr.port())
         }
     };
-    let coordinator = Arc::new(Coordinator::new(
-        identity,
-        exchange,
-        books.clone(),
-        CoordinatorConfig::default(),
-    ));
+    let coordinator = Arc::new(Coordinator::new(identity, exchange, books.clone(), config));
     let channel: Arc<dyn pluto_plugins_api::ControlChannel> = pluto_plugins_api::connect_channel(
         &url,
         ChannelOptions {
@@ -177,13 +191,23 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
     // One line that scripts (and tests) read: who we are and where.
-    println!("pluto-coordinator {} on {url} books {db}", coordinator.id());
+    println!(
+        "pluto-coordinator {} on {} books {}",
+        coordinator.id(),
+        pluto_plugins_api::redact_url(&url),
+        pluto_plugins_api::redact_url(&db)
+    );
     let _ = std::io::stdout().flush();
     let serve = pluto_coordinator::serve(coordinator, channel.clone(), books);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        () = serve => bail!("the channel to {url} closed"),
+        () = serve => bail!("the channel to {} closed", pluto_plugins_api::redact_url(&url)),
         r = tokio::signal::ctrl_c() => {
             r?;
+            channel.close().await;
+            Ok(())
+        }
+        _ = term.recv() => {
             channel.close().await;
             Ok(())
         }

@@ -1,12 +1,14 @@
 //! Message handling.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use ed25519_dalek::SigningKey;
-use pluto_plugins_api::{BooksStore, NodeId, NodeRecord, ReplicaRecord, StoreError};
+use pluto_plugins_api::{
+    online_fraction, BooksStore, NodeId, NodeRecord, Recorded, ReplicaRecord, StoreError,
+};
 use pluto_protocol::{
-    exchange_public, Envelope, EnvelopeError, ErrorCode, Message, Refused, ReplayGuard,
+    exchange_public, Envelope, EnvelopeError, ErrorCode, Message, PeerReport, Refused, ReplayGuard,
     StatusReport,
 };
 use rand::seq::SliceRandom;
@@ -17,7 +19,9 @@ use x25519_dalek::StaticSecret;
 pub const ANY_COORDINATOR: NodeId = NodeId([0; 32]);
 
 /// Settings; every interval is a setting so tests can run on a short clock.
-#[derive(Clone, Debug)]
+/// `pluto-coordinator --config FILE` reads them from TOML, under these names.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct CoordinatorConfig {
     /// How far a message's timestamp may be from the coordinator's clock.
     pub window_ms: u64,
@@ -31,6 +35,18 @@ pub struct CoordinatorConfig {
     pub heartbeat_ms: u64,
     /// Most replicas one request may ask for.
     pub max_copies: u8,
+    /// How long matched space stays reserved for a replica to be recorded.
+    pub reservation_ttl_ms: u64,
+    /// The window uptime is measured over.
+    pub uptime_window_ms: u64,
+    /// How long presence changes are kept.
+    pub presence_keep_ms: u64,
+    /// How often expired reservations are released and silent nodes marked
+    /// offline.
+    pub sweep_ms: u64,
+    /// Bytes of answers kept to re-send when a node repeats a request
+    /// whose answer it missed.
+    pub answer_cache_bytes: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -42,6 +58,11 @@ impl Default for CoordinatorConfig {
             max_challenges: 100_000,
             heartbeat_ms: 30_000,
             max_copies: 8,
+            reservation_ttl_ms: 3_600_000,
+            uptime_window_ms: 7 * 24 * 3_600_000,
+            presence_keep_ms: 30 * 24 * 3_600_000,
+            sweep_ms: 15_000,
+            answer_cache_bytes: 64 << 20,
         }
     }
 }
@@ -81,6 +102,78 @@ pub struct Outgoing {
     pub bytes: Vec<u8>,
 }
 
+/// What one sweep of the books did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sweep {
+    /// Reservations that lapsed and were released.
+    pub released: u64,
+    /// Nodes marked offline because they fell silent.
+    pub silent: Vec<NodeId>,
+    /// Presence changes forgotten.
+    pub pruned: u64,
+}
+
+/// A request: its sender and nonce.
+type RequestKey = (NodeId, [u8; 16]);
+
+/// An answer kept: the request's digest, the signed reply, when it lapses.
+type Answer = ([u8; 32], Vec<u8>, u64);
+
+/// Answers already sent, by (sender, request nonce), so a node that missed
+/// an answer and sends the very same request again gets the very same
+/// answer, and the request (a match that reserves space, say) is not
+/// carried out twice. Bounded by bytes and by the replay window.
+struct Answers {
+    map: HashMap<RequestKey, Answer>,
+    order: VecDeque<(RequestKey, u64)>,
+    bytes: usize,
+    budget: usize,
+}
+
+impl Answers {
+    fn get(
+        &self,
+        from: &NodeId,
+        nonce: &[u8; 16],
+        request: &[u8; 32],
+        now: u64,
+    ) -> Option<Vec<u8>> {
+        match self.map.get(&(*from, *nonce)) {
+            Some((digest, reply, expiry)) if digest == request && *expiry > now => {
+                Some(reply.clone())
+            }
+            _ => None,
+        }
+    }
+
+    fn put(
+        &mut self,
+        key: RequestKey,
+        request: [u8; 32],
+        reply: Vec<u8>,
+        expiry: u64,
+        now: u64,
+    ) {
+        while let Some(&(key, at)) = self.order.front() {
+            if at > now && self.bytes + reply.len() <= self.budget {
+                break;
+            }
+            self.order.pop_front();
+            if let Some((_, r, _)) = self.map.remove(&key) {
+                self.bytes -= r.len();
+            }
+        }
+        if reply.len() > self.budget {
+            return;
+        }
+        self.bytes += reply.len();
+        if let Some((_, old, _)) = self.map.insert(key, (request, reply, expiry)) {
+            self.bytes -= old.len();
+        }
+        self.order.push_back((key, expiry));
+    }
+}
+
 /// The coordinator.
 pub struct Coordinator {
     identity: SigningKey,
@@ -89,6 +182,7 @@ pub struct Coordinator {
     config: CoordinatorConfig,
     guard: Mutex<ReplayGuard>,
     challenges: Mutex<HashMap<[u8; 32], (NodeId, u64)>>,
+    answers: Mutex<Answers>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -140,8 +234,39 @@ impl Coordinator {
             books,
             guard: Mutex::new(ReplayGuard::new(config.window_ms, config.replay_capacity)),
             challenges: Mutex::new(HashMap::new()),
+            answers: Mutex::new(Answers {
+                map: HashMap::new(),
+                order: VecDeque::new(),
+                bytes: 0,
+                budget: config.answer_cache_bytes,
+            }),
             config,
         }
+    }
+
+    /// Its settings.
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.config
+    }
+
+    /// Releases lapsed reservations, marks nodes that fell silent (no
+    /// heartbeat for three intervals) offline, and forgets old presence
+    /// changes. Run every `sweep_ms`.
+    pub async fn sweep(&self, now_ms: u64) -> Result<Sweep, StoreError> {
+        let released = self.books.release_expired(now_ms).await?;
+        let silent = self
+            .books
+            .mark_silent_offline(now_ms.saturating_sub(3 * self.config.heartbeat_ms), now_ms)
+            .await?;
+        let pruned = self
+            .books
+            .prune_presence(now_ms.saturating_sub(self.config.presence_keep_ms))
+            .await?;
+        Ok(Sweep {
+            released,
+            silent,
+            pruned,
+        })
     }
 
     /// The coordinator's identity, which nodes pin.
@@ -178,6 +303,14 @@ impl Coordinator {
                     claimed: c,
                 });
             }
+        }
+        // The same request again (its answer was lost): the same answer.
+        let digest = *blake3::hash(bytes).as_bytes();
+        if let Some(reply) = lock(&self.answers).get(&env.from, &env.nonce, &digest, now_ms) {
+            return Ok(Some(Outgoing {
+                to: env.from,
+                bytes: reply,
+            }));
         }
         lock(&self.guard)
             .check(&env, now_ms)
@@ -219,10 +352,17 @@ impl Coordinator {
                 &reply.msg,
             )
         };
-        let bytes = out.sign(&self.identity)?;
+        let reply = out.sign(&self.identity)?;
+        lock(&self.answers).put(
+            (env.from, env.nonce),
+            digest,
+            reply.clone(),
+            now_ms + self.config.window_ms,
+            now_ms,
+        );
         Ok(Some(Outgoing {
             to: env.from,
-            bytes,
+            bytes: reply,
         }))
     }
 
@@ -307,9 +447,14 @@ impl Coordinator {
                         ),
                     )
                 } else {
-                    let storers = self
-                        .match_storers(&node, size, copies, &friends, friend_copies, &exclude, rng)
-                        .await?;
+                    let want = Want {
+                        size,
+                        copies,
+                        friends: &friends,
+                        friend_copies,
+                        exclude: &exclude,
+                    };
+                    let storers = self.match_storers(&node, &want, now_ms, rng).await?;
                     if storers.is_empty() {
                         error(
                             ErrorCode::NoCapacity,
@@ -326,22 +471,23 @@ impl Coordinator {
                 size,
                 root,
             } => {
-                if storer == *from || self.books.node(&storer).await?.is_none() {
-                    error(
+                let replica = ReplicaRecord {
+                    owner: *from,
+                    pack,
+                    storer,
+                    size,
+                    root,
+                };
+                match self.books.record_replica(&replica).await? {
+                    Recorded::New | Recorded::Again => public(Message::Ok),
+                    Recorded::NoReservation => error(
                         ErrorCode::Refused,
-                        "the storer is not another registered node",
-                    )
-                } else {
-                    self.books
-                        .record_replica(&ReplicaRecord {
-                            owner: *from,
-                            pack,
-                            storer,
-                            size,
-                            root,
-                        })
-                        .await?;
-                    public(Message::Ok)
+                        "no reservation of yours on that storer covers this replica (ask for a match first)",
+                    ),
+                    Recorded::Conflict => error(
+                        ErrorCode::Refused,
+                        "another replica of this pack is recorded at that storer",
+                    ),
                 }
             }
             Message::PutManifest { version, blob } => {
@@ -362,10 +508,7 @@ impl Coordinator {
                 None => error(ErrorCode::NotFound, "no manifest kept"),
             },
             Message::GetStatus => {
-                let replicas = self.books.replicas_of(from).await?;
-                let mut peers: Vec<NodeId> = replicas.iter().map(|r| r.storer).collect();
-                peers.sort_unstable();
-                peers.dedup();
+                let peers = self.peers_of(from, now_ms).await?;
                 private(Message::Status(StatusReport {
                     offered: node.offer,
                     held: node.held,
@@ -373,6 +516,7 @@ impl Coordinator {
                     peers: peers.len() as u32,
                 }))
             }
+            Message::ListPeers => private(Message::Peers(self.peers_of(from, now_ms).await?)),
             other => error(
                 ErrorCode::Malformed,
                 format!("a node does not send message kind {}", other.kind()),
@@ -380,40 +524,76 @@ impl Coordinator {
         })
     }
 
+    /// The nodes that store for `me` or that `me` stores for, the biggest
+    /// exchanges first (at most as many as one message holds).
+    async fn peers_of(&self, me: &NodeId, now_ms: u64) -> Result<Vec<PeerReport>, Rejected> {
+        let mut by_peer: BTreeMap<NodeId, (u32, u64, u32, u64)> = BTreeMap::new();
+        for r in self.books.replicas_of(me).await? {
+            let e = by_peer.entry(r.storer).or_default();
+            e.0 += 1;
+            e.1 += r.size;
+        }
+        for r in self.books.replicas_held_by(me).await? {
+            let e = by_peer.entry(r.owner).or_default();
+            e.2 += 1;
+            e.3 += r.size;
+        }
+        let mut peers: Vec<_> = by_peer.into_iter().collect();
+        peers.sort_by_key(|(id, t)| (std::cmp::Reverse(t.1 + t.3), *id));
+        peers.truncate(1024);
+        let mut out = Vec::with_capacity(peers.len());
+        for (id, (replicas_held, bytes_held, replicas_stored, bytes_stored)) in peers {
+            let node = self.books.node(&id).await?;
+            // The window, or the node's life when it is younger.
+            let from = now_ms
+                .saturating_sub(self.config.uptime_window_ms)
+                .max(node.as_ref().map_or(0, |n| n.registered_ms));
+            let log = self.books.presence_log(&id, from).await?;
+            out.push(PeerReport {
+                id,
+                online: node.as_ref().is_some_and(|n| n.online),
+                last_seen_ms: node.as_ref().map_or(0, |n| n.last_seen_ms),
+                uptime_permille: (online_fraction(&log, from, now_ms) * 1000.0).round() as u16,
+                replicas_held,
+                bytes_held,
+                replicas_stored,
+                bytes_stored,
+            });
+        }
+        Ok(out)
+    }
+
     /// Picks up to `copies` distinct storers with room, never the asker,
-    /// friends first for `friend_copies`, then online nodes in random order
-    /// (so load spreads), then offline ones.
-    /// Each pick reserves its space atomically; a candidate that filled up
-    /// meanwhile is skipped.
-    #[allow(clippy::too_many_arguments)]
+    /// friends first for `friend_copies`, then others: online ones first,
+    /// those online more often before the rest, random within each group
+    /// (so load spreads), offline ones last. Each pick reserves its space
+    /// atomically until `reservation_ttl_ms` from now; a candidate that
+    /// filled up meanwhile is skipped.
     async fn match_storers(
         &self,
         owner: &NodeRecord,
-        size: u64,
-        copies: u8,
-        friends: &[NodeId],
-        friend_copies: u8,
-        exclude: &[NodeId],
+        want: &Want<'_>,
+        now_ms: u64,
         rng: &mut (impl CryptoRngCore + Send),
     ) -> Result<Vec<NodeId>, Rejected> {
-        let usable = |n: &NodeRecord| {
-            n.id != owner.id && !exclude.contains(&n.id) && n.offer.saturating_sub(n.held) >= size
-        };
-        // A bounded sample of nodes with room (online first, random order),
-        // so a match costs the same with ten nodes or ten thousand.
-        let sample = 32 + 4 * copies as usize + exclude.len();
-        let others: Vec<NodeRecord> = self
+        let size = want.size;
+        let usable =
+            |n: &NodeRecord| n.id != owner.id && !want.exclude.contains(&n.id) && n.free() >= size;
+        // A bounded sample of nodes with room, so a match costs the same
+        // with ten nodes or ten thousand.
+        let sample = 32 + 4 * want.copies as usize + want.exclude.len();
+        let mut others: Vec<NodeRecord> = self
             .books
             .candidates(size, sample)
             .await?
             .into_iter()
-            .filter(|n| usable(n) && !friends.contains(&n.id))
+            .filter(|n| usable(n) && !want.friends.contains(&n.id))
             .collect();
-        let mut others = others;
+        let rank = |n: &NodeRecord| (!n.online, 4 - (n.lifetime_uptime(now_ms) * 4.0) as u8);
         others.shuffle(&mut RngAdapter(rng));
-        others.sort_by_key(|n| !n.online);
+        others.sort_by_key(rank);
         let mut friendly = Vec::new();
-        for f in friends.iter().take(64) {
+        for f in want.friends.iter().take(64) {
             if let Some(n) = self.books.node(f).await? {
                 if usable(&n) && !friendly.iter().any(|x: &NodeRecord| x.id == n.id) {
                     friendly.push(n);
@@ -421,28 +601,40 @@ impl Coordinator {
             }
         }
         friendly.shuffle(&mut RngAdapter(rng));
-        friendly.sort_by_key(|n| !n.online);
-        let want_friends = friend_copies.min(copies) as usize;
+        friendly.sort_by_key(rank);
+        let expires = now_ms.saturating_add(self.config.reservation_ttl_ms);
+        let want_friends = want.friend_copies.min(want.copies) as usize;
         let mut picked = Vec::new();
         for n in &friendly {
             if picked.len() >= want_friends {
                 break;
             }
-            if self.books.reserve(&owner.id, &n.id, size).await? {
+            if self.books.reserve(&owner.id, &n.id, size, expires).await? {
                 picked.push(n.id);
             }
         }
         // The rest from anyone (friends who are left too, if others lack room).
         for n in others.iter().chain(friendly.iter()) {
-            if picked.len() >= copies as usize {
+            if picked.len() >= want.copies as usize {
                 break;
             }
-            if !picked.contains(&n.id) && self.books.reserve(&owner.id, &n.id, size).await? {
+            if !picked.contains(&n.id)
+                && self.books.reserve(&owner.id, &n.id, size, expires).await?
+            {
                 picked.push(n.id);
             }
         }
         Ok(picked)
     }
+}
+
+/// What a match asks for.
+struct Want<'a> {
+    size: u64,
+    copies: u8,
+    friends: &'a [NodeId],
+    friend_copies: u8,
+    exclude: &'a [NodeId],
 }
 
 /// rand's `SliceRandom` wants a `rand::RngCore`; ours is rand_core's (the

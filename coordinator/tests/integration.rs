@@ -186,15 +186,34 @@ async fn forged_replayed_and_misaddressed_envelopes_get_no_reply() {
     let net = net().await;
     let (a, b) = (Node::new(), Node::new());
     authenticate(&net, &a, 1000, T).await;
-    let (bytes, _) = a.envelope(net.c.id(), T, &Message::Heartbeat);
-    assert!(net
+    let (bytes, nonce) = a.envelope(net.c.id(), T, &Message::Heartbeat);
+    let first = net
         .c
         .handle(Some(a.id()), &bytes, T, &mut OsRng)
         .await
         .unwrap()
-        .is_some());
-    // The same bytes again: a replay.
-    let r = net.c.handle(Some(a.id()), &bytes, T + 10, &mut OsRng).await;
+        .unwrap();
+    // The same bytes again (as a node re-sends a request whose answer it
+    // missed, or as anyone on the broker could): the very same answer
+    // again, nothing carried out twice.
+    let again = net
+        .c
+        .handle(Some(a.id()), &bytes, T + 10, &mut OsRng)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again, first);
+    // The same nonce with other content: a replay.
+    let other = Envelope::new(&a.key, net.c.id(), T, nonce, None, &Message::GetStatus)
+        .sign(&a.key)
+        .unwrap();
+    let r = net.c.handle(Some(a.id()), &other, T + 10, &mut OsRng).await;
+    assert!(matches!(r, Err(Rejected::NotFresh(..))), "{r:?}");
+    // And the same bytes once the window has passed: stale.
+    let r = net
+        .c
+        .handle(Some(a.id()), &bytes, T + 10 * 60_000, &mut OsRng)
+        .await;
     assert!(matches!(r, Err(Rejected::NotFresh(..))), "{r:?}");
     // Stale and future-dated.
     let (old, _) = a.envelope(net.c.id(), T - 10 * 60_000, &Message::Heartbeat);
@@ -401,6 +420,146 @@ async fn match_replies_are_private_and_offers_cannot_drop_below_use() {
         ErrorCode::Refused
     );
     assert_eq!(net.books.replicas_of(&a.id()).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_repeated_match_request_reserves_once() {
+    let net = net().await;
+    let (a, b) = (Node::new(), Node::new());
+    authenticate(&net, &a, 100, T).await;
+    authenticate(&net, &b, 100, T).await;
+    let req = Message::MatchRequest {
+        size: 40,
+        copies: 1,
+        friends: vec![],
+        friend_copies: 0,
+        exclude: vec![],
+    };
+    let (bytes, _) = a.envelope(net.c.id(), T, &req);
+    let first = net.c.handle(Some(a.id()), &bytes, T, &mut OsRng).await;
+    let second = net
+        .c
+        .handle(Some(a.id()), &bytes, T + 3_000, &mut OsRng)
+        .await;
+    assert_eq!(first.unwrap(), second.unwrap());
+    let bn = net.books.node(&b.id()).await.unwrap().unwrap();
+    assert_eq!(bn.held, 40, "reserved once, answered twice");
+}
+
+#[tokio::test]
+async fn unused_reservations_lapse_and_silent_nodes_go_offline() {
+    let net = net().await;
+    let (a, b) = (Node::new(), Node::new());
+    authenticate(&net, &a, 100, T).await;
+    authenticate(&net, &b, 100, T).await;
+    let req = Message::MatchRequest {
+        size: 60,
+        copies: 1,
+        friends: vec![],
+        friend_copies: 0,
+        exclude: vec![],
+    };
+    assert!(matches!(
+        ask(&net, &a, T, &req).await,
+        Message::MatchReply { .. }
+    ));
+    assert_eq!(
+        code(&ask(&net, &a, T, &req).await),
+        ErrorCode::NoCapacity,
+        "a's quota is taken by the reservation"
+    );
+    let config = net.c.config().clone();
+    // b keeps sending heartbeats; a falls silent.
+    let later = T + config.reservation_ttl_ms;
+    assert_eq!(
+        ask(&net, &b, later - 1000, &Message::Heartbeat).await,
+        Message::Ok
+    );
+    let sweep = net.c.sweep(later).await.unwrap();
+    assert_eq!(sweep.released, 1);
+    assert_eq!(sweep.silent, vec![a.id()]);
+    let (an, bn) = (
+        net.books.node(&a.id()).await.unwrap().unwrap(),
+        net.books.node(&b.id()).await.unwrap().unwrap(),
+    );
+    assert_eq!((an.placed, bn.held), (0, 0), "space and quota given back");
+    assert!(!an.online && bn.online);
+    // The lapsed reservation cannot be used; a fresh match can.
+    let rec = Message::RecordReplica {
+        pack: PackId([1; 32]),
+        storer: b.id(),
+        size: 60,
+        root: [2; 32],
+    };
+    assert_eq!(code(&ask(&net, &a, later, &rec).await), ErrorCode::Refused);
+    assert!(matches!(
+        ask(&net, &a, later, &req).await,
+        Message::MatchReply { .. }
+    ));
+    assert_eq!(ask(&net, &a, later, &rec).await, Message::Ok);
+    assert_eq!(
+        ask(&net, &a, later, &rec).await,
+        Message::Ok,
+        "recording again is harmless"
+    );
+    assert_eq!(
+        net.c
+            .sweep(later + config.reservation_ttl_ms)
+            .await
+            .unwrap()
+            .released,
+        0
+    );
+    assert_eq!(net.books.node(&b.id()).await.unwrap().unwrap().held, 60);
+}
+
+#[tokio::test]
+async fn peers_are_listed_from_both_sides() {
+    let net = net().await;
+    let nodes: Vec<Node> = (0..3).map(|_| Node::new()).collect();
+    for n in &nodes {
+        authenticate(&net, n, 1000, T).await;
+    }
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    // a stores two packs on b, b one on a; c is nobody's peer.
+    for (owner, storer, pack) in [(a, b, 1u8), (a, b, 2), (b, a, 3)] {
+        let req = Message::MatchRequest {
+            size: 10,
+            copies: 1,
+            friends: vec![storer.id()],
+            friend_copies: 1,
+            exclude: vec![c.id()],
+        };
+        let Message::MatchReply { storers } = ask(&net, owner, T, &req).await else {
+            panic!()
+        };
+        assert_eq!(storers, vec![storer.id()]);
+        let rec = Message::RecordReplica {
+            pack: PackId([pack; 32]),
+            storer: storer.id(),
+            size: 10,
+            root: [pack; 32],
+        };
+        assert_eq!(ask(&net, owner, T, &rec).await, Message::Ok);
+    }
+    let Message::Peers(list) = ask(&net, a, T + 1000, &Message::ListPeers).await else {
+        panic!()
+    };
+    assert_eq!(list.len(), 1);
+    let p = list[0];
+    assert_eq!(p.id, b.id());
+    assert_eq!((p.replicas_held, p.bytes_held), (2, 20));
+    assert_eq!((p.replicas_stored, p.bytes_stored), (1, 10));
+    assert!(p.online);
+    assert_eq!(p.uptime_permille, 1000, "online all its life");
+    let Message::Peers(list) = ask(&net, c, T, &Message::ListPeers).await else {
+        panic!()
+    };
+    assert!(list.is_empty());
+    let Message::Status(s) = ask(&net, b, T, &Message::GetStatus).await else {
+        panic!()
+    };
+    assert_eq!((s.held, s.placed, s.peers), (20, 10, 1));
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 //!              --Auth(challenge, exchange key, offer)--> --Welcome-->  ready
 //! request(msg) --envelope(nonce)--> ... <--reply (from the pinned key, to us,
 //!              answering that nonce, fresh; opened when sealed to us)
+//!              the same envelope again every RESEND_AFTER until answered
 //! ```
 //!
 //! Replies that are not from the pinned coordinator, not to this node, not
@@ -26,6 +27,10 @@ use crate::keys::Keys;
 
 /// How long a request waits for its reply.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long before a request without an answer is sent again (the same
+/// bytes: the coordinator answers a repeated request from its answer cache,
+/// without carrying it out twice).
+pub const RESEND_AFTER: Duration = Duration::from_secs(3);
 /// The recipient of a first Hello when no coordinator is pinned yet.
 const ANY_COORDINATOR: NodeId = NodeId([0; 32]);
 
@@ -183,8 +188,19 @@ impl CoordinatorClient {
         // is the other key reported.
         let mut other_signer = None;
         let wait = async {
+            let mut resend =
+                tokio::time::interval_at(tokio::time::Instant::now() + RESEND_AFTER, RESEND_AFTER);
             loop {
-                let Some(ev) = self.channel.next_event().await else {
+                let ev = tokio::select! {
+                    ev = self.channel.next_event() => ev,
+                    _ = resend.tick() => {
+                        // Lost on the way (a broker restart, a coordinator not
+                        // yet subscribed), or its answer was: ask again.
+                        self.channel.send(None, &bytes).await?;
+                        continue;
+                    }
+                };
+                let Some(ev) = ev else {
                     return Err(ClientError::Channel(ChannelError::Closed));
                 };
                 let ChannelEvent::Message { payload, .. } = ev else {

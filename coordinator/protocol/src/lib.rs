@@ -37,6 +37,6 @@ mod private;
 mod replay;
 
 pub use envelope::{Envelope, EnvelopeError, PrivateError, MAX_ENVELOPE, SEALED_BIT};
-pub use messages::{ErrorCode, Message, StatusReport};
+pub use messages::{ErrorCode, Message, PeerReport, StatusReport};
 pub use private::{exchange_public, open_sealed, seal_to, SealedError};
 pub use replay::{Refused, ReplayGuard};

@@ -11,6 +11,8 @@ use pluto_plugins_api::{NodeId, PackId};
 
 /// Most node ids a list in one message may hold.
 const MAX_IDS: usize = 1024;
+/// Encoded size of one [`PeerReport`].
+const PEER_REPORT_LEN: usize = 32 + 1 + 8 + 2 + 4 + 8 + 4 + 8;
 
 /// Why a request was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +67,29 @@ pub struct StatusReport {
     pub placed: u64,
     /// Nodes the node stores with or for.
     pub peers: u32,
+}
+
+/// One peer in a [`Message::Peers`] answer: a node that stores for the
+/// asker, or one the asker stores for, or both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerReport {
+    /// The peer.
+    pub id: NodeId,
+    /// Whether its channel is connected now.
+    pub online: bool,
+    /// When it was last heard from, ms since the epoch.
+    pub last_seen_ms: u64,
+    /// Its online fraction over the coordinator's uptime window, in
+    /// thousandths.
+    pub uptime_permille: u16,
+    /// Replicas of the asker's packs it holds.
+    pub replicas_held: u32,
+    /// Their bytes.
+    pub bytes_held: u64,
+    /// Replicas of its packs the asker holds.
+    pub replicas_stored: u32,
+    /// Their bytes.
+    pub bytes_stored: u64,
 }
 
 /// One control message.
@@ -151,6 +176,10 @@ pub enum Message {
     GetStatus,
     /// Coordinator: the books about the asker.
     Status(StatusReport),
+    /// Node: who stores for me, and for whom do I store?
+    ListPeers,
+    /// Coordinator: the asker's peers.
+    Peers(Vec<PeerReport>),
     /// Coordinator: done.
     Ok,
     /// Coordinator: refused.
@@ -197,6 +226,8 @@ impl Message {
             Self::Status(_) => 14,
             Self::Ok => 15,
             Self::Error { .. } => 16,
+            Self::ListPeers => 17,
+            Self::Peers(_) => 18,
         }
     }
 
@@ -205,7 +236,25 @@ impl Message {
         let mut w = Writer::new();
         w.u8(self.kind());
         match self {
-            Self::Hello | Self::Heartbeat | Self::GetManifest | Self::GetStatus | Self::Ok => {}
+            Self::Hello
+            | Self::Heartbeat
+            | Self::GetManifest
+            | Self::GetStatus
+            | Self::ListPeers
+            | Self::Ok => {}
+            Self::Peers(list) => {
+                w.varint(list.len() as u64);
+                for p in list {
+                    w.id(&p.id.0);
+                    w.u8(u8::from(p.online));
+                    w.u64(p.last_seen_ms);
+                    w.buf.extend_from_slice(&p.uptime_permille.to_le_bytes());
+                    w.u32(p.replicas_held);
+                    w.u64(p.bytes_held);
+                    w.u32(p.replicas_stored);
+                    w.u64(p.bytes_stored);
+                }
+            }
             Self::Challenge { challenge } => w.id(challenge),
             Self::Auth {
                 challenge,
@@ -327,6 +376,39 @@ impl Message {
                     message: r.string()?,
                 }
             }
+            17 => Self::ListPeers,
+            18 => {
+                let n = r.count(PEER_REPORT_LEN)?;
+                if n > MAX_IDS {
+                    return Err(r.error(format!("{n} peers in one list")));
+                }
+                let mut list = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let id = NodeId(r.id()?);
+                    let online = match r.u8()? {
+                        0 => false,
+                        1 => true,
+                        b => return Err(r.error(format!("online flag {b}"))),
+                    };
+                    let last_seen_ms = r.u64()?;
+                    let raw = r.take(2)?;
+                    let uptime_permille = u16::from_le_bytes([raw[0], raw[1]]);
+                    if uptime_permille > 1000 {
+                        return Err(r.error(format!("uptime of {uptime_permille} per mille")));
+                    }
+                    list.push(PeerReport {
+                        id,
+                        online,
+                        last_seen_ms,
+                        uptime_permille,
+                        replicas_held: r.u32()?,
+                        bytes_held: r.u64()?,
+                        replicas_stored: r.u32()?,
+                        bytes_stored: r.u64()?,
+                    });
+                }
+                Self::Peers(list)
+            }
             k => return Err(r.error(format!("unknown message kind {k}"))),
         };
         r.finish()?;
@@ -351,6 +433,32 @@ mod tests {
             Just(Message::GetManifest),
             Just(Message::GetStatus),
             Just(Message::Ok),
+            Just(Message::ListPeers),
+            proptest::collection::vec(
+                (
+                    id(),
+                    any::<bool>(),
+                    any::<u64>(),
+                    0u16..=1000,
+                    any::<u32>(),
+                    any::<u64>()
+                ),
+                0..4
+            )
+            .prop_map(|v| Message::Peers(
+                v.into_iter()
+                    .map(|(id, online, seen, up, n, b)| PeerReport {
+                        id,
+                        online,
+                        last_seen_ms: seen,
+                        uptime_permille: up,
+                        replicas_held: n,
+                        bytes_held: b,
+                        replicas_stored: n / 2,
+                        bytes_stored: b / 3,
+                    })
+                    .collect()
+            )),
             any::<[u8; 32]>().prop_map(|challenge| Message::Challenge { challenge }),
             (any::<[u8; 32]>(), any::<[u8; 32]>(), any::<u64>()).prop_map(|(c, k, o)| {
                 Message::Auth {
