@@ -146,14 +146,7 @@ impl Answers {
         }
     }
 
-    fn put(
-        &mut self,
-        key: RequestKey,
-        request: [u8; 32],
-        reply: Vec<u8>,
-        expiry: u64,
-        now: u64,
-    ) {
+    fn put(&mut self, key: RequestKey, request: [u8; 32], reply: Vec<u8>, expiry: u64, now: u64) {
         while let Some(&(key, at)) = self.order.front() {
             if at > now && self.bytes + reply.len() <= self.budget {
                 break;

@@ -657,10 +657,10 @@ mod restart {
         let (mut child, id) = start(&home, port);
 
         let (a, b) = (MasterKey::generate().keys(), MasterKey::generate().keys());
-        let ca = CoordinatorClient::connect(&url, &a, None, 1000)
+        let ca = CoordinatorClient::connect(&url, &a, None, 1000, true)
             .await
             .unwrap();
-        let cb = CoordinatorClient::connect(&url, &b, None, 1000)
+        let cb = CoordinatorClient::connect(&url, &b, None, 1000, true)
             .await
             .unwrap();
         assert_eq!(ca.coordinator().to_hex(), id);

@@ -91,22 +91,27 @@ impl std::fmt::Debug for CoordinatorClient {
 
 impl CoordinatorClient {
     /// Connects to `url`, checks (or, with `pinned` None, learns) the
-    /// coordinator's key, and authenticates with `offer`.
+    /// coordinator's key, and authenticates with `offer`. `presence` marks
+    /// the node's long-lived connection (its daemon): that one announces the
+    /// node online and leaves a last will; short-lived ones beside it
+    /// (commands) say nothing about presence.
     pub async fn connect(
         url: &str,
         keys: &Keys,
         pinned: Option<NodeId>,
         offer: u64,
+        presence: bool,
     ) -> Result<Self, ClientError> {
         let id = keys.node_id();
+        let (will, hello) = if presence {
+            (b"offline".to_vec(), b"online".to_vec())
+        } else {
+            (Vec::new(), Vec::new())
+        };
         let channel = connect_channel(
             url,
             ChannelOptions {
-                role: ChannelRole::Node {
-                    id,
-                    will: b"offline".to_vec(),
-                    hello: b"online".to_vec(),
-                },
+                role: ChannelRole::Node { id, will, hello },
                 max_payload: MAX_ENVELOPE,
             },
         )

@@ -29,6 +29,8 @@ pub struct Config {
     pub coordinator_key: Option<String>,
     /// Space offered to others, in bytes.
     pub offer: u64,
+    /// Where replicas of this node's packs go.
+    pub placement: PlacementConfig,
     /// Content-defined chunking.
     pub chunker: ChunkerConfig,
     /// Target size of a pack in bytes.
@@ -37,6 +39,72 @@ pub struct Config {
     pub compression: i32,
     /// Worker threads for backup, restore and check (0: one per core).
     pub threads: usize,
+}
+
+/// Where replicas go: `copies` distinct peers per pack, of which up to
+/// `friend_copies` with the nodes listed in `friends` (when they have
+/// room), the rest with peers the coordinator picks.
+///
+/// ```toml
+/// [placement]
+/// copies = 2
+/// friends = ["5c1f...e2"]   # node ids (hex), as `pluto status` shows them
+/// friend_copies = 1         # one copy with friends, one with anyone
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlacementConfig {
+    /// Replicas per pack, each with a different peer.
+    pub copies: u8,
+    /// Node ids (hex) to prefer.
+    pub friends: Vec<String>,
+    /// How many of the copies go to friends.
+    pub friend_copies: u8,
+}
+
+/// Most copies of a pack a node may ask for.
+pub const MAX_COPIES: u8 = 8;
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        Self {
+            copies: 2,
+            friends: Vec::new(),
+            friend_copies: 0,
+        }
+    }
+}
+
+impl PlacementConfig {
+    /// The friends as node ids.
+    pub fn friend_ids(&self) -> Result<Vec<pluto_plugins_api::NodeId>, String> {
+        self.friends
+            .iter()
+            .map(|f| {
+                f.parse()
+                    .map_err(|e| format!("placement.friends: {f:?} is not a node id: {e}"))
+            })
+            .collect()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !(1..=MAX_COPIES).contains(&self.copies) {
+            return Err(format!(
+                "placement.copies {} is outside 1..={MAX_COPIES}",
+                self.copies
+            ));
+        }
+        if self.friend_copies > self.copies {
+            return Err(format!(
+                "placement.friend_copies {} is more than copies {}",
+                self.friend_copies, self.copies
+            ));
+        }
+        if self.friend_copies > 0 && self.friends.is_empty() {
+            return Err("placement.friend_copies is set but placement.friends is empty".into());
+        }
+        self.friend_ids().map(|_| ())
+    }
 }
 
 /// FastCDC sizes, in bytes.
@@ -70,6 +138,7 @@ impl Default for Config {
             coordinator: None,
             coordinator_key: None,
             offer: 0,
+            placement: PlacementConfig::default(),
             chunker: ChunkerConfig::default(),
             pack_size: 16 << 20,
             // Chosen by measurement, see docs/benchmarks.md.
@@ -102,6 +171,7 @@ impl Config {
                 self.pack_size
             ));
         }
+        self.placement.validate()?;
         if !(0..=19).contains(&self.compression) {
             return Err(format!(
                 "compression level {} is outside 0..19",

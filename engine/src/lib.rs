@@ -32,7 +32,7 @@ pub mod restore;
 pub mod snapshot;
 pub mod tree;
 
-pub use home::{Config, Home};
+pub use home::{ChunkerConfig, Config, Home, PlacementConfig, MAX_COPIES};
 /// The byte-level codec every format is built from.
 pub use pluto_plugins_api::wire;
 pub use repo::{LockMode, Repo, RepoError};

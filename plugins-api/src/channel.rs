@@ -41,9 +41,11 @@ pub enum ChannelRole {
         /// The node.
         id: NodeId,
         /// Published for the coordinator when the connection is lost without
-        /// a goodbye (MQTT last will).
+        /// a goodbye (MQTT last will); empty for none.
         will: Vec<u8>,
-        /// Published on the presence channel after every (re)connection.
+        /// Published on the presence channel after every (re)connection;
+        /// empty for none (a short-lived connection beside the node's
+        /// long-lived one says nothing about presence).
         hello: Vec<u8>,
     },
     /// A coordinator replica: receives what nodes send and their presence.

@@ -27,6 +27,18 @@ use pluto_store_fs as _;
 use pluto_store_sqlite as _;
 use pluto_transport_mqtt as _;
 
+/// `println!` for results: when whoever reads them has gone (`pluto
+/// snapshots | head`), pluto stops quietly with the code a shell gives a
+/// program killed by SIGPIPE, instead of panicking.
+macro_rules! out {
+    () => {
+        $crate::write_out(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::write_out(format_args!($($arg)*))
+    };
+}
+
 mod fmt;
 mod node;
 use fmt::{bytes, time};
@@ -76,6 +88,26 @@ enum Command {
     Status,
     /// Stay connected to the coordinator (reconnecting when needed).
     Daemon,
+    /// List the peers that store for this node and those it stores for.
+    Peers,
+    /// Change the disk space offered to others (e.g. 50G, 500MiB).
+    Offer {
+        /// The new offer; never below what others already placed here.
+        #[arg(value_parser = fmt::parse_size)]
+        size: u64,
+    },
+    /// Ask the coordinator where a pack of SIZE bytes would be placed now,
+    /// under the placement policy in config.toml. The space is held for a
+    /// while and released unless something is stored there; exit code 3
+    /// when fewer peers than copies have room.
+    Match {
+        /// Size of one replica (e.g. 16M).
+        #[arg(value_parser = fmt::parse_size)]
+        size: u64,
+        /// Copies wanted (default: placement.copies from config.toml).
+        #[arg(long)]
+        copies: Option<u8>,
+    },
     /// Save paths as a new snapshot.
     Backup {
         /// Files and directories to save.
@@ -166,6 +198,18 @@ fn main() -> ExitCode {
     }
 }
 
+pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_fmt(args).and_then(|()| o.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("pluto: writing the output: {e}");
+        std::process::exit(1);
+    }
+}
+
 pub(crate) struct Ui {
     json: bool,
     quiet: bool,
@@ -191,7 +235,7 @@ impl Ui {
         pb
     }
     pub(crate) fn print_json<T: Serialize>(&self, v: &T) -> Result<()> {
-        println!("{}", serde_json::to_string_pretty(v)?);
+        out!("{}", serde_json::to_string_pretty(v)?);
         Ok(())
     }
 }
@@ -226,6 +270,9 @@ async fn run(cli: Cli) -> Result<u8> {
         }
         Command::Status => node::status(&ui, home).await,
         Command::Daemon => node::daemon(&ui, home).await,
+        Command::Peers => node::peers(&ui, home).await,
+        Command::Offer { size } => node::offer(&ui, home, size).await,
+        Command::Match { size, copies } => node::match_cmd(&ui, home, size, copies).await,
         Command::Backup {
             paths,
             tags,
@@ -265,9 +312,10 @@ async fn run(cli: Cli) -> Result<u8> {
             if ui.json {
                 ui.print_json(&report)?;
             } else if !ui.quiet {
-                println!(
+                out!(
                     "catalog rebuilt from {} packs: {} snapshots",
-                    report.packs, report.snapshots
+                    report.packs,
+                    report.snapshots
                 );
             }
             Ok(0)
@@ -305,7 +353,7 @@ fn init(ui: &Ui, home: &Home, mnemonic_file: Option<&Path>, config: &Config) -> 
     };
     Repo::init(home, &master, config)?;
     let node = master.keys().node_id();
-    if ui.json {
+    let text = if ui.json {
         let mut v = serde_json::json!({
             "home": home.root(),
             "node_id": node,
@@ -314,14 +362,14 @@ fn init(ui: &Ui, home: &Home, mnemonic_file: Option<&Path>, config: &Config) -> 
         if !recovered {
             v["mnemonic"] = serde_json::Value::String(master.mnemonic().to_string());
         }
-        ui.print_json(&v)?;
+        format!("{}\n", serde_json::to_string_pretty(&v)?)
     } else if recovered {
-        println!("recovered node {} in {}", node, home.root().display());
+        format!("recovered node {} in {}\n", node, home.root().display())
     } else {
-        println!("created node {} in {}", node, home.root().display());
-        println!();
-        println!("Your recovery phrase (shown only this once; write it down and keep it safe):");
-        println!();
+        let mut t = format!("created node {} in {}\n\n", node, home.root().display());
+        t.push_str(
+            "Your recovery phrase (shown only this once; write it down and keep it safe):\n\n",
+        );
         let words = master.mnemonic();
         for (i, line) in words.split(' ').collect::<Vec<_>>().chunks(6).enumerate() {
             let numbered: Vec<String> = line
@@ -329,10 +377,21 @@ fn init(ui: &Ui, home: &Home, mnemonic_file: Option<&Path>, config: &Config) -> 
                 .enumerate()
                 .map(|(j, w)| format!("{:>2}. {:<9}", i * 6 + j + 1, w))
                 .collect();
-            println!("  {}", numbered.join(" "));
+            t.push_str(&format!("  {}\n", numbered.join(" ")));
         }
-        println!();
-        println!("These 24 words are all it takes to restore everything on a new machine.");
+        t.push_str("\nThese 24 words are all it takes to restore everything on a new machine.\n");
+        t
+    };
+    // A new identity whose words nobody saw must not stay behind: the home
+    // is removed again (it did not exist before) and init can be re-run.
+    let shown = {
+        use std::io::Write;
+        let mut o = std::io::stdout().lock();
+        o.write_all(text.as_bytes()).and_then(|()| o.flush())
+    };
+    if let Err(e) = shown {
+        let _ = std::fs::remove_dir_all(home.root());
+        bail!("could not show the result ({e}); nothing was created, run init again");
     }
     Ok(0)
 }
@@ -409,7 +468,7 @@ async fn backup_cmd(ui: &Ui, home: Home, opts: BackupOptions) -> Result<u8> {
     if ui.json {
         ui.print_json(&report)?;
     } else if !ui.quiet {
-        println!(
+        out!(
             "snapshot {} saved: {} new, {} changed, {} unmodified files, {} dirs",
             report.snapshot.short(),
             s.files_new,
@@ -417,7 +476,7 @@ async fn backup_cmd(ui: &Ui, home: Home, opts: BackupOptions) -> Result<u8> {
             s.files_unmodified,
             s.dirs
         );
-        println!(
+        out!(
             "read {}, added {} ({} stored) in {:.1}s",
             bytes(s.bytes_read),
             bytes(s.bytes_added_raw),
@@ -477,12 +536,15 @@ async fn snapshots(ui: &Ui, home: Home) -> Result<u8> {
             .collect();
         return ui.print_json(&v).map(|()| 0);
     }
-    println!(
+    out!(
         "{:<8}  {:<20}  {:<16}  {:<12}  paths",
-        "id", "time (UTC)", "host", "tags"
+        "id",
+        "time (UTC)",
+        "host",
+        "tags"
     );
     for s in &all {
-        println!(
+        out!(
             "{:<8}  {:<20}  {:<16}  {:<12}  {}",
             s.id.short(),
             time(s.time_ns),
@@ -492,7 +554,7 @@ async fn snapshots(ui: &Ui, home: Home) -> Result<u8> {
         );
     }
     if !ui.quiet {
-        println!("{} snapshot(s)", all.len());
+        out!("{} snapshot(s)", all.len());
     }
     Ok(0)
 }
@@ -528,8 +590,8 @@ async fn ls(ui: &Ui, home: Home, spec: &str, under: Option<&Path>) -> Result<u8>
     }
     for e in &out {
         match &e.target {
-            Some(t) => println!("{} -> {}", e.path, t),
-            None => println!("{}", e.path),
+            Some(t) => out!("{} -> {}", e.path, t),
+            None => out!("{}", e.path),
         }
     }
     Ok(0)
@@ -622,7 +684,7 @@ async fn restore_cmd(
             }
         }
         if !ui.quiet {
-            println!(
+            out!(
                 "restored {} files ({} already in place), {} dirs, {} symlinks, {} into {}",
                 report.files_restored,
                 report.files_already_there,
@@ -669,9 +731,9 @@ async fn check_cmd(ui: &Ui, home: Home, read_data: bool) -> Result<u8> {
         }
         if !ui.quiet {
             for n in &report.notes {
-                println!("note: {n}");
+                out!("note: {n}");
             }
-            println!(
+            out!(
                 "checked {} packs{}, {} blobs, {} snapshots, {} trees",
                 report.packs,
                 if read_data {
@@ -693,7 +755,7 @@ async fn check_cmd(ui: &Ui, home: Home, read_data: bool) -> Result<u8> {
         );
     }
     if !ui.json && !ui.quiet {
-        println!("no errors found");
+        out!("no errors found");
     }
     Ok(0)
 }

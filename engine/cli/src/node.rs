@@ -40,8 +40,8 @@ struct Status {
     coordinator: Option<CoordinatorState>,
 }
 
-fn pinned(repo: &Repo) -> Result<Option<NodeId>> {
-    repo.config
+fn pinned(config: &pluto_engine::Config) -> Result<Option<NodeId>> {
+    config
         .coordinator_key
         .as_deref()
         .map(|k| {
@@ -52,17 +52,200 @@ fn pinned(repo: &Repo) -> Result<Option<NodeId>> {
 }
 
 /// Connects and authenticates; pins the coordinator's key on first contact.
+/// The config is read afresh, so a long-running daemon picks up an offer
+/// changed meanwhile (`pluto offer`) when it reconnects.
 async fn connect(repo: &Repo, home: &Home, url: &str) -> Result<CoordinatorClient, ClientError> {
-    let pin = pinned(repo).map_err(|e| ClientError::Unexpected(e.to_string()))?;
-    let client = CoordinatorClient::connect(url, &repo.keys, pin, repo.config.offer).await?;
+    connect_as(repo, home, url, false).await
+}
+
+/// [`connect`], saying whether this is the node's long-lived connection.
+async fn connect_as(
+    repo: &Repo,
+    home: &Home,
+    url: &str,
+    presence: bool,
+) -> Result<CoordinatorClient, ClientError> {
+    let config = home.load_config().unwrap_or_else(|_| repo.config.clone());
+    let pin = pinned(&config).map_err(|e| ClientError::Unexpected(e.to_string()))?;
+    let client = CoordinatorClient::connect(url, &repo.keys, pin, config.offer, presence).await?;
     if pin.is_none() {
-        let mut cfg = repo.config.clone();
+        let mut cfg = config;
         cfg.coordinator_key = Some(client.coordinator().to_hex());
         if let Err(e) = home.save_config(&cfg) {
             tracing::warn!("could not pin the coordinator's key: {e}");
         }
     }
     Ok(client)
+}
+
+/// The configured coordinator's URL, or a clear error.
+fn coordinator_url(repo: &Repo) -> Result<String> {
+    repo.config
+        .coordinator
+        .clone()
+        .context("no coordinator configured (pluto init --coordinator URL)")
+}
+
+#[derive(Serialize)]
+struct Peer {
+    id: String,
+    online: bool,
+    last_seen_ms: u64,
+    /// Online fraction over the coordinator's uptime window.
+    uptime: f64,
+    /// Replicas of this node's packs the peer holds, and their bytes.
+    replicas_held: u32,
+    bytes_held: u64,
+    /// Replicas of the peer's packs this node holds, and their bytes.
+    replicas_stored: u32,
+    bytes_stored: u64,
+}
+
+pub(crate) async fn peers(ui: &Ui, home: Home) -> Result<u8> {
+    let repo = Repo::open(home.clone(), LockMode::Shared).await?;
+    let url = coordinator_url(&repo)?;
+    let client = connect(&repo, &home, &url).await?;
+    let answer = client.request(&Message::ListPeers).await;
+    client.close().await;
+    let Message::Peers(list) = answer? else {
+        anyhow::bail!("unexpected answer from the coordinator");
+    };
+    let peers: Vec<Peer> = list
+        .iter()
+        .map(|p| Peer {
+            id: p.id.to_hex(),
+            online: p.online,
+            last_seen_ms: p.last_seen_ms,
+            uptime: f64::from(p.uptime_permille) / 1000.0,
+            replicas_held: p.replicas_held,
+            bytes_held: p.bytes_held,
+            replicas_stored: p.replicas_stored,
+            bytes_stored: p.bytes_stored,
+        })
+        .collect();
+    if ui.json {
+        ui.print_json(&serde_json::json!({ "peers": peers }))?;
+        return Ok(0);
+    }
+    if peers.is_empty() {
+        out!("no peers yet: nobody stores for this node, and it stores for nobody");
+        return Ok(0);
+    }
+    out!(
+        "{:<16} {:<8} {:>7} {:>22} {:>22}",
+        "peer",
+        "state",
+        "uptime",
+        "holds for you",
+        "you hold for it"
+    );
+    for p in &peers {
+        out!(
+            "{:<16} {:<8} {:>6.1}% {:>22} {:>22}",
+            &p.id[..16],
+            if p.online { "online" } else { "offline" },
+            p.uptime * 100.0,
+            format!("{} ({})", p.replicas_held, bytes(p.bytes_held)),
+            format!("{} ({})", p.replicas_stored, bytes(p.bytes_stored)),
+        );
+    }
+    Ok(0)
+}
+
+/// `pluto offer SIZE`: the coordinator first (it refuses an offer below
+/// what is in use), then the config. When the coordinator cannot be
+/// reached the config changes alone and the coordinator learns the new
+/// offer at the next connection (never below what is in use).
+pub(crate) async fn offer(ui: &Ui, home: Home, size: u64) -> Result<u8> {
+    let repo = Repo::open(home.clone(), LockMode::Shared).await?;
+    let mut applied = None;
+    if let Some(url) = repo.config.coordinator.clone() {
+        match connect(&repo, &home, &url).await {
+            Ok(client) => {
+                let r = client.request(&Message::SetOffer { bytes: size }).await;
+                client.close().await;
+                r?;
+                applied = Some(true);
+            }
+            Err(e @ ClientError::KeyChanged { .. }) => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!("{e}");
+                applied = Some(false);
+            }
+        }
+    }
+    let mut cfg = home.load_config().map_err(anyhow::Error::msg)?;
+    cfg.offer = size;
+    home.save_config(&cfg).map_err(anyhow::Error::msg)?;
+    if ui.json {
+        ui.print_json(&serde_json::json!({ "offer": size, "coordinator_updated": applied }))?;
+    } else if !ui.quiet {
+        match applied {
+            Some(true) => out!("now offering {}", bytes(size)),
+            Some(false) => out!(
+                "now offering {} (the coordinator is unreachable; it learns the new offer at the next connection)",
+                bytes(size)
+            ),
+            None => out!("now offering {} (no coordinator configured)", bytes(size)),
+        }
+    }
+    Ok(0)
+}
+
+/// `pluto match SIZE`: asks where one pack of SIZE bytes would go now,
+/// under the placement policy in config.toml. The space stays reserved for
+/// a while (the coordinator's reservation time) and is released unless a
+/// replica is recorded.
+pub(crate) async fn match_cmd(ui: &Ui, home: Home, size: u64, copies: Option<u8>) -> Result<u8> {
+    let repo = Repo::open(home.clone(), LockMode::Shared).await?;
+    let url = coordinator_url(&repo)?;
+    let placement = &repo.config.placement;
+    let copies = copies.unwrap_or(placement.copies);
+    if !(1..=pluto_engine::MAX_COPIES).contains(&copies) {
+        anyhow::bail!("--copies must be 1..={}", pluto_engine::MAX_COPIES);
+    }
+    let friends = placement.friend_ids().map_err(anyhow::Error::msg)?;
+    let client = connect(&repo, &home, &url).await?;
+    let answer = client
+        .request(&Message::MatchRequest {
+            size,
+            copies,
+            friends: friends.clone(),
+            friend_copies: placement.friend_copies.min(copies),
+            exclude: Vec::new(),
+        })
+        .await;
+    client.close().await;
+    let Message::MatchReply { storers } = answer? else {
+        anyhow::bail!("unexpected answer from the coordinator");
+    };
+    let list: Vec<serde_json::Value> = storers
+        .iter()
+        .map(|s| serde_json::json!({ "id": s.to_hex(), "friend": friends.contains(s) }))
+        .collect();
+    if ui.json {
+        ui.print_json(&serde_json::json!({
+            "size": size,
+            "copies": copies,
+            "storers": list,
+        }))?;
+    } else if !ui.quiet {
+        out!(
+            "{} of {copies} copies of {} have a place:",
+            storers.len(),
+            bytes(size)
+        );
+        for s in &storers {
+            let tag = if friends.contains(s) { " (friend)" } else { "" };
+            out!("  {}{tag}", s.to_hex());
+        }
+    }
+    // Fewer storers than copies: the network lacks room (a partial answer).
+    Ok(if storers.len() < usize::from(copies) {
+        3
+    } else {
+        0
+    })
 }
 
 pub(crate) async fn status(ui: &Ui, home: Home) -> Result<u8> {
@@ -108,28 +291,28 @@ pub(crate) async fn status(ui: &Ui, home: Home) -> Result<u8> {
         ui.print_json(&st)?;
         return Ok(0);
     }
-    println!("node        {}", st.node_id);
-    println!("home        {}", st.home);
-    println!("snapshots   {}", st.snapshots);
-    println!("local packs {} ({})", st.local_packs, bytes(st.local_bytes));
+    out!("node        {}", st.node_id);
+    out!("home        {}", st.home);
+    out!("snapshots   {}", st.snapshots);
+    out!("local packs {} ({})", st.local_packs, bytes(st.local_bytes));
     match &st.coordinator {
-        None => println!("coordinator none (local-only mode)"),
+        None => out!("coordinator none (local-only mode)"),
         Some(c) => {
-            println!("coordinator {} ({})", c.url, c.state);
+            out!("coordinator {} ({})", c.url, c.state);
             if let Some(k) = &c.key {
-                println!("  key       {k}");
+                out!("  key       {k}");
             }
             if let Some(e) = &c.error {
-                println!("  error     {e}");
+                out!("  error     {e}");
             }
             if let (Some(o), Some(h), Some(p), Some(n)) = (c.offered, c.held, c.placed, c.peers) {
-                println!("  offered   {}", bytes(o));
-                println!("  held      {} (stored here for others)", bytes(h));
-                println!(
+                out!("  offered   {}", bytes(o));
+                out!("  held      {} (stored here for others)", bytes(h));
+                out!(
                     "  placed    {} (stored at peers, every copy counted)",
                     bytes(p)
                 );
-                println!("  peers     {n}");
+                out!("  peers     {n}");
             }
         }
     }
@@ -151,22 +334,18 @@ fn unreachable_state(url: String, key: Option<String>, error: String) -> Coordin
 
 pub(crate) async fn daemon(ui: &Ui, home: Home) -> Result<u8> {
     let repo = Repo::open(home.clone(), LockMode::Shared).await?;
-    let url = repo
-        .config
-        .coordinator
-        .clone()
-        .context("no coordinator configured (pluto init --coordinator URL)")?;
+    let url = coordinator_url(&repo)?;
     let say = |what: String| {
         if ui.json {
-            println!("{}", serde_json::json!({ "event": what }));
+            out!("{}", serde_json::json!({ "event": what }));
         } else if !ui.quiet {
-            println!("{what}");
+            out!("{what}");
         }
     };
     let mut backoff = Duration::from_secs(1);
     let run = async {
         loop {
-            match connect(&repo, &home, &url).await {
+            match connect_as(&repo, &home, &url, true).await {
                 Ok(client) => {
                     backoff = Duration::from_secs(1);
                     say(format!(

@@ -6,4 +6,5 @@ mod integration {
     pub mod common;
     mod coordinator;
     mod faults;
+    mod network;
 }

@@ -72,7 +72,7 @@ async fn main() -> Result<()> {
         tasks.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await.ok()?;
             let t = Instant::now();
-            match CoordinatorClient::connect(&url, &k, None, 1 << 30).await {
+            match CoordinatorClient::connect(&url, &k, None, 1 << 30, true).await {
                 Ok(c) => Some((c, t.elapsed())),
                 Err(e) => {
                     eprintln!("auth failed: {e}");

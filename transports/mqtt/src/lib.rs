@@ -143,7 +143,18 @@ impl MqttChannel {
         let u = MqttUrl::parse(url)?;
         let topics = Topics { prefix: u.prefix };
         let (client_id, node) = match &opts.role {
-            ChannelRole::Node { id, .. } => (format!("pluto-n-{}", &id.to_hex()[..24]), Some(*id)),
+            // A random part: a node may hold several connections at once
+            // (its daemon and a command), and a client id that others can
+            // guess would let anyone on the broker push the node off (MQTT
+            // drops the older of two connections with the same id).
+            ChannelRole::Node { id, .. } => (
+                format!(
+                    "pluto-n-{}-{:016x}",
+                    &id.to_hex()[..12],
+                    rand::random::<u64>()
+                ),
+                Some(*id),
+            ),
             ChannelRole::Coordinator { .. } => {
                 (format!("pluto-c-{:016x}", rand::random::<u64>()), None)
             }
@@ -155,12 +166,16 @@ impl MqttChannel {
             .set_clean_session(true)
             .set_max_packet_size(packet, packet);
         if let ChannelRole::Node { id, will, .. } = &opts.role {
-            mo.set_last_will(LastWill::new(
-                topics.presence(id),
-                will.clone(),
-                QoS::AtLeastOnce,
-                false,
-            ));
+            if will.is_empty() {
+                // No presence for this connection.
+            } else {
+                mo.set_last_will(LastWill::new(
+                    topics.presence(id),
+                    will.clone(),
+                    QoS::AtLeastOnce,
+                    false,
+                ));
+            }
         }
         let (client, eventloop) = AsyncClient::new(mo, 256);
         let (tx, rx) = mpsc::channel(1024);
@@ -234,13 +249,16 @@ async fn run(
                 if pending > 0 {
                     None
                 } else {
-                    if let ChannelRole::Node { id, hello, .. } = &role {
-                        let _ = client.try_publish(
-                            topics.presence(id),
-                            QoS::AtLeastOnce,
-                            false,
-                            hello.clone(),
-                        );
+                    match &role {
+                        ChannelRole::Node { id, hello, .. } if !hello.is_empty() => {
+                            let _ = client.try_publish(
+                                topics.presence(id),
+                                QoS::AtLeastOnce,
+                                false,
+                                hello.clone(),
+                            );
+                        }
+                        _ => {}
                     }
                     Some(ChannelEvent::Connected)
                 }

@@ -182,3 +182,37 @@ fn mistakes_get_one_clear_line() {
     let r = run(pluto(&home).arg("frobnicate"));
     assert_eq!(r.code, 2, "usage errors exit 2");
 }
+
+/// Runs with standard output already closed by its reader.
+fn into_closed_pipe(cmd: &mut std::process::Command) -> Run {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let r = Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::new(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert!(!r.stderr.contains("panicked"), "panic: {}", r.stderr);
+    r
+}
+
+#[test]
+fn a_reader_that_goes_away_is_no_panic_and_no_unseen_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    // Nobody saw the words: nothing is left behind, init can run again.
+    let r = into_closed_pipe(pluto(&home).arg("init"));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("run init again"), "{}", r.stderr);
+    assert!(!home.exists(), "no identity whose words nobody saw");
+    ok(pluto(&home).arg("init"));
+    // `pluto snapshots | head`: stops quietly, as if by SIGPIPE.
+    let r = into_closed_pipe(pluto(&home).args(["--json", "snapshots"]));
+    assert_eq!(r.code, 141, "{}", r.stderr);
+    assert!(r.stderr.is_empty(), "{}", r.stderr);
+}
