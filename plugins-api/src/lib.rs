@@ -10,6 +10,8 @@
 //! - [`MetaStore`]: the node's catalog (index, snapshots, pack list), async.
 //! - [`ControlChannel`]: how control messages travel between nodes and the
 //!   coordinator (opaque bytes addressed by node id, plus presence).
+//! - [`Transport`]: how two nodes exchange data (links of frames with an
+//!   authenticated peer).
 //!
 //! Plugins announce themselves with a const descriptor submitted to
 //! [`inventory`]; a binary links the plugins it wants and resolves them by URL
@@ -31,6 +33,7 @@ mod registry;
 mod store;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+mod transport;
 pub mod wire;
 
 pub use books::{online_fraction, BooksStore, ManifestRecord, NodeRecord, Recorded, ReplicaRecord};
@@ -45,6 +48,10 @@ pub use registry::{
     PLUGIN_ABI_VERSION,
 };
 pub use store::{BlobLocation, BlobStore, MetaStore, PackRecord, SnapshotRecord, StoreError};
+pub use transport::{
+    open_transport, Link, Transport, TransportDescriptor, TransportError, TransportFuture,
+    TransportOptions,
+};
 
 pub use async_trait::async_trait;
 pub use inventory;
