@@ -501,7 +501,18 @@ impl Coordinator {
                 None => error(ErrorCode::NotFound, "no manifest kept"),
             },
             Message::GetStatus => {
-                let peers = self.peers_of(from, now_ms).await?;
+                let mut peers: Vec<NodeId> = (self.books.replicas_of(from).await?.iter())
+                    .map(|r| r.storer)
+                    .chain(
+                        self.books
+                            .replicas_held_by(from)
+                            .await?
+                            .iter()
+                            .map(|r| r.owner),
+                    )
+                    .collect();
+                peers.sort_unstable();
+                peers.dedup();
                 private(Message::Status(StatusReport {
                     offered: node.offer,
                     held: node.held,

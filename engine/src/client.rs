@@ -201,7 +201,9 @@ impl CoordinatorClient {
                     _ = resend.tick() => {
                         // Lost on the way (a broker restart, a coordinator not
                         // yet subscribed), or its answer was: ask again.
-                        self.channel.send(None, &bytes).await?;
+                        // A failure here is the channel reconnecting: the
+                        // next tick tries again.
+                        let _ = self.channel.send(None, &bytes).await;
                         continue;
                     }
                 };
