@@ -9,7 +9,7 @@ use pluto_plugins_api::{
 };
 use pluto_protocol::{
     exchange_public, Envelope, EnvelopeError, ErrorCode, Message, PeerReport, Refused, ReplayGuard,
-    StatusReport,
+    StatusReport, Ticket,
 };
 use rand::seq::SliceRandom;
 use rand_core::CryptoRngCore;
@@ -454,7 +454,23 @@ impl Coordinator {
                             "no storer has room (or your offer is used up)",
                         )
                     } else {
-                        private(Message::MatchReply { storers })
+                        let expires_ms = now_ms.saturating_add(self.config.reservation_ttl_ms);
+                        let tickets = storers
+                            .iter()
+                            .map(|storer| {
+                                let mut nonce = [0u8; 16];
+                                rng.fill_bytes(&mut nonce);
+                                Ticket {
+                                    owner: *from,
+                                    storer: *storer,
+                                    size,
+                                    expires_ms,
+                                    nonce,
+                                }
+                                .sign(&self.identity)
+                            })
+                            .collect();
+                        private(Message::MatchReply { storers, tickets })
                     }
                 }
             }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use ed25519_dalek::SigningKey;
 use pluto_coordinator::{Coordinator, CoordinatorConfig, Rejected};
 use pluto_plugins_api::{BooksStore, NodeId, PackId};
-use pluto_protocol::{exchange_public, Envelope, ErrorCode, Message, MAX_ENVELOPE};
+use pluto_protocol::{exchange_public, Envelope, ErrorCode, Message, Ticket, MAX_ENVELOPE};
 use rand_core::{OsRng, RngCore};
 use x25519_dalek::StaticSecret;
 
@@ -304,7 +304,7 @@ async fn matching_picks_distinct_storers_with_room_and_respects_quotas() {
         friend_copies: 0,
         exclude: vec![],
     };
-    let Message::MatchReply { storers } = ask(&net, asker, T, &req(3)).await else {
+    let Message::MatchReply { storers, .. } = ask(&net, asker, T, &req(3)).await else {
         panic!()
     };
     assert_eq!(storers.len(), 3);
@@ -315,7 +315,7 @@ async fn matching_picks_distinct_storers_with_room_and_respects_quotas() {
     assert!(!storers.contains(&asker.id()), "never the asker");
     // The asker may place (every replica counted) only what it offers: 100.
     let mut placed = 30;
-    while let Message::MatchReply { storers } = ask(&net, asker, T, &req(2)).await {
+    while let Message::MatchReply { storers, .. } = ask(&net, asker, T, &req(2)).await {
         placed += 10 * storers.len() as u64;
     }
     assert_eq!(placed, 100);
@@ -354,7 +354,7 @@ async fn friends_get_their_share_of_copies() {
             friend_copies: 1,
             exclude: vec![nodes[1].id()],
         };
-        let Message::MatchReply { storers } = ask(&net, &nodes[0], T, &req).await else {
+        let Message::MatchReply { storers, .. } = ask(&net, &nodes[0], T, &req).await else {
             panic!()
         };
         assert_eq!(storers.len(), 2);
@@ -389,12 +389,18 @@ async fn match_replies_are_private_and_offers_cannot_drop_below_use() {
         env.open_private(&b.exchange).is_err(),
         "only the asker reads it"
     );
-    assert_eq!(
-        env.open_private(&a.exchange).unwrap(),
-        Message::MatchReply {
-            storers: vec![b.id()]
-        }
-    );
+    let Message::MatchReply { storers, tickets } = env.open_private(&a.exchange).unwrap() else {
+        panic!("not a match reply")
+    };
+    assert_eq!(storers, vec![b.id()]);
+    // The ticket a shows b: signed by the coordinator, a's, on b, for 40
+    // bytes, until the reservation lapses; useless to anyone else.
+    let t = Ticket::check(&tickets[0], &net.c.id(), &b.id(), &a.id(), T).unwrap();
+    assert_eq!(t.size, 40);
+    assert_eq!(t.expires_ms, T + net.c.config().reservation_ttl_ms);
+    assert!(Ticket::check(&tickets[0], &net.c.id(), &a.id(), &a.id(), T).is_err());
+    assert!(Ticket::check(&tickets[0], &net.c.id(), &b.id(), &b.id(), T).is_err());
+    assert!(Ticket::check(&tickets[0], &net.c.id(), &b.id(), &a.id(), t.expires_ms).is_err());
     assert_eq!(
         code(&ask(&net, &b, T, &Message::SetOffer { bytes: 10 }).await),
         ErrorCode::Refused
@@ -530,7 +536,7 @@ async fn peers_are_listed_from_both_sides() {
             friend_copies: 1,
             exclude: vec![c.id()],
         };
-        let Message::MatchReply { storers } = ask(&net, owner, T, &req).await else {
+        let Message::MatchReply { storers, .. } = ask(&net, owner, T, &req).await else {
             panic!()
         };
         assert_eq!(storers, vec![storer.id()]);
@@ -671,12 +677,13 @@ mod restart {
             friend_copies: 0,
             exclude: vec![],
         };
-        assert_eq!(
-            ca.request(&req).await.unwrap(),
-            Message::MatchReply {
-                storers: vec![b.node_id()]
+        match ca.request(&req).await.unwrap() {
+            Message::MatchReply { storers, tickets } => {
+                assert_eq!(storers, vec![b.node_id()]);
+                assert_eq!(tickets.len(), 1);
             }
-        );
+            other => panic!("{other:?}"),
+        }
         let manifest = Message::PutManifest {
             version: 1,
             blob: b"manifest".to_vec(),

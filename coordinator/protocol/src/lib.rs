@@ -35,8 +35,10 @@ mod envelope;
 mod messages;
 mod private;
 mod replay;
+mod ticket;
 
 pub use envelope::{Envelope, EnvelopeError, PrivateError, MAX_ENVELOPE, SEALED_BIT};
 pub use messages::{ErrorCode, Message, PeerReport, StatusReport};
 pub use private::{exchange_public, open_sealed, seal_to, SealedError};
 pub use replay::{Refused, ReplayGuard};
+pub use ticket::{Ticket, TicketError, SIGNED_TICKET_LEN, TICKET_LEN};

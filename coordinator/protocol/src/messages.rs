@@ -144,6 +144,9 @@ pub enum Message {
     MatchReply {
         /// Distinct storers, never the asker.
         storers: Vec<NodeId>,
+        /// One signed placement ticket per storer, in the same order
+        /// ([`crate::Ticket`]): what the owner shows the storer.
+        tickets: Vec<Vec<u8>>,
     },
     /// Node: a replica was placed.
     RecordReplica {
@@ -286,7 +289,13 @@ impl Message {
                 w.u8(*friend_copies);
                 ids(&mut w, exclude);
             }
-            Self::MatchReply { storers } => ids(&mut w, storers),
+            Self::MatchReply { storers, tickets } => {
+                ids(&mut w, storers);
+                w.varint(tickets.len() as u64);
+                for t in tickets {
+                    w.bytes(t);
+                }
+            }
             Self::RecordReplica {
                 pack,
                 storer,
@@ -341,9 +350,23 @@ impl Message {
                 friend_copies: r.u8()?,
                 exclude: read_ids(&mut r)?,
             },
-            8 => Self::MatchReply {
-                storers: read_ids(&mut r)?,
-            },
+            8 => {
+                let storers = read_ids(&mut r)?;
+                let n = r.count(1)?;
+                if n != storers.len() {
+                    return Err(r.error(format!("{n} tickets for {} storers", storers.len())));
+                }
+                let tickets = (0..n)
+                    .map(|_| {
+                        let t = r.bytes()?;
+                        if t.len() != crate::SIGNED_TICKET_LEN {
+                            return Err(r.error(format!("a ticket of {} bytes", t.len())));
+                        }
+                        Ok(t.to_vec())
+                    })
+                    .collect::<Result<_, _>>()?;
+                Self::MatchReply { storers, tickets }
+            }
             9 => Self::RecordReplica {
                 pack: PackId(r.id()?),
                 storer: NodeId(r.id()?),
@@ -481,7 +504,13 @@ mod tests {
                     exclude: e,
                 }
             }),
-            ids().prop_map(|storers| Message::MatchReply { storers }),
+            ids().prop_map(|storers| Message::MatchReply {
+                tickets: storers
+                    .iter()
+                    .map(|_| vec![7u8; crate::SIGNED_TICKET_LEN])
+                    .collect(),
+                storers,
+            }),
             (any::<[u8; 32]>(), id(), any::<u64>(), any::<[u8; 32]>()).prop_map(|(p, s, z, r)| {
                 Message::RecordReplica {
                     pack: PackId(p),

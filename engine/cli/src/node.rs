@@ -216,7 +216,7 @@ pub(crate) async fn match_cmd(ui: &Ui, home: Home, size: u64, copies: Option<u8>
         })
         .await;
     client.close().await;
-    let Message::MatchReply { storers } = answer? else {
+    let Message::MatchReply { storers, .. } = answer? else {
         anyhow::bail!("unexpected answer from the coordinator");
     };
     let list: Vec<serde_json::Value> = storers
