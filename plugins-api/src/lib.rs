@@ -30,6 +30,7 @@ mod books;
 mod channel;
 mod ids;
 mod registry;
+pub mod sqlint;
 mod store;
 #[cfg(feature = "testkit")]
 pub mod testkit;

@@ -9,6 +9,7 @@
 //! first, in id order, so concurrent coordinator replicas neither
 //! over-commit a storer nor deadlock each other.
 
+use pluto_plugins_api::sqlint::{clamped as int, ordered, unordered};
 use pluto_plugins_api::{
     async_trait, redact_url, BooksStore, BooksStoreDescriptor, BooksStoreFuture, ManifestRecord,
     NodeId, NodeRecord, PackId, Recorded, ReplicaRecord, StoreError, PLUGIN_ABI_VERSION,
@@ -47,21 +48,6 @@ fn id32<T>(bytes: &[u8], what: &str, wrap: fn([u8; 32]) -> T) -> Result<T, Store
     <[u8; 32]>::try_from(bytes)
         .map(wrap)
         .map_err(|_| StoreError::Corrupt(format!("books hold a {what} of {} bytes", bytes.len())))
-}
-
-/// BIGINT holds i64: larger sizes are clamped, never wrapped.
-fn int(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-/// Manifest versions use the whole u64 range: flipping the top bit maps
-/// u64 order onto BIGINT order.
-fn ordered(v: u64) -> i64 {
-    (v ^ (1 << 63)) as i64
-}
-
-fn unordered(v: i64) -> u64 {
-    (v as u64) ^ (1 << 63)
 }
 
 const NODE_COLUMNS: &str = "id, exchange_key, offer, held, placed, online, last_seen_ms, \
@@ -506,21 +492,5 @@ pluto_plugins_api::inventory::submit! {
         schemes: &["postgres", "postgresql"],
         abi_version: PLUGIN_ABI_VERSION,
         open: open_url,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn versions_keep_their_order() {
-        let vs = [0, 1, 2, i64::MAX as u64, i64::MAX as u64 + 1, u64::MAX];
-        for w in vs.windows(2) {
-            assert!(ordered(w[0]) < ordered(w[1]));
-        }
-        for v in vs {
-            assert_eq!(unordered(ordered(v)), v);
-        }
     }
 }

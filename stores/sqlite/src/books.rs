@@ -1,5 +1,6 @@
 //! The coordinator's books in SQLite.
 
+use pluto_plugins_api::sqlint::{clamped as int, ordered, unordered};
 use pluto_plugins_api::{
     async_trait, BooksStore, BooksStoreDescriptor, BooksStoreFuture, ManifestRecord, NodeId,
     NodeRecord, PackId, Recorded, ReplicaRecord, StoreError, PLUGIN_ABI_VERSION,
@@ -57,21 +58,6 @@ fn replica_row(r: &sqlx::sqlite::SqliteRow) -> Result<ReplicaRecord, StoreError>
         size: r.get::<i64, _>(3) as u64,
         root: key32(r.get::<&[u8], _>(4))?,
     })
-}
-
-/// SQLite stores i64: larger values are clamped, never wrapped.
-fn int(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-/// Manifest versions use the whole u64 range: flipping the top bit maps
-/// u64 order onto i64 order.
-fn ordered(v: u64) -> i64 {
-    (v ^ (1 << 63)) as i64
-}
-
-fn unordered(v: i64) -> u64 {
-    (v as u64) ^ (1 << 63)
 }
 
 // Every transaction below starts with a write, so SQLite takes its write
