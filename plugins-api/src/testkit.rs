@@ -22,6 +22,12 @@ fn node(i: u8) -> NodeId {
     NodeId([i; 32])
 }
 
+/// Ids spread over the key space as public keys are (for 1..=42), so that a
+/// store sampling from a random point of its id index sees them all.
+fn spread(i: u8) -> NodeId {
+    NodeId([i.wrapping_mul(6); 32])
+}
+
 fn replica(owner: u8, pack: u8, storer: u8, size: u64) -> ReplicaRecord {
     ReplicaRecord {
         owner: node(owner),
@@ -233,11 +239,11 @@ async fn presence_keeps_changes_only(b: &dyn BooksStore) {
 
 async fn candidates_have_room_and_come_online_first(b: &dyn BooksStore) {
     for i in 1..=40u8 {
-        b.register(&node(i), &[0; 32], u64::from(i) * 10, 0)
+        b.register(&spread(i), &[0; 32], u64::from(i) * 10, 0)
             .await
             .unwrap();
         if i % 2 == 0 {
-            b.presence(&node(i), true, 1).await.unwrap();
+            b.presence(&spread(i), true, 1).await.unwrap();
         }
     }
     let c = b.candidates(200, 100).await.unwrap();

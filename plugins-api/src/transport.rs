@@ -19,6 +19,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use crate::NodeId;
 
@@ -65,6 +66,9 @@ pub struct TransportOptions {
     pub listen: Option<String>,
     /// Largest frame sent or accepted.
     pub max_frame: usize,
+    /// The node's session with its coordinator, for transports that go
+    /// through it (relay); `None` when the node has no coordinator.
+    pub relay: Option<Arc<dyn RelayCarrier>>,
 }
 
 impl std::fmt::Debug for TransportOptions {
@@ -73,6 +77,7 @@ impl std::fmt::Debug for TransportOptions {
             .field("identity_seed", &"<secret>")
             .field("listen", &self.listen)
             .field("max_frame", &self.max_frame)
+            .field("relay", &self.relay.is_some())
             .finish()
     }
 }
@@ -110,6 +115,23 @@ pub trait Link: Send {
     async fn recv(&mut self) -> Result<Option<Vec<u8>>, TransportError>;
     /// No more frames from this end (the peer's `recv` then gives `None`).
     async fn finish(&mut self) -> Result<(), TransportError>;
+}
+
+/// A path to other nodes through the coordinator, which the engine lends to
+/// transports that need one (relay). The coordinator authenticates both
+/// ends and forwards payloads as they are; it can read, drop, delay or
+/// alter them, so whatever rides on it must be end-to-end protected.
+#[async_trait::async_trait]
+pub trait RelayCarrier: Send + Sync {
+    /// Largest payload one [`send`](RelayCarrier::send) carries.
+    fn max_payload(&self) -> usize;
+    /// Sends `payload` to `to` through the coordinator. Delivery is not
+    /// confirmed: payloads may be lost (rate limits, reconnections).
+    async fn send(&self, to: &NodeId, payload: Vec<u8>) -> Result<(), TransportError>;
+    /// The next payload relayed to this node, with the sender the
+    /// coordinator names; `None` once the session is gone for good. Only
+    /// one task reads it.
+    async fn recv(&self) -> Option<(NodeId, Vec<u8>)>;
 }
 
 /// The future a [`TransportDescriptor`] returns.

@@ -22,6 +22,7 @@ async fn main() {
         identity_seed: s,
         listen: Some("127.0.0.1:0".into()),
         max_frame: 1 << 20,
+        relay: None,
     };
     let a = open_transport("quic", opts(seed(1))).await.unwrap();
     let b = open_transport("quic", opts(seed(2))).await.unwrap();

@@ -28,6 +28,7 @@ async fn node(seed: [u8; 32], max_frame: usize) -> Box<dyn Transport> {
             identity_seed: seed,
             listen: Some("127.0.0.1:0".into()),
             max_frame,
+            relay: None,
         },
     )
     .await
@@ -139,6 +140,7 @@ async fn unknown_transports_are_named() {
             identity_seed: seed(),
             listen: None,
             max_frame: 1,
+            relay: None,
         },
     )
     .await;

@@ -1,0 +1,1 @@
+//! The relay transport: links between two nodes through the coordinator.
