@@ -8,8 +8,8 @@ use pluto_plugins_api::{
     online_fraction, BooksStore, NodeId, NodeRecord, Recorded, ReplicaRecord, StoreError,
 };
 use pluto_protocol::{
-    exchange_public, Envelope, EnvelopeError, ErrorCode, Message, PeerReport, Refused, ReplayGuard,
-    StatusReport, Ticket,
+    exchange_public, Envelope, EnvelopeError, ErrorCode, Message, NodeAddresses, PeerReport,
+    Refused, ReplayGuard, StatusReport, Ticket, MAX_ADDRESSES,
 };
 use rand::seq::SliceRandom;
 use rand_core::CryptoRngCore;
@@ -47,6 +47,11 @@ pub struct CoordinatorConfig {
     /// Bytes of answers kept to re-send when a node repeats a request
     /// whose answer it missed.
     pub answer_cache_bytes: usize,
+    /// Bytes per second one node may send through the relay (payloads
+    /// beyond it are dropped; the relay transport slows down and re-sends).
+    pub relay_bytes_per_s: u64,
+    /// Bytes one node may send through the relay in a burst.
+    pub relay_burst_bytes: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -63,6 +68,8 @@ impl Default for CoordinatorConfig {
             presence_keep_ms: 30 * 24 * 3_600_000,
             sweep_ms: 15_000,
             answer_cache_bytes: 64 << 20,
+            relay_bytes_per_s: 64 << 20,
+            relay_burst_bytes: 16 << 20,
         }
     }
 }
@@ -176,6 +183,34 @@ pub struct Coordinator {
     guard: Mutex<ReplayGuard>,
     challenges: Mutex<HashMap<[u8; 32], (NodeId, u64)>>,
     answers: Mutex<Answers>,
+    relay_buckets: Mutex<Buckets>,
+}
+
+/// A token bucket per node for relayed bytes.
+#[derive(Default)]
+struct Buckets {
+    map: HashMap<NodeId, (f64, u64)>,
+}
+
+impl Buckets {
+    /// Takes `n` bytes from `node`'s bucket (refilled at `rate` per second
+    /// up to `burst`); false when there are not enough.
+    fn take(&mut self, node: &NodeId, n: u64, rate: u64, burst: u64, now_ms: u64) -> bool {
+        if self.map.len() > 100_000 {
+            // Full buckets idle for a minute are the same as new ones.
+            self.map.retain(|_, (_, at)| now_ms.saturating_sub(*at) < 60_000);
+        }
+        let (tokens, at) = self.map.entry(*node).or_insert((burst as f64, now_ms));
+        let elapsed = now_ms.saturating_sub(*at) as f64 / 1000.0;
+        *tokens = (*tokens + elapsed * rate as f64).min(burst as f64);
+        *at = now_ms.max(*at);
+        if *tokens >= n as f64 {
+            *tokens -= n as f64;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -233,6 +268,7 @@ impl Coordinator {
                 bytes: 0,
                 budget: config.answer_cache_bytes,
             }),
+            relay_buckets: Mutex::new(Buckets::default()),
             config,
         }
     }
@@ -313,6 +349,12 @@ impl Coordinator {
         } else {
             env.message().map_err(|e| e.to_string())
         };
+        let msg = match msg {
+            Ok(Message::Relay { to, payload }) => {
+                return self.relay(&env.from, &to, payload, now_ms, rng).await;
+            }
+            m => m,
+        };
         let reply = match msg {
             Ok(m) => self.dispatch(&env.from, m, now_ms, rng).await?,
             Err(e) => error(ErrorCode::Malformed, e),
@@ -357,6 +399,76 @@ impl Coordinator {
             to: env.from,
             bytes: reply,
         }))
+    }
+
+    /// Passes a relay payload on, signed by the coordinator so that other
+    /// broker clients cannot pass for it. Dropped (with no answer: the relay
+    /// transport re-sends) when the sender is over its rate or either end is
+    /// not registered.
+    async fn relay(
+        &self,
+        from: &NodeId,
+        to: &NodeId,
+        payload: Vec<u8>,
+        now_ms: u64,
+        rng: &mut (impl CryptoRngCore + Send),
+    ) -> Result<Option<Outgoing>, Rejected> {
+        let allowed = lock(&self.relay_buckets).take(
+            from,
+            payload.len() as u64,
+            self.config.relay_bytes_per_s,
+            self.config.relay_burst_bytes,
+            now_ms,
+        );
+        if !allowed {
+            tracing::debug!("relay from {} over its rate; dropped", from.short());
+            return Ok(None);
+        }
+        if from == to
+            || self.books.node(from).await?.is_none()
+            || self.books.node(to).await?.is_none()
+        {
+            tracing::debug!("relay {} -> {}: not registered", from.short(), to.short());
+            return Ok(None);
+        }
+        let mut nonce = [0u8; 16];
+        rng.fill_bytes(&mut nonce);
+        let msg = Message::Relayed {
+            from: *from,
+            payload,
+        };
+        let bytes = Envelope::new(&self.identity, *to, now_ms, nonce, None, &msg).sign(&self.identity)?;
+        Ok(Some(Outgoing { to: *to, bytes }))
+    }
+
+    /// Takes what a storer reports it holds: each entry must come with a
+    /// ticket this coordinator signed for this storer and that pack, and be
+    /// no bigger than the ticket allows.
+    async fn take_held(
+        &self,
+        storer: &NodeId,
+        held: &[pluto_protocol::HeldReport],
+        now_ms: u64,
+    ) -> Result<u32, Rejected> {
+        let mut taken = 0;
+        for h in held {
+            let Ok(t) = Ticket::verify(&h.ticket, &self.id()) else {
+                continue;
+            };
+            if t.storer != *storer || t.pack != h.pack || h.size > t.size || t.owner == *storer {
+                continue;
+            }
+            let replica = ReplicaRecord {
+                owner: t.owner,
+                pack: h.pack,
+                storer: *storer,
+                size: h.size,
+                root: h.root,
+            };
+            self.books.restore_replica(&replica, now_ms).await?;
+            taken += 1;
+        }
+        Ok(taken)
     }
 
     async fn dispatch(
@@ -425,6 +537,7 @@ impl Coordinator {
                 }
             }
             Message::MatchRequest {
+                pack,
                 size,
                 copies,
                 friends,
@@ -458,14 +571,12 @@ impl Coordinator {
                         let tickets = storers
                             .iter()
                             .map(|storer| {
-                                let mut nonce = [0u8; 16];
-                                rng.fill_bytes(&mut nonce);
                                 Ticket {
                                     owner: *from,
                                     storer: *storer,
                                     size,
                                     expires_ms,
-                                    nonce,
+                                    pack,
                                 }
                                 .sign(&self.identity)
                             })
@@ -537,6 +648,34 @@ impl Coordinator {
                 }))
             }
             Message::ListPeers => private(Message::Peers(self.peers_of(from, now_ms).await?)),
+            Message::Announce { addresses } => {
+                if addresses.len() > MAX_ADDRESSES
+                    || addresses
+                        .iter()
+                        .any(|a| a.is_empty() || a.contains(['\n', '\0']))
+                {
+                    error(ErrorCode::Malformed, "addresses must be non-empty single lines")
+                } else {
+                    self.books.set_addresses(from, &addresses).await?;
+                    public(Message::Ok)
+                }
+            }
+            Message::Locate { nodes } => {
+                let found = self.books.addresses(&nodes).await?;
+                private(Message::Located(
+                    found
+                        .into_iter()
+                        .map(|(id, online, addresses)| NodeAddresses {
+                            id,
+                            online,
+                            addresses,
+                        })
+                        .collect(),
+                ))
+            }
+            Message::ReportHeld(held) => public(Message::HeldTaken {
+                taken: self.take_held(from, &held, now_ms).await?,
+            }),
             other => error(
                 ErrorCode::Malformed,
                 format!("a node does not send message kind {}", other.kind()),

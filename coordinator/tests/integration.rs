@@ -298,6 +298,7 @@ async fn matching_picks_distinct_storers_with_room_and_respects_quotas() {
     }
     let asker = &nodes[0];
     let req = |copies| Message::MatchRequest {
+        pack: PackId([1; 32]),
         size: 10,
         copies,
         friends: vec![],
@@ -348,6 +349,7 @@ async fn friends_get_their_share_of_copies() {
     let friend = nodes[5].id();
     for _ in 0..5 {
         let req = Message::MatchRequest {
+            pack: PackId([1; 32]),
             size: 1,
             copies: 2,
             friends: vec![friend],
@@ -370,6 +372,7 @@ async fn match_replies_are_private_and_offers_cannot_drop_below_use() {
     authenticate(&net, &a, 100, T).await;
     authenticate(&net, &b, 100, T).await;
     let req = Message::MatchRequest {
+        pack: PackId([1; 32]),
         size: 40,
         copies: 1,
         friends: vec![],
@@ -435,6 +438,7 @@ async fn a_repeated_match_request_reserves_once() {
     authenticate(&net, &a, 100, T).await;
     authenticate(&net, &b, 100, T).await;
     let req = Message::MatchRequest {
+        pack: PackId([1; 32]),
         size: 40,
         copies: 1,
         friends: vec![],
@@ -459,6 +463,7 @@ async fn unused_reservations_lapse_and_silent_nodes_go_offline() {
     authenticate(&net, &a, 100, T).await;
     authenticate(&net, &b, 100, T).await;
     let req = Message::MatchRequest {
+        pack: PackId([1; 32]),
         size: 60,
         copies: 1,
         friends: vec![],
@@ -530,6 +535,7 @@ async fn peers_are_listed_from_both_sides() {
     // a stores two packs on b, b one on a; c is nobody's peer.
     for (owner, storer, pack) in [(a, b, 1u8), (a, b, 2), (b, a, 3)] {
         let req = Message::MatchRequest {
+            pack: PackId([1; 32]),
             size: 10,
             copies: 1,
             friends: vec![storer.id()],
@@ -671,6 +677,7 @@ mod restart {
             .unwrap();
         assert_eq!(ca.coordinator().to_hex(), id);
         let req = Message::MatchRequest {
+            pack: pluto_plugins_api::PackId([1; 32]),
             size: 100,
             copies: 1,
             friends: vec![],

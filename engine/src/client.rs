@@ -8,19 +8,24 @@
 //!              the same envelope again every RESEND_AFTER until answered
 //! ```
 //!
-//! Replies that are not from the pinned coordinator, not to this node, not
-//! an answer to the pending request, or not fresh are ignored, so nobody
-//! else on the broker can answer in the coordinator's name.
+//! One task reads the channel: answers go to the request waiting for their
+//! nonce (so requests run concurrently), relayed payloads to the relay
+//! transport. Replies that are not from the pinned coordinator, not to this
+//! node, not an answer to a pending request, or not fresh are ignored, so
+//! nobody else on the broker can answer in the coordinator's name.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::SigningKey;
 use pluto_plugins_api::{
     connect_channel, ChannelError, ChannelEvent, ChannelOptions, ChannelRole, ControlChannel,
-    NodeId,
+    NodeId, RelayCarrier, TransportError,
 };
 use pluto_protocol::{exchange_public, Envelope, ErrorCode, Message, ReplayGuard, MAX_ENVELOPE};
 use rand_core::{OsRng, RngCore};
+use tokio::sync::{mpsc, oneshot};
 use x25519_dalek::StaticSecret;
 
 use crate::keys::Keys;
@@ -72,20 +77,108 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// An authenticated session with the coordinator.
-pub struct CoordinatorClient {
-    channel: Box<dyn ControlChannel>,
+/// Relayed payloads waiting for the relay transport; beyond this they are
+/// dropped (the relay re-sends).
+const RELAY_QUEUE: usize = 256;
+/// Room left in an envelope around a relay payload.
+const RELAY_OVERHEAD: usize = 1024;
+
+/// A verified answer and who signed it.
+type Answer = (Message, NodeId);
+
+/// What the reader task and the requests share.
+struct Shared {
+    channel: Arc<dyn ControlChannel>,
     identity: SigningKey,
     exchange: StaticSecret,
-    coordinator: NodeId,
-    guard: std::sync::Mutex<ReplayGuard>,
+    me: NodeId,
+    coordinator: Mutex<NodeId>,
+    guard: Mutex<ReplayGuard>,
+    /// Requests waiting, by nonce: where their answer goes, and whether
+    /// any signer is accepted (first contact).
+    pending: Mutex<HashMap<[u8; 16], (oneshot::Sender<Answer>, bool)>>,
+    /// The last answer signed by another key than the pinned one.
+    other_signer: Mutex<Option<NodeId>>,
+    relayed: Mutex<Option<mpsc::Sender<(NodeId, Vec<u8>)>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn coordinator(&self) -> NodeId {
+        *lock(&self.coordinator)
+    }
+
+    /// Handles one payload from the channel.
+    fn take(&self, payload: &[u8]) {
+        let Ok(env) = Envelope::verify(payload) else {
+            return;
+        };
+        if env.to != self.me {
+            return;
+        }
+        let waiter = env.reply_to.and_then(|n| {
+            let learn = lock(&self.pending).get(&n).map(|(_, learn)| *learn)?;
+            Some((n, learn))
+        });
+        let learn = waiter.is_some_and(|(_, l)| l);
+        if !learn && env.from != self.coordinator() {
+            if waiter.is_some() {
+                *lock(&self.other_signer) = Some(env.from);
+            }
+            return;
+        }
+        if lock(&self.guard).check(&env, now_ms()).is_err() {
+            return;
+        }
+        let msg = if env.is_private() {
+            env.open_private(&self.exchange).map_err(|e| e.to_string())
+        } else {
+            env.message().map_err(|e| e.to_string())
+        };
+        let Ok(msg) = msg else {
+            tracing::debug!("an answer from the coordinator that does not open");
+            return;
+        };
+        match (waiter, msg) {
+            (Some((nonce, _)), m) => {
+                if let Some((tx, _)) = lock(&self.pending).remove(&nonce) {
+                    let _ = tx.send((m, env.from));
+                }
+            }
+            (None, Message::Relayed { from, payload }) => {
+                let tx = lock(&self.relayed).clone();
+                if let Some(tx) = tx {
+                    if tx.try_send((from, payload)).is_err() {
+                        tracing::debug!("relay queue full; a payload from {} dropped", from.short());
+                    }
+                }
+            }
+            (None, _) => {}
+        }
+    }
+}
+
+/// An authenticated session with the coordinator. Requests may run
+/// concurrently from several tasks.
+pub struct CoordinatorClient {
+    shared: Arc<Shared>,
+    reader: tokio::task::JoinHandle<()>,
     /// Heartbeat interval the coordinator asked for.
     pub heartbeat: Duration,
 }
 
 impl std::fmt::Debug for CoordinatorClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CoordinatorClient({})", self.coordinator.short())
+        write!(f, "CoordinatorClient({})", self.shared.coordinator().short())
+    }
+}
+
+impl Drop for CoordinatorClient {
+    fn drop(&mut self) {
+        self.reader.abort();
     }
 }
 
@@ -108,14 +201,15 @@ impl CoordinatorClient {
         } else {
             (Vec::new(), Vec::new())
         };
-        let channel = connect_channel(
+        let channel: Arc<dyn ControlChannel> = connect_channel(
             url,
             ChannelOptions {
                 role: ChannelRole::Node { id, will, hello },
                 max_payload: MAX_ENVELOPE,
             },
         )
-        .await?;
+        .await?
+        .into();
         let wait = async {
             while let Some(ev) = channel.next_event().await {
                 if ev == ChannelEvent::Connected {
@@ -129,12 +223,33 @@ impl CoordinatorClient {
             Ok(false) => return Err(ChannelError::Closed.into()),
             Err(_) => return Err(ClientError::Timeout(REQUEST_TIMEOUT)),
         }
-        let mut client = Self {
-            channel,
+        let shared = Arc::new(Shared {
+            channel: channel.clone(),
             identity: keys.identity.clone(),
             exchange: StaticSecret::from(*keys.exchange),
-            coordinator: pinned.unwrap_or(ANY_COORDINATOR),
-            guard: std::sync::Mutex::new(ReplayGuard::new(120_000, 100_000)),
+            me: id,
+            coordinator: Mutex::new(pinned.unwrap_or(ANY_COORDINATOR)),
+            guard: Mutex::new(ReplayGuard::new(120_000, 100_000)),
+            pending: Mutex::new(HashMap::new()),
+            other_signer: Mutex::new(None),
+            relayed: Mutex::new(None),
+        });
+        let reader = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                while let Some(ev) = shared.channel.next_event().await {
+                    if let ChannelEvent::Message { payload, .. } = ev {
+                        shared.take(&payload);
+                    }
+                }
+                // The channel is gone for good: wake every waiter.
+                lock(&shared.pending).clear();
+                *lock(&shared.relayed) = None;
+            })
+        };
+        let mut client = Self {
+            shared,
+            reader,
             heartbeat: Duration::from_secs(30),
         };
         let (challenge, signer) = match client
@@ -144,10 +259,10 @@ impl CoordinatorClient {
             (Message::Challenge { challenge }, signer) => (challenge, signer),
             (other, _) => return Err(ClientError::Unexpected(format!("{other:?}"))),
         };
-        client.coordinator = signer;
+        *lock(&client.shared.coordinator) = signer;
         let auth = Message::Auth {
             challenge,
-            exchange_key: exchange_public(&client.exchange),
+            exchange_key: exchange_public(&client.shared.exchange),
             offer,
         };
         match client.request(&auth).await? {
@@ -161,7 +276,7 @@ impl CoordinatorClient {
 
     /// The coordinator's (pinned) identity.
     pub fn coordinator(&self) -> NodeId {
-        self.coordinator
+        self.shared.coordinator()
     }
 
     /// Sends a request and waits for its answer; an `Error` answer is
@@ -180,71 +295,44 @@ impl CoordinatorClient {
         msg: &Message,
         learn: bool,
     ) -> Result<(Message, NodeId), ClientError> {
+        let s = &self.shared;
         let mut nonce = [0u8; 16];
         OsRng.fill_bytes(&mut nonce);
-        let env = Envelope::new(&self.identity, self.coordinator, now_ms(), nonce, None, msg);
+        let env = Envelope::new(&s.identity, s.coordinator(), now_ms(), nonce, None, msg);
         let bytes = env
-            .sign(&self.identity)
+            .sign(&s.identity)
             .map_err(|e| ClientError::Unexpected(e.to_string()))?;
-        self.channel.send(None, &bytes).await?;
+        let (tx, mut rx) = oneshot::channel();
+        lock(&s.pending).insert(nonce, (tx, learn));
+        let _forget = Forget(s, nonce);
+        s.channel.send(None, &bytes).await?;
         // An answer signed by another key is ignored, not fatal: anyone on
         // the broker sees the request's nonce and could otherwise break every
         // request by answering first. Only when the pinned key never answers
         // is the other key reported.
-        let mut other_signer = None;
         let wait = async {
             let mut resend =
                 tokio::time::interval_at(tokio::time::Instant::now() + RESEND_AFTER, RESEND_AFTER);
             loop {
-                let ev = tokio::select! {
-                    ev = self.channel.next_event() => ev,
+                tokio::select! {
+                    answer = &mut rx => {
+                        return answer.map_err(|_| ClientError::Channel(ChannelError::Closed));
+                    }
                     _ = resend.tick() => {
                         // Lost on the way (a broker restart, a coordinator not
                         // yet subscribed), or its answer was: ask again.
                         // A failure here is the channel reconnecting: the
                         // next tick tries again.
-                        let _ = self.channel.send(None, &bytes).await;
-                        continue;
+                        let _ = s.channel.send(None, &bytes).await;
                     }
-                };
-                let Some(ev) = ev else {
-                    return Err(ClientError::Channel(ChannelError::Closed));
-                };
-                let ChannelEvent::Message { payload, .. } = ev else {
-                    continue;
-                };
-                let Ok(reply) = Envelope::verify(&payload) else {
-                    continue;
-                };
-                let me = NodeId(self.identity.verifying_key().to_bytes());
-                if reply.to != me || reply.reply_to != Some(nonce) {
-                    continue;
                 }
-                if !learn && reply.from != self.coordinator {
-                    other_signer = Some(reply.from);
-                    continue;
-                }
-                let fresh = crate::repo::lock(&self.guard).check(&reply, now_ms());
-                if fresh.is_err() {
-                    continue;
-                }
-                let m = if reply.is_private() {
-                    reply
-                        .open_private(&self.exchange)
-                        .map_err(|e| ClientError::Unexpected(e.to_string()))?
-                } else {
-                    reply
-                        .message()
-                        .map_err(|e| ClientError::Unexpected(e.to_string()))?
-                };
-                return Ok((m, reply.from));
             }
         };
         match tokio::time::timeout(REQUEST_TIMEOUT, wait).await {
             Ok(r) => r,
-            Err(_) => Err(match other_signer {
+            Err(_) => Err(match lock(&s.other_signer).take() {
                 Some(seen) => ClientError::KeyChanged {
-                    pinned: self.coordinator,
+                    pinned: s.coordinator(),
                     seen,
                 },
                 None => ClientError::Timeout(REQUEST_TIMEOUT),
@@ -252,8 +340,59 @@ impl CoordinatorClient {
         }
     }
 
+    /// The relay path through this session, for the relay transport. Only
+    /// one carrier per session receives relayed payloads (the last made).
+    pub fn relay_carrier(&self) -> Arc<dyn RelayCarrier> {
+        let (tx, rx) = mpsc::channel(RELAY_QUEUE);
+        *lock(&self.shared.relayed) = Some(tx);
+        Arc::new(Carrier {
+            shared: self.shared.clone(),
+            rx: tokio::sync::Mutex::new(rx),
+        })
+    }
+
     /// Says goodbye.
     pub async fn close(self) {
-        self.channel.close().await;
+        self.shared.channel.close().await;
+    }
+}
+
+/// Removes a request from the waiting list however its wait ends.
+struct Forget<'a>(&'a Shared, [u8; 16]);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.pending).remove(&self.1);
+    }
+}
+
+/// [`RelayCarrier`] over a coordinator session.
+struct Carrier {
+    shared: Arc<Shared>,
+    rx: tokio::sync::Mutex<mpsc::Receiver<(NodeId, Vec<u8>)>>,
+}
+
+#[async_trait::async_trait]
+impl RelayCarrier for Carrier {
+    fn max_payload(&self) -> usize {
+        MAX_ENVELOPE - RELAY_OVERHEAD
+    }
+
+    async fn send(&self, to: &NodeId, payload: Vec<u8>) -> Result<(), TransportError> {
+        let s = &self.shared;
+        let mut nonce = [0u8; 16];
+        OsRng.fill_bytes(&mut nonce);
+        let msg = Message::Relay { to: *to, payload };
+        let bytes = Envelope::new(&s.identity, s.coordinator(), now_ms(), nonce, None, &msg)
+            .sign(&s.identity)
+            .map_err(|e| TransportError::Other(e.to_string()))?;
+        s.channel
+            .send(None, &bytes)
+            .await
+            .map_err(|e| TransportError::Closed(e.to_string()))
+    }
+
+    async fn recv(&self) -> Option<(NodeId, Vec<u8>)> {
+        self.rx.lock().await.recv().await
     }
 }

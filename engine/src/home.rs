@@ -5,7 +5,11 @@
 //! HOME/secrets      the master entropy (0600); whoever has it has the backups
 //! HOME/config.toml  stores, chunker and pack settings (see [`Config`])
 //! HOME/catalog.db   the catalog (default `sqlite:catalog.db`)
-//! HOME/packs/       the local pack store (default `fs:packs`)
+//! HOME/packs/       the local pack store (default `fs:packs`), a cache once
+//!                   replicas live at peers (see `local_cache`)
+//! HOME/held/        replicas held for others (default `fs:held`)
+//! HOME/placement    where this node's pack replicas are (the manifest's content)
+//! HOME/peers.json   which transport reached each peer last
 //! HOME/lock         held shared by readers, exclusively by writers
 //! ```
 
@@ -39,6 +43,21 @@ pub struct Config {
     pub compression: i32,
     /// Worker threads for backup, restore and check (0: one per core).
     pub threads: usize,
+    /// Where replicas held for others are kept (a blob store URL; a
+    /// relative `fs:` path is taken from the home).
+    pub held: String,
+    /// Transports to reach peers, tried in this order.
+    pub transports: Vec<String>,
+    /// Where the QUIC transport listens (`IP:PORT`; port 0 picks one).
+    pub listen: String,
+    /// Addresses to announce instead of those found (`quic:HOST:PORT`, say
+    /// for a forwarded port behind NAT); empty: the listening address, or
+    /// the machine's addresses when listening on all of them.
+    pub announce: Vec<String>,
+    /// Most bytes the local pack store keeps once packs have their copies
+    /// at peers (data packs beyond it are dropped, oldest first); none:
+    /// keep everything.
+    pub local_cache: Option<u64>,
 }
 
 /// Where replicas go: `copies` distinct peers per pack, of which up to
@@ -144,6 +163,11 @@ impl Default for Config {
             // Chosen by measurement, see docs/benchmarks.md.
             compression: 2,
             threads: 0,
+            held: "fs:held".into(),
+            transports: vec!["quic".into(), "relay".into()],
+            listen: "0.0.0.0:0".into(),
+            announce: Vec::new(),
+            local_cache: None,
         }
     }
 }
@@ -172,6 +196,12 @@ impl Config {
             ));
         }
         self.placement.validate()?;
+        if self.transports.is_empty() {
+            return Err("transports is empty: list at least one (quic, relay)".into());
+        }
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(format!("listen {:?} is not IP:PORT", self.listen));
+        }
         if !(0..=19).contains(&self.compression) {
             return Err(format!(
                 "compression level {} is outside 0..19",
@@ -244,12 +274,50 @@ impl Home {
             .map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(cfg)
     }
-    /// Writes the config.
+    /// Writes the config (atomically: a daemon may be reading it).
     pub fn save_config(&self, cfg: &Config) -> Result<(), String> {
         let text = toml::to_string(cfg).map_err(|e| e.to_string())?;
         let path = self.config_path();
-        fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))
+        write_atomic(&path, text.as_bytes()).map_err(|e| format!("writing {}: {e}", path.display()))
     }
+    /// Where this node's replicas are.
+    pub fn placement_path(&self) -> PathBuf {
+        self.root.join("placement")
+    }
+    /// Held by whoever uploads packs (a backup or the daemon).
+    pub fn upload_lock_path(&self) -> PathBuf {
+        self.root.join("upload.lock")
+    }
+    /// Which transport reached each peer.
+    pub fn peers_path(&self) -> PathBuf {
+        self.root.join("peers.json")
+    }
+    /// Manifests of the owners whose replicas this node holds.
+    pub fn held_manifests(&self) -> PathBuf {
+        self.root.join("held-manifests")
+    }
+}
+
+/// Replaces `path` with `bytes` so that a reader (or a crash) sees the old
+/// file or the new one, whole: a temporary file beside it, fsync, rename,
+/// fsync of the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand_core::RngCore::next_u64(&mut rand_core::OsRng)));
+    let write = || -> std::io::Result<()> {
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        fs::File::open(dir)?.sync_all()
+    };
+    let r = write();
+    if r.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    r
 }
 
 #[cfg(test)]

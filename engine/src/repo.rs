@@ -112,6 +112,10 @@ pub enum LockMode {
     Shared,
     /// One writer at a time.
     Exclusive,
+    /// No lock: the daemon's uploads, which only read packs (immutable,
+    /// written atomically) and the catalog (transactional) and so may run
+    /// beside a backup. Whoever deletes packs must take the upload lock.
+    Unlocked,
 }
 
 /// An opened home.
@@ -148,6 +152,7 @@ fn lock_home(home: &Home, mode: LockMode) -> Result<File, RepoError> {
     let r = match mode {
         LockMode::Shared => f.try_lock_shared(),
         LockMode::Exclusive => f.try_lock(),
+        LockMode::Unlocked => Ok(()),
     };
     match r {
         Ok(()) => Ok(f),

@@ -186,6 +186,25 @@ pub trait BooksStore: Send + Sync {
     /// `replica.size`, the earliest to expire) into this replica; reserved
     /// bytes beyond its size are given back.
     async fn record_replica(&self, replica: &ReplicaRecord) -> Result<Recorded, StoreError>;
+    /// Records a replica its storer reported again, for books that lost it
+    /// (the report is checked by the caller against the placement ticket):
+    /// adds its size to the storer's `held` and the owner's `placed`,
+    /// registering an owner the books do not know (no offer, no exchange
+    /// key until it authenticates). False, changing nothing, when a replica
+    /// of that pack at that storer is already recorded.
+    async fn restore_replica(
+        &self,
+        replica: &ReplicaRecord,
+        now_ms: u64,
+    ) -> Result<bool, StoreError>;
+    /// Replaces the addresses a node announced (`quic:IP:PORT` and so on).
+    async fn set_addresses(&self, id: &NodeId, addresses: &[String]) -> Result<(), StoreError>;
+    /// The registered ones among `ids`, each with whether it is online and
+    /// the addresses it announced.
+    async fn addresses(
+        &self,
+        ids: &[NodeId],
+    ) -> Result<Vec<(NodeId, bool, Vec<String>)>, StoreError>;
     /// The replicas of one owner's packs.
     async fn replicas_of(&self, owner: &NodeId) -> Result<Vec<ReplicaRecord>, StoreError>;
     /// The replicas one storer holds, for every owner.

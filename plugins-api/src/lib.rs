@@ -50,8 +50,8 @@ pub use registry::{
 };
 pub use store::{BlobLocation, BlobStore, MetaStore, PackRecord, SnapshotRecord, StoreError};
 pub use transport::{
-    open_transport, Link, Transport, TransportDescriptor, TransportError, TransportFuture,
-    TransportOptions,
+    open_transport, Link, RelayCarrier, Transport, TransportDescriptor, TransportError,
+    TransportFuture, TransportOptions,
 };
 
 pub use async_trait::async_trait;

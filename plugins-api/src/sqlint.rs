@@ -1,5 +1,5 @@
-//! u64 values in SQL databases, which store signed 64-bit integers: the two
-//! encodings every SQL store plugin needs.
+//! Encodings every SQL store plugin needs: u64 values in databases that
+//! store signed 64-bit integers, and address lists in one text column.
 
 /// A size or time as i64: values above `i64::MAX` are clamped, never wrapped.
 pub fn clamped(v: u64) -> i64 {
@@ -15,6 +15,21 @@ pub fn ordered(v: u64) -> i64 {
 /// The inverse of [`ordered`].
 pub fn unordered(v: i64) -> u64 {
     (v as u64) ^ (1 << 63)
+}
+
+/// A node's addresses in one text column (addresses hold no newline: the
+/// protocol's decoder and the coordinator refuse such).
+pub fn join_addresses(addresses: &[String]) -> String {
+    addresses.join("\n")
+}
+
+/// The inverse of [`join_addresses`].
+pub fn split_addresses(column: &str) -> Vec<String> {
+    column
+        .split('\n')
+        .filter(|a| !a.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 #[cfg(test)]

@@ -55,6 +55,7 @@ where
     presence_keeps_changes_only(&*open(&fresh_url().await).await).await;
     candidates_have_room_and_come_online_first(&*open(&fresh_url().await).await).await;
     manifests_only_move_forward(&*open(&fresh_url().await).await).await;
+    addresses_and_restored_replicas(&*open(&fresh_url().await).await).await;
     concurrent_reservations_never_over_commit(&fresh_url().await).await;
 }
 
@@ -259,6 +260,35 @@ async fn candidates_have_room_and_come_online_first(b: &dyn BooksStore) {
     }
     assert!(seen.len() > 5, "samples vary, so load spreads");
     assert!(b.candidates(1_000, 10).await.unwrap().is_empty());
+}
+
+async fn addresses_and_restored_replicas(b: &dyn BooksStore) {
+    let (owner, storer) = (node(1), node(2));
+    b.register(&storer, &[8; 32], 1_000, 1).await.unwrap();
+    b.presence(&storer, true, 2).await.unwrap();
+    let addrs = vec!["quic:10.0.0.1:7000".to_string(), "quic:[::1]:7000".into()];
+    b.set_addresses(&storer, &addrs).await.unwrap();
+    let found = b.addresses(&[storer, owner]).await.unwrap();
+    assert_eq!(found, vec![(storer, true, addrs)], "unknown nodes are left out");
+    b.set_addresses(&storer, &[]).await.unwrap();
+    assert_eq!(
+        b.addresses(&[storer]).await.unwrap(),
+        vec![(storer, true, vec![])]
+    );
+
+    // Books that lost everything about the owner take the storer's report.
+    let r = replica(1, 5, 2, 300);
+    assert!(b.restore_replica(&r, 10).await.unwrap());
+    assert!(!b.restore_replica(&r, 11).await.unwrap(), "once only");
+    assert_eq!(b.replicas_of(&owner).await.unwrap(), vec![r.clone()]);
+    let o = b.node(&owner).await.unwrap().unwrap();
+    assert_eq!((o.offer, o.placed, o.exchange_key), (0, 300, [0; 32]));
+    assert_eq!(b.node(&storer).await.unwrap().unwrap().held, 300);
+    // When the owner authenticates, its key and offer come back; its
+    // offer is never below what it placed.
+    b.register(&owner, &[7; 32], 100, 20).await.unwrap();
+    let o = b.node(&owner).await.unwrap().unwrap();
+    assert_eq!((o.offer, o.placed, o.exchange_key), (300, 300, [7; 32]));
 }
 
 async fn manifests_only_move_forward(b: &dyn BooksStore) {

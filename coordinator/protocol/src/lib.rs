@@ -38,7 +38,10 @@ mod replay;
 mod ticket;
 
 pub use envelope::{Envelope, EnvelopeError, PrivateError, MAX_ENVELOPE, SEALED_BIT};
-pub use messages::{ErrorCode, Message, PeerReport, StatusReport};
+pub use messages::{
+    ErrorCode, HeldReport, Message, NodeAddresses, PeerReport, StatusReport, MAX_ADDRESSES,
+    MAX_HELD_REPORTS,
+};
 pub use private::{exchange_public, open_sealed, seal_to, SealedError};
 pub use replay::{Refused, ReplayGuard};
 pub use ticket::{Ticket, TicketError, SIGNED_TICKET_LEN, TICKET_LEN};

@@ -11,6 +11,11 @@ use pluto_plugins_api::{NodeId, PackId};
 
 /// Most node ids a list in one message may hold.
 const MAX_IDS: usize = 1024;
+/// Most addresses a node may announce, and the longest one.
+pub const MAX_ADDRESSES: usize = 16;
+const MAX_ADDRESS_LEN: usize = 256;
+/// Most held replicas one [`Message::ReportHeld`] carries.
+pub const MAX_HELD_REPORTS: usize = 512;
 /// Encoded size of one [`PeerReport`].
 const PEER_REPORT_LEN: usize = 32 + 1 + 8 + 2 + 4 + 8 + 4 + 8;
 
@@ -92,6 +97,31 @@ pub struct PeerReport {
     pub bytes_stored: u64,
 }
 
+/// Where one node can be reached, in a [`Message::Located`] answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeAddresses {
+    /// The node.
+    pub id: NodeId,
+    /// Whether its channel is connected now.
+    pub online: bool,
+    /// What it announced, in the transports' own syntax (`quic:IP:PORT`).
+    pub addresses: Vec<String>,
+}
+
+/// A replica a storer holds, as it reports it again to a coordinator whose
+/// books lost it ([`Message::ReportHeld`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldReport {
+    /// The placement ticket the coordinator signed for it.
+    pub ticket: Vec<u8>,
+    /// The owner's pack (as the owner named it).
+    pub pack: PackId,
+    /// The replica's size.
+    pub size: u64,
+    /// The replica's BLAKE3 root.
+    pub root: [u8; 32],
+}
+
 /// One control message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -129,6 +159,8 @@ pub enum Message {
     },
     /// Node: where may I put a pack?
     MatchRequest {
+        /// The pack (named in the tickets).
+        pack: PackId,
         /// Size of one replica.
         size: u64,
         /// Replicas wanted.
@@ -183,6 +215,41 @@ pub enum Message {
     ListPeers,
     /// Coordinator: the asker's peers.
     Peers(Vec<PeerReport>),
+    /// Node: where peers reach me directly (replaces what was announced).
+    Announce {
+        /// Addresses, at most [`MAX_ADDRESSES`].
+        addresses: Vec<String>,
+    },
+    /// Node: where are these nodes?
+    Locate {
+        /// The nodes.
+        nodes: Vec<NodeId>,
+    },
+    /// Coordinator: where the asked-for nodes are (registered ones only).
+    Located(Vec<NodeAddresses>),
+    /// Node: pass these bytes to another node (the relay transport; the
+    /// payload is end-to-end protected and opaque to the coordinator).
+    Relay {
+        /// The recipient.
+        to: NodeId,
+        /// Opaque bytes.
+        payload: Vec<u8>,
+    },
+    /// Coordinator: bytes another node relayed to you.
+    Relayed {
+        /// The sender, as the coordinator authenticated it.
+        from: NodeId,
+        /// Opaque bytes.
+        payload: Vec<u8>,
+    },
+    /// Storer: what I hold, each with the ticket it came under, so that
+    /// books that lost them can be rebuilt.
+    ReportHeld(Vec<HeldReport>),
+    /// Coordinator: how many reported replicas the books took.
+    HeldTaken {
+        /// Recorded (new or already there).
+        taken: u32,
+    },
     /// Coordinator: done.
     Ok,
     /// Coordinator: refused.
@@ -209,6 +276,29 @@ fn read_ids(r: &mut Reader<'_>) -> Result<Vec<NodeId>, DecodeError> {
     (0..n).map(|_| Ok(NodeId(r.id()?))).collect()
 }
 
+fn strings(w: &mut Writer, list: &[String]) {
+    w.varint(list.len() as u64);
+    for s in list {
+        w.bytes(s.as_bytes());
+    }
+}
+
+fn read_strings(r: &mut Reader<'_>) -> Result<Vec<String>, DecodeError> {
+    let n = r.count(1)?;
+    if n > MAX_ADDRESSES {
+        return Err(r.error(format!("{n} addresses")));
+    }
+    (0..n)
+        .map(|_| {
+            let s = r.string()?;
+            if s.len() > MAX_ADDRESS_LEN {
+                return Err(r.error(format!("an address of {} bytes", s.len())));
+            }
+            Ok(s)
+        })
+        .collect()
+}
+
 impl Message {
     /// The kind byte.
     pub fn kind(&self) -> u8 {
@@ -231,6 +321,13 @@ impl Message {
             Self::Error { .. } => 16,
             Self::ListPeers => 17,
             Self::Peers(_) => 18,
+            Self::Announce { .. } => 19,
+            Self::Locate { .. } => 20,
+            Self::Located(_) => 21,
+            Self::Relay { .. } => 22,
+            Self::Relayed { .. } => 23,
+            Self::ReportHeld(_) => 24,
+            Self::HeldTaken { .. } => 25,
         }
     }
 
@@ -277,12 +374,14 @@ impl Message {
             }
             Self::SetOffer { bytes } => w.u64(*bytes),
             Self::MatchRequest {
+                pack,
                 size,
                 copies,
                 friends,
                 friend_copies,
                 exclude,
             } => {
+                w.id(&pack.0);
                 w.u64(*size);
                 w.u8(*copies);
                 ids(&mut w, friends);
@@ -321,6 +420,30 @@ impl Message {
                 w.buf.extend_from_slice(&(*code as u16).to_le_bytes());
                 w.bytes(message.as_bytes());
             }
+            Self::Announce { addresses } => strings(&mut w, addresses),
+            Self::Locate { nodes } => ids(&mut w, nodes),
+            Self::Located(list) => {
+                w.varint(list.len() as u64);
+                for n in list {
+                    w.id(&n.id.0);
+                    w.u8(u8::from(n.online));
+                    strings(&mut w, &n.addresses);
+                }
+            }
+            Self::Relay { to: id, payload } | Self::Relayed { from: id, payload } => {
+                w.id(&id.0);
+                w.bytes(payload);
+            }
+            Self::ReportHeld(list) => {
+                w.varint(list.len() as u64);
+                for h in list {
+                    w.bytes(&h.ticket);
+                    w.id(&h.pack.0);
+                    w.u64(h.size);
+                    w.id(&h.root);
+                }
+            }
+            Self::HeldTaken { taken } => w.u32(*taken),
         }
         w.finish()
     }
@@ -344,6 +467,7 @@ impl Message {
             5 => Self::Heartbeat,
             6 => Self::SetOffer { bytes: r.u64()? },
             7 => Self::MatchRequest {
+                pack: PackId(r.id()?),
                 size: r.u64()?,
                 copies: r.u8()?,
                 friends: read_ids(&mut r)?,
@@ -432,6 +556,62 @@ impl Message {
                 }
                 Self::Peers(list)
             }
+            19 => Self::Announce {
+                addresses: read_strings(&mut r)?,
+            },
+            20 => Self::Locate {
+                nodes: read_ids(&mut r)?,
+            },
+            21 => {
+                let n = r.count(34)?;
+                if n > MAX_IDS {
+                    return Err(r.error(format!("{n} nodes in one list")));
+                }
+                let mut list = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let id = NodeId(r.id()?);
+                    let online = match r.u8()? {
+                        0 => false,
+                        1 => true,
+                        b => return Err(r.error(format!("online flag {b}"))),
+                    };
+                    list.push(NodeAddresses {
+                        id,
+                        online,
+                        addresses: read_strings(&mut r)?,
+                    });
+                }
+                Self::Located(list)
+            }
+            22 => Self::Relay {
+                to: NodeId(r.id()?),
+                payload: r.bytes()?.to_vec(),
+            },
+            23 => Self::Relayed {
+                from: NodeId(r.id()?),
+                payload: r.bytes()?.to_vec(),
+            },
+            24 => {
+                let n = r.count(crate::SIGNED_TICKET_LEN + 72)?;
+                if n > MAX_HELD_REPORTS {
+                    return Err(r.error(format!("{n} held replicas in one report")));
+                }
+                let mut list = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let ticket = r.bytes()?;
+                    if ticket.len() != crate::SIGNED_TICKET_LEN {
+                        return Err(r.error(format!("a ticket of {} bytes", ticket.len())));
+                    }
+                    list.push(HeldReport {
+                        ticket: ticket.to_vec(),
+                        pack: PackId(r.id()?),
+                        size: r.u64()?,
+                        root: r.id()?,
+                    });
+                }
+                Self::ReportHeld(list)
+            }
+            25 => Self::HeldTaken { taken: r.u32()? },
             k => return Err(r.error(format!("unknown message kind {k}"))),
         };
         r.finish()?;
@@ -497,6 +677,7 @@ mod tests {
             any::<u64>().prop_map(|bytes| Message::SetOffer { bytes }),
             (any::<u64>(), any::<u8>(), ids(), any::<u8>(), ids()).prop_map(|(s, c, f, fc, e)| {
                 Message::MatchRequest {
+                    pack: PackId([c; 32]),
                     size: s,
                     copies: c,
                     friends: f,
@@ -535,6 +716,41 @@ mod tests {
                 code: ErrorCode::Refused,
                 message
             }),
+            proptest::collection::vec(".{0,40}", 0..4)
+                .prop_map(|addresses| Message::Announce { addresses }),
+            ids().prop_map(|nodes| Message::Locate { nodes }),
+            proptest::collection::vec(
+                (id(), any::<bool>(), proptest::collection::vec(".{0,20}", 0..3)),
+                0..4
+            )
+            .prop_map(|l| Message::Located(
+                l.into_iter()
+                    .map(|(id, online, addresses)| NodeAddresses {
+                        id,
+                        online,
+                        addresses
+                    })
+                    .collect()
+            )),
+            (id(), proptest::collection::vec(any::<u8>(), 0..64))
+                .prop_map(|(to, payload)| Message::Relay { to, payload }),
+            (id(), proptest::collection::vec(any::<u8>(), 0..64))
+                .prop_map(|(from, payload)| Message::Relayed { from, payload }),
+            proptest::collection::vec(
+                (any::<[u8; 32]>(), any::<u64>(), any::<[u8; 32]>()),
+                0..3
+            )
+            .prop_map(|l| Message::ReportHeld(
+                l.into_iter()
+                    .map(|(p, size, root)| HeldReport {
+                        ticket: vec![9u8; crate::SIGNED_TICKET_LEN],
+                        pack: PackId(p),
+                        size,
+                        root
+                    })
+                    .collect()
+            )),
+            any::<u32>().prop_map(|taken| Message::HeldTaken { taken }),
         ]
     }
 

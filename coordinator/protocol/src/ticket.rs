@@ -1,24 +1,26 @@
 //! Placement tickets: the coordinator's signed word that an owner may store
-//! up to `size` bytes on a storer until a deadline.
+//! one replica of one pack, of up to `size` bytes, on a storer until a
+//! deadline.
 //!
 //! A match answers with one ticket per storer. The owner shows the ticket
 //! to the storer, which checks it offline against the coordinator key it
 //! pinned: the signature, that it names the storer itself and the owner at
-//! the other end of the link, and that it has not lapsed; it then keeps
-//! count of the bytes taken under each ticket (by [`Ticket::id`]), so one
-//! ticket cannot be used twice over.
+//! the other end of the link, and that it has not lapsed; it then keeps the
+//! ticket with the replica, so one ticket covers one replica. Naming the
+//! pack also binds what a storer may report again to books that lost it:
+//! one replica per ticket, never invented ones.
 //!
 //! ```text
-//! ticket = owner (32) || storer (32) || size (u64 LE) || expires_ms (u64 LE) || nonce (16)
+//! ticket = owner (32) || storer (32) || size (u64 LE) || expires_ms (u64 LE) || pack (32)
 //! signed = ticket || Ed25519(coordinator, "pluto ticket v1\0" || ticket)
 //! ```
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
-use pluto_plugins_api::NodeId;
+use pluto_plugins_api::{NodeId, PackId};
 
 const DOMAIN: &[u8] = b"pluto ticket v1\0";
 /// Encoded size of a ticket without its signature.
-pub const TICKET_LEN: usize = 32 + 32 + 8 + 8 + 16;
+pub const TICKET_LEN: usize = 32 + 32 + 8 + 8 + 32;
 /// Encoded size of a signed ticket.
 pub const SIGNED_TICKET_LEN: usize = TICKET_LEN + 64;
 
@@ -33,8 +35,8 @@ pub struct Ticket {
     pub size: u64,
     /// Until when (ms since the epoch), the reservation's deadline.
     pub expires_ms: u64,
-    /// Makes every ticket distinct.
-    pub nonce: [u8; 16],
+    /// The pack whose replica it is for.
+    pub pack: PackId,
 }
 
 /// Why a ticket is not good.
@@ -65,7 +67,7 @@ impl Ticket {
         b[32..64].copy_from_slice(&self.storer.0);
         b[64..72].copy_from_slice(&self.size.to_le_bytes());
         b[72..80].copy_from_slice(&self.expires_ms.to_le_bytes());
-        b[80..].copy_from_slice(&self.nonce);
+        b[80..].copy_from_slice(&self.pack.0);
         b
     }
 
@@ -97,25 +99,33 @@ impl Ticket {
         msg.extend_from_slice(body);
         key.verify_strict(&msg, &Signature::from_bytes(&sig))
             .map_err(|_| TicketError::Signature)?;
+        Ok(Self::parse_body(body))
+    }
+
+    /// Reads a signed ticket without checking its signature (one the
+    /// storer checked on receipt and kept on its own disk).
+    pub fn parse_unverified(bytes: &[u8]) -> Option<Self> {
+        (bytes.len() == SIGNED_TICKET_LEN).then(|| Self::parse_body(&bytes[..TICKET_LEN]))
+    }
+
+    fn parse_body(body: &[u8]) -> Self {
         let id = |r: std::ops::Range<usize>| {
             let mut a = [0u8; 32];
             a.copy_from_slice(&body[r]);
-            NodeId(a)
+            a
         };
         let u64_at = |at: usize| {
             let mut a = [0u8; 8];
             a.copy_from_slice(&body[at..at + 8]);
             u64::from_le_bytes(a)
         };
-        let mut nonce = [0u8; 16];
-        nonce.copy_from_slice(&body[80..]);
-        Ok(Self {
-            owner: id(0..32),
-            storer: id(32..64),
+        Self {
+            owner: NodeId(id(0..32)),
+            storer: NodeId(id(32..64)),
             size: u64_at(64),
             expires_ms: u64_at(72),
-            nonce,
-        })
+            pack: PackId(id(80..112)),
+        }
     }
 
     /// The storer's whole check: signed by `coordinator`, for `me`, shown
@@ -157,7 +167,7 @@ mod tests {
             storer,
             size: 16 << 20,
             expires_ms: 1_000,
-            nonce: [3; 16],
+            pack: PackId([3; 32]),
         };
         let b = t.sign(&c);
         assert_eq!(Ticket::check(&b, &cid, &storer, &owner, 999), Ok(t));
@@ -190,7 +200,7 @@ mod tests {
             Err(TicketError::Length(SIGNED_TICKET_LEN - 1))
         );
         let again = Ticket {
-            nonce: [4; 16],
+            pack: PackId([4; 32]),
             ..t
         };
         assert_ne!(t.id(), again.id(), "every ticket counts on its own");

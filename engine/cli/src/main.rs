@@ -26,6 +26,8 @@ use serde::Serialize;
 use pluto_store_fs as _;
 use pluto_store_sqlite as _;
 use pluto_transport_mqtt as _;
+use pluto_transport_quic as _;
+use pluto_transport_relay as _;
 
 /// `println!` for results: when whoever reads them has gone (`pluto
 /// snapshots | head`), pluto stops quietly with the code a shell gives a
@@ -39,6 +41,7 @@ macro_rules! out {
     };
 }
 
+mod exchange;
 mod fmt;
 mod node;
 use fmt::{bytes, time};
@@ -264,12 +267,18 @@ async fn run(cli: Cli) -> Result<u8> {
                 k.parse::<pluto_plugins_api::NodeId>()
                     .context("--coordinator-key must be 64 hex digits")?;
             }
+            let recovering = mnemonic_file.is_some() && coordinator.is_some();
             config.coordinator = coordinator;
             config.coordinator_key = coordinator_key;
-            init(&ui, &home, mnemonic_file.as_deref(), &config)
+            let code = init(&ui, &home, mnemonic_file.as_deref(), &config)?;
+            if recovering {
+                // Everything else comes back from the manifest.
+                exchange::recover(&ui, home).await?;
+            }
+            Ok(code)
         }
         Command::Status => node::status(&ui, home).await,
-        Command::Daemon => node::daemon(&ui, home).await,
+        Command::Daemon => exchange::daemon(&ui, home).await,
         Command::Peers => node::peers(&ui, home).await,
         Command::Offer { size } => node::offer(&ui, home, size).await,
         Command::Match { size, copies } => node::match_cmd(&ui, home, size, copies).await,
@@ -462,12 +471,9 @@ async fn backup_cmd(ui: &Ui, home: Home, opts: BackupOptions) -> Result<u8> {
         files: AtomicU64::new(0),
     });
     let report = backup_async(repo.clone(), opts, progress).await?;
-    repo.catalog.close().await;
     pb.finish_and_clear();
     let s = &report.summary;
-    if ui.json {
-        ui.print_json(&report)?;
-    } else if !ui.quiet {
+    if !ui.json && !ui.quiet {
         out!(
             "snapshot {} saved: {} new, {} changed, {} unmodified files, {} dirs",
             report.snapshot.short(),
@@ -498,9 +504,20 @@ async fn backup_cmd(ui: &Ui, home: Home, opts: BackupOptions) -> Result<u8> {
             report.snapshot.short(),
             report.warnings.len()
         );
+    }
+    // The packs go to peers; a partial snapshot says so first (3), then
+    // packs short of copies (4).
+    let (placed, upload) = exchange::upload_after_backup(ui, &repo).await?;
+    repo.catalog.close().await;
+    if ui.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["upload"] = serde_json::to_value(&upload)?;
+        ui.print_json(&v)?;
+    }
+    if !report.warnings.is_empty() {
         return Ok(EXIT_PARTIAL);
     }
-    Ok(0)
+    Ok(placed)
 }
 
 #[derive(Serialize)]
@@ -572,7 +589,8 @@ struct LsEntry {
 }
 
 async fn ls(ui: &Ui, home: Home, spec: &str, under: Option<&Path>) -> Result<u8> {
-    let repo = Repo::open(home, LockMode::Shared).await?;
+    let mut repo = Repo::open(home, LockMode::Shared).await?;
+    let _net = exchange::attach_peers(&mut repo).await?;
     let snap = repo.find_snapshot(spec).await?;
     let index = repo.load_index().await?;
     let under = under.map(|p| p.components().collect::<PathBuf>());
@@ -658,7 +676,9 @@ async fn restore_cmd(
     target: PathBuf,
     include: Vec<PathBuf>,
 ) -> Result<u8> {
-    let repo = Arc::new(Repo::open(home, LockMode::Shared).await?);
+    let mut repo = Repo::open(home, LockMode::Shared).await?;
+    let net = exchange::attach_peers(&mut repo).await?;
+    let repo = Arc::new(repo);
     let snap = repo.find_snapshot(spec).await?;
     let index = Arc::new(repo.load_index().await?);
     let pb = ui.bar(
@@ -695,6 +715,9 @@ async fn restore_cmd(
             );
         }
     }
+    if let Some(net) = net {
+        net.close().await;
+    }
     if !report.errors.is_empty() {
         bail!("{} item(s) could not be restored", report.errors.len());
     }
@@ -710,7 +733,9 @@ impl CheckProgress for CheckBar {
 }
 
 async fn check_cmd(ui: &Ui, home: Home, read_data: bool) -> Result<u8> {
-    let repo = Arc::new(Repo::open(home, LockMode::Shared).await?);
+    let mut repo = Repo::open(home, LockMode::Shared).await?;
+    let net = exchange::attach_peers(&mut repo).await?;
+    let repo = Arc::new(repo);
     let n = repo.catalog.packs().await?.len() as u64;
     let pb = ui.bar(Some(n), "{bar:40} {pos}/{len} packs {elapsed_precise}");
     let progress = CheckBar(pb.clone());
@@ -720,6 +745,9 @@ async fn check_cmd(ui: &Ui, home: Home, read_data: bool) -> Result<u8> {
     })
     .await??;
     pb.finish_and_clear();
+    if let Some(net) = net {
+        net.close().await;
+    }
     if ui.json {
         ui.print_json(&report)?;
     } else {

@@ -1,11 +1,10 @@
 //! `pluto status` and `pluto daemon`: the node and the coordinator.
 
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use pluto_engine::client::{ClientError, CoordinatorClient};
 use pluto_engine::{Home, LockMode, Repo};
-use pluto_plugins_api::NodeId;
+use pluto_plugins_api::{NodeId, PackId};
 use pluto_protocol::Message;
 use serde::Serialize;
 
@@ -59,7 +58,7 @@ async fn connect(repo: &Repo, home: &Home, url: &str) -> Result<CoordinatorClien
 }
 
 /// [`connect`], saying whether this is the node's long-lived connection.
-async fn connect_as(
+pub(crate) async fn connect_as(
     repo: &Repo,
     home: &Home,
     url: &str,
@@ -99,6 +98,8 @@ struct Peer {
     /// Replicas of the peer's packs this node holds, and their bytes.
     replicas_stored: u32,
     bytes_stored: u64,
+    /// The transport that reached it last (none yet: never reached).
+    transport: Option<String>,
 }
 
 pub(crate) async fn peers(ui: &Ui, home: Home) -> Result<u8> {
@@ -110,9 +111,11 @@ pub(crate) async fn peers(ui: &Ui, home: Home) -> Result<u8> {
     let Message::Peers(list) = answer? else {
         anyhow::bail!("unexpected answer from the coordinator");
     };
+    let transports = pluto_engine::network::remembered_transports(&home);
     let peers: Vec<Peer> = list
         .iter()
         .map(|p| Peer {
+            transport: transports.get(&p.id).cloned(),
             id: p.id.to_hex(),
             online: p.online,
             last_seen_ms: p.last_seen_ms,
@@ -132,7 +135,7 @@ pub(crate) async fn peers(ui: &Ui, home: Home) -> Result<u8> {
         return Ok(0);
     }
     out!(
-        "{:<16} {:<8} {:>7} {:>22} {:>22}",
+        "{:<16} {:<8} {:>7} {:>22} {:>22}  via",
         "peer",
         "state",
         "uptime",
@@ -141,12 +144,13 @@ pub(crate) async fn peers(ui: &Ui, home: Home) -> Result<u8> {
     );
     for p in &peers {
         out!(
-            "{:<16} {:<8} {:>6.1}% {:>22} {:>22}",
+            "{:<16} {:<8} {:>6.1}% {:>22} {:>22}  {}",
             &p.id[..16],
             if p.online { "online" } else { "offline" },
             p.uptime * 100.0,
             format!("{} ({})", p.replicas_held, bytes(p.bytes_held)),
             format!("{} ({})", p.replicas_stored, bytes(p.bytes_stored)),
+            p.transport.as_deref().unwrap_or("-"),
         );
     }
     Ok(0)
@@ -208,6 +212,12 @@ pub(crate) async fn match_cmd(ui: &Ui, home: Home, size: u64, copies: Option<u8>
     let client = connect(&repo, &home, &url).await?;
     let answer = client
         .request(&Message::MatchRequest {
+            // A pack that does not exist yet: a name nobody else uses.
+            pack: PackId::of(&std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos()
+                .to_le_bytes()),
             size,
             copies,
             friends: friends.clone(),
@@ -329,51 +339,5 @@ fn unreachable_state(url: String, key: Option<String>, error: String) -> Coordin
         held: None,
         placed: None,
         peers: None,
-    }
-}
-
-pub(crate) async fn daemon(ui: &Ui, home: Home) -> Result<u8> {
-    let repo = Repo::open(home.clone(), LockMode::Shared).await?;
-    let url = coordinator_url(&repo)?;
-    let say = |what: String| {
-        if ui.json {
-            out!("{}", serde_json::json!({ "event": what }));
-        } else if !ui.quiet {
-            out!("{what}");
-        }
-    };
-    let mut backoff = Duration::from_secs(1);
-    let run = async {
-        loop {
-            match connect_as(&repo, &home, &url, true).await {
-                Ok(client) => {
-                    backoff = Duration::from_secs(1);
-                    say(format!(
-                        "connected to coordinator {} at {url}",
-                        client.coordinator().short()
-                    ));
-                    loop {
-                        tokio::time::sleep(client.heartbeat).await;
-                        if let Err(e) = client.request(&Message::Heartbeat).await {
-                            say(format!("lost the coordinator: {e}"));
-                            break;
-                        }
-                    }
-                    client.close().await;
-                }
-                // A changed key is not something retrying fixes.
-                Err(e @ ClientError::KeyChanged { .. }) => return Err(anyhow::Error::new(e)),
-                Err(e) => say(format!(
-                    "cannot reach the coordinator: {e}; retrying in {}s",
-                    backoff.as_secs()
-                )),
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(60));
-        }
-    };
-    tokio::select! {
-        r = run => r.map(|()| 0),
-        r = tokio::signal::ctrl_c() => { r?; Ok(0) }
     }
 }

@@ -5,6 +5,7 @@ mod integration {
     mod cli;
     pub mod common;
     mod coordinator;
+    mod exchange;
     mod faults;
-    mod network;
+    pub mod network;
 }

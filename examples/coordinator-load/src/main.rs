@@ -100,6 +100,7 @@ async fn main() -> Result<()> {
             let _permit = gate.acquire_owned().await.ok()?;
             let t = Instant::now();
             let req = Message::MatchRequest {
+                pack: pluto_plugins_api::PackId([1; 32]),
                 size: 16 << 20,
                 copies: 2,
                 friends: vec![],

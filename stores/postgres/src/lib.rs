@@ -9,7 +9,9 @@
 //! first, in id order, so concurrent coordinator replicas neither
 //! over-commit a storer nor deadlock each other.
 
-use pluto_plugins_api::sqlint::{clamped as int, ordered, unordered};
+use pluto_plugins_api::sqlint::{
+    clamped as int, join_addresses, ordered, split_addresses, unordered,
+};
 use pluto_plugins_api::{
     async_trait, redact_url, BooksStore, BooksStoreDescriptor, BooksStoreFuture, ManifestRecord,
     NodeId, NodeRecord, PackId, Recorded, ReplicaRecord, StoreError, PLUGIN_ABI_VERSION,
@@ -422,6 +424,82 @@ impl BooksStore for PgBooks {
         }
         tx.commit().await.map_err(db_err("commit"))?;
         Ok(Recorded::New)
+    }
+
+    async fn restore_replica(&self, r: &ReplicaRecord, now_ms: u64) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db_err("begin"))?;
+        sqlx::query(
+            "INSERT INTO nodes (id, exchange_key, offer, last_seen_ms, registered_ms) \
+             VALUES ($1, $2, 0, $3, $3) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&r.owner.0[..])
+        .bind(&[0u8; 32][..])
+        .bind(int(now_ms))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("restoring a replica"))?;
+        lock_nodes(&mut tx, &[&r.owner, &r.storer]).await?;
+        let inserted = sqlx::query(
+            "INSERT INTO replicas (owner, pack, storer, size, root) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&r.owner.0[..])
+        .bind(&r.pack.0[..])
+        .bind(&r.storer.0[..])
+        .bind(int(r.size))
+        .bind(&r.root[..])
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("restoring a replica"))?
+        .rows_affected()
+            == 1;
+        if !inserted {
+            tx.rollback().await.map_err(db_err("rollback"))?;
+            return Ok(false);
+        }
+        for (column, party) in [("held", &r.storer), ("placed", &r.owner)] {
+            sqlx::query(&format!(
+                "UPDATE nodes SET {column} = {column} + $1 WHERE id = $2"
+            ))
+            .bind(int(r.size))
+            .bind(&party.0[..])
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err("restoring a replica"))?;
+        }
+        tx.commit().await.map_err(db_err("commit"))?;
+        Ok(true)
+    }
+
+    async fn set_addresses(&self, id: &NodeId, addresses: &[String]) -> Result<(), StoreError> {
+        sqlx::query("UPDATE nodes SET addresses = $1 WHERE id = $2")
+            .bind(join_addresses(addresses))
+            .bind(&id.0[..])
+            .execute(&self.pool)
+            .await
+            .map_err(db_err("keeping addresses"))?;
+        Ok(())
+    }
+
+    async fn addresses(
+        &self,
+        ids: &[NodeId],
+    ) -> Result<Vec<(NodeId, bool, Vec<String>)>, StoreError> {
+        let keys: Vec<&[u8]> = ids.iter().map(|i| &i.0[..]).collect();
+        let rows = sqlx::query("SELECT id, online, addresses FROM nodes WHERE id = ANY($1)")
+            .bind(&keys)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err("reading addresses"))?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    id32(r.get::<&[u8], _>(0), "node", NodeId)?,
+                    r.get::<bool, _>(1),
+                    split_addresses(r.get::<&str, _>(2)),
+                ))
+            })
+            .collect()
     }
 
     async fn replicas_of(&self, owner: &NodeId) -> Result<Vec<ReplicaRecord>, StoreError> {

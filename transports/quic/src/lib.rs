@@ -32,7 +32,7 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:0";
 /// How long dialling one address may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a connection may be silent before it is dropped.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Links waiting to be accepted at most.
 const ACCEPT_QUEUE: usize = 256;
 

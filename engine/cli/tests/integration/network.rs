@@ -18,7 +18,7 @@ use super::common::*;
 
 const NODES: usize = 20;
 
-fn coordinator_bin() -> PathBuf {
+pub fn coordinator_bin() -> PathBuf {
     let p = Path::new(env!("CARGO_BIN_EXE_pluto")).with_file_name("pluto-coordinator");
     assert!(
         p.exists(),
@@ -28,7 +28,7 @@ fn coordinator_bin() -> PathBuf {
     p
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -36,7 +36,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -44,13 +44,13 @@ fn now_ms() -> u64 {
 }
 
 /// A child process whose stdout lines arrive on a channel; killed when dropped.
-struct Proc {
-    child: Child,
+pub struct Proc {
+    pub child: Child,
     lines: mpsc::Receiver<String>,
 }
 
 impl Proc {
-    fn spawn(cmd: &mut Command, log: &Path) -> Self {
+    pub fn spawn(cmd: &mut Command, log: &Path) -> Self {
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(log).unwrap())
@@ -70,7 +70,7 @@ impl Proc {
     }
 
     /// The next line containing `want`.
-    fn wait_for(&self, want: &str, within: Duration) -> String {
+    pub fn wait_for(&self, want: &str, within: Duration) -> String {
         let deadline = Instant::now() + within;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -82,7 +82,7 @@ impl Proc {
         }
     }
 
-    fn kill(&mut self) {
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -94,7 +94,7 @@ impl Drop for Proc {
     }
 }
 
-fn wait_port(port: u16) {
+pub fn wait_port(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "nothing listens on {port}");
@@ -102,14 +102,14 @@ fn wait_port(port: u16) {
     }
 }
 
-struct Coordinator {
-    home: PathBuf,
-    args: Vec<String>,
+pub struct Coordinator {
+    pub home: PathBuf,
+    pub args: Vec<String>,
 }
 
 impl Coordinator {
     /// Starts it and waits for its ready line; returns it and its id.
-    fn start(&self) -> (Proc, String) {
+    pub fn start(&self) -> (Proc, String) {
         std::fs::create_dir_all(&self.home).unwrap();
         let p = Proc::spawn(
             Command::new(coordinator_bin())

@@ -1,0 +1,374 @@
+//! The data path from the command line: uploads after a backup, restores
+//! through the peers, recovery on a new machine, and the daemon that holds
+//! replicas for others and finishes uploads.
+
+use std::fs::File;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use pluto_engine::client::{ClientError, CoordinatorClient};
+use pluto_engine::held::Held;
+use pluto_engine::manifest::Placement;
+use pluto_engine::network::Net;
+use pluto_engine::peers::{fetch_manifest, UploadReport, Uploader};
+use pluto_engine::remote::PeerPacks;
+use pluto_engine::{Home, LockMode, Repo};
+use pluto_plugins_api::{open_blob_store, BlobKind, PackId};
+use pluto_protocol::{Message, MAX_HELD_REPORTS};
+
+use crate::fmt::bytes;
+use crate::node::connect_as;
+use crate::Ui;
+
+/// `pluto backup` saved the snapshot, but some new packs do not have all
+/// their copies at peers yet (they stay local; the daemon goes on).
+pub(crate) const EXIT_NOT_PLACED: u8 = 4;
+/// How often the daemon looks for packs that lack copies.
+const UPLOAD_EVERY: Duration = Duration::from_secs(60);
+
+/// A coordinator session and the transports over it. The daemon's
+/// (`presence`) listens where the config says; a command's listens on a
+/// port of its own, as it only reaches out.
+pub(crate) async fn open_net(repo: &Repo, home: &Home, presence: bool) -> Result<Arc<Net>> {
+    let url = repo
+        .config
+        .coordinator
+        .clone()
+        .context("no coordinator configured (pluto init --coordinator URL)")?;
+    let client = Arc::new(connect_as(repo, home, &url, presence).await?);
+    let mut config = repo.config.clone();
+    if !presence {
+        config.listen = if config.listen.starts_with('[') {
+            "[::]:0".into()
+        } else {
+            "0.0.0.0:0".into()
+        };
+    }
+    Ok(Arc::new(Net::open(&repo.keys, &config, home, client).await?))
+}
+
+/// Holds `HOME/upload.lock`: one uploader at a time (a backup or the
+/// daemon). `wait` blocks until the other one is done.
+fn upload_lock(home: &Home, wait: bool) -> Result<Option<File>> {
+    let path = home.upload_lock_path();
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    if wait {
+        f.lock().with_context(|| format!("locking {}", path.display()))?;
+        return Ok(Some(f));
+    }
+    match f.try_lock() {
+        Ok(()) => Ok(Some(f)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+}
+
+/// Uploads what lacks copies; with `wait`, waits for another uploader to
+/// finish first (None when not waiting and another one runs).
+pub(crate) async fn upload(repo: &Repo, net: &Net, wait: bool) -> Result<Option<UploadReport>> {
+    let home = repo.home.clone();
+    let Some(_lock) = tokio::task::spawn_blocking(move || upload_lock(&home, wait)).await?? else {
+        return Ok(None);
+    };
+    let packs = repo.catalog.packs().await?;
+    let up = Uploader {
+        keys: &repo.keys,
+        packs: repo.packs.clone(),
+        placement: &repo.config.placement,
+        placement_path: repo.home.placement_path(),
+        net,
+    };
+    let report = up.run(&packs).await.map_err(anyhow::Error::msg)?;
+    if let Some(limit) = repo.config.local_cache {
+        trim_cache(repo, limit).await?;
+    }
+    Ok(Some(report))
+}
+
+/// Drops local data packs that have all their copies at peers, the oldest
+/// first... by id order (packs carry no time), until the local store is
+/// within `limit` bytes. Packs with trees or snapshots stay: the next
+/// backup reads them.
+async fn trim_cache(repo: &Repo, limit: u64) -> Result<()> {
+    let placement = Placement::load(&repo.home.placement_path()).map_err(anyhow::Error::msg)?;
+    let copies = usize::from(repo.config.placement.copies);
+    let local = repo.packs.list()?;
+    let mut total: u64 = local.iter().map(|p| p.1).sum();
+    if total <= limit {
+        return Ok(());
+    }
+    let mut kinds: std::collections::HashMap<PackId, Vec<BlobKind>> = Default::default();
+    for b in repo.catalog.blobs().await? {
+        kinds.entry(b.pack).or_default().push(b.kind);
+    }
+    for (id, size) in local {
+        if total <= limit {
+            break;
+        }
+        let placed = placement
+            .packs
+            .get(&id)
+            .is_some_and(|p| p.replicas.len() >= copies);
+        let data = kinds
+            .get(&id)
+            .is_some_and(|k| pluto_engine::peers::data_only(k));
+        if placed && data {
+            repo.packs.delete(&id)?;
+            total -= size;
+        }
+    }
+    Ok(())
+}
+
+/// After a backup: place the new packs. Returns the exit code it adds and
+/// what it did (for `--json`, which prints it with the backup's report).
+pub(crate) async fn upload_after_backup(
+    ui: &Ui,
+    repo: &Repo,
+) -> Result<(u8, Option<UploadReport>)> {
+    if repo.config.coordinator.is_none() {
+        return Ok((0, None));
+    }
+    let net = match open_net(repo, &repo.home, false).await {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!(
+                "pluto: the snapshot is saved here, but no copy went to peers: {e:#}; the daemon uploads it later"
+            );
+            return Ok((EXIT_NOT_PLACED, None));
+        }
+    };
+    let r = upload(repo, &net, true).await;
+    net.close().await;
+    let report = r?.context("the upload lock was not taken")?;
+    for p in &report.problems {
+        eprintln!("warning: {p}");
+    }
+    if !ui.json && !ui.quiet {
+        out!(
+            "sent {} replicas ({}); {} of {} packs have {} copies at peers",
+            report.replicas_sent,
+            bytes(report.bytes_sent),
+            report.complete,
+            report.packs,
+            repo.config.placement.copies
+        );
+    }
+    if report.short > 0 {
+        eprintln!(
+            "pluto: {} pack(s) lack copies at peers; they stay here and the daemon places them later",
+            report.short
+        );
+        return Ok((EXIT_NOT_PLACED, Some(report)));
+    }
+    Ok((0, Some(report)))
+}
+
+/// Lets `repo` read packs it lacks from the peers, when it has a
+/// coordinator and packs placed there that are not here. The returned
+/// session must live as long as the repo reads.
+pub(crate) async fn attach_peers(repo: &mut Repo) -> Result<Option<Arc<Net>>> {
+    if repo.config.coordinator.is_none() {
+        return Ok(None);
+    }
+    let placement = Placement::load(&repo.home.placement_path()).map_err(anyhow::Error::msg)?;
+    let local: std::collections::HashSet<PackId> =
+        repo.packs.list()?.into_iter().map(|p| p.0).collect();
+    if placement.packs.keys().all(|p| local.contains(p)) {
+        return Ok(None);
+    }
+    let home = repo.home.clone();
+    let net = open_net(repo, &home, false).await?;
+    repo.packs = Arc::new(PeerPacks::new(
+        repo.packs.clone(),
+        placement,
+        net.clone(),
+        zeroize_key(&repo.keys.replica),
+        tokio::runtime::Handle::current(),
+    ));
+    Ok(Some(net))
+}
+
+fn zeroize_key(k: &[u8; 32]) -> zeroize::Zeroizing<[u8; 32]> {
+    zeroize::Zeroizing::new(*k)
+}
+
+/// On a new machine: the manifest from the coordinator or the peers, then
+/// the catalog from the packs' headers (fetched from the peers).
+pub(crate) async fn recover(ui: &Ui, home: Home) -> Result<()> {
+    let mut repo = Repo::open(home.clone(), LockMode::Exclusive).await?;
+    let net = open_net(&repo, &home, false).await?;
+    let found = fetch_manifest(&net, &repo.keys)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let Some(placement) = found else {
+        net.close().await;
+        if !ui.quiet && !ui.json {
+            out!("no manifest of this node at the coordinator or its peers: nothing to recover");
+        }
+        return Ok(());
+    };
+    placement
+        .save(&home.placement_path())
+        .map_err(anyhow::Error::msg)?;
+    let packs = placement.packs.len();
+    repo.packs = Arc::new(PeerPacks::new(
+        repo.packs.clone(),
+        placement,
+        net.clone(),
+        zeroize_key(&repo.keys.replica),
+        tokio::runtime::Handle::current(),
+    ));
+    let report = repo.rebuild_catalog().await?;
+    repo.catalog.close().await;
+    net.close().await;
+    for p in &report.problems {
+        eprintln!("warning: {p}");
+    }
+    if ui.json {
+        ui.print_json(&serde_json::json!({ "recovered": report }))?;
+    } else if !ui.quiet {
+        out!(
+            "found the manifest: {packs} packs at peers; catalog rebuilt with {} snapshots",
+            report.snapshots
+        );
+    }
+    Ok(())
+}
+
+/// Opens the store of replicas held for others.
+fn open_held(repo: &Repo, coordinator: pluto_plugins_api::NodeId) -> Result<Arc<Held>> {
+    let store = open_blob_store(&repo.home.resolve_url(&repo.config.held))?;
+    Ok(Arc::new(Held::open(
+        repo.keys.node_id(),
+        coordinator,
+        store.into(),
+        *repo.keys.obfuscation,
+        repo.home.held_manifests(),
+        repo.config.offer,
+    )?))
+}
+
+/// Tells the coordinator again what this node holds, in batches.
+async fn report_held(client: &CoordinatorClient, held: &Held) -> Result<u32, ClientError> {
+    let mut taken = 0;
+    for batch in held.reports().chunks(MAX_HELD_REPORTS) {
+        if let Message::HeldTaken { taken: n } = client
+            .request(&Message::ReportHeld(batch.to_vec()))
+            .await?
+        {
+            taken += n;
+        }
+    }
+    Ok(taken)
+}
+
+/// `pluto daemon`: stays connected, holds replicas for others, and places
+/// this node's packs that lack copies.
+pub(crate) async fn daemon(ui: &Ui, home: Home) -> Result<u8> {
+    tokio::select! {
+        r = daemon_loop(ui, &home) => r.map(|()| 0),
+        r = tokio::signal::ctrl_c() => { r?; Ok(0) }
+    }
+}
+
+async fn daemon_loop(ui: &Ui, home: &Home) -> Result<()> {
+    let say = |what: String| {
+        if ui.json {
+            out!("{}", serde_json::json!({ "event": what }));
+        } else if !ui.quiet {
+            out!("{what}");
+        }
+    };
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        // The home is not locked: backups run beside the daemon.
+        let repo = Repo::open(home.clone(), LockMode::Unlocked).await?;
+        match open_net(&repo, home, true).await {
+            Ok(net) => {
+                backoff = Duration::from_secs(1);
+                serve_session(&repo, home, &net, &say).await?;
+                net.close().await;
+            }
+            // A changed key is not something retrying fixes.
+            Err(e)
+                if e.downcast_ref::<ClientError>()
+                    .is_some_and(|c| matches!(c, ClientError::KeyChanged { .. })) =>
+            {
+                return Err(e);
+            }
+            Err(e) => say(format!(
+                "cannot reach the coordinator: {e:#}; retrying in {}s",
+                backoff.as_secs()
+            )),
+        }
+        repo.catalog.close().await;
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(60));
+    }
+}
+
+/// One connected stretch of the daemon: until the coordinator is lost.
+async fn serve_session(repo: &Repo, home: &Home, net: &Net, say: &impl Fn(String)) -> Result<()> {
+    let client = net.client();
+    say(format!(
+        "connected to coordinator {} as {}",
+        client.coordinator().short(),
+        repo.keys.node_id().short()
+    ));
+    let held = open_held(repo, client.coordinator())?;
+    if let Err(e) = net.announce().await {
+        say(format!("announcing addresses: {e}"));
+    }
+    match report_held(client, &held).await {
+        Ok(n) if n > 0 => say(format!("reported {n} held replicas")),
+        Ok(_) => {}
+        Err(e) => say(format!("reporting held replicas: {e}")),
+    }
+    let (used, count) = held.usage();
+    say(format!(
+        "holding {count} replicas ({}) for others; addresses {}",
+        bytes(used),
+        net.own_addresses().join(" ")
+    ));
+    let serving = net.serve(held.clone());
+    let work = async {
+        let mut beat = tokio::time::interval(client.heartbeat);
+        let mut uploads = tokio::time::interval(UPLOAD_EVERY);
+        loop {
+            tokio::select! {
+                _ = beat.tick() => {
+                    if let Err(e) = client.request(&Message::Heartbeat).await {
+                        say(format!("lost the coordinator: {e}"));
+                        return;
+                    }
+                }
+                _ = uploads.tick() => {
+                    let cfg = home.load_config().unwrap_or_else(|_| repo.config.clone());
+                    held.set_capacity(cfg.offer);
+                    match upload(repo, net, false).await {
+                        Ok(Some(r)) if r.replicas_sent > 0 || r.short > 0 => say(format!(
+                            "upload: sent {} replicas ({}); {} of {} packs placed",
+                            r.replicas_sent, bytes(r.bytes_sent), r.complete, r.packs
+                        )),
+                        Ok(_) => {}
+                        Err(e) => say(format!("upload: {e:#}")),
+                    }
+                }
+            }
+        }
+    };
+    tokio::select! {
+        () = work => {}
+        () = serving => say("the transports closed".into()),
+    }
+    Ok(())
+}

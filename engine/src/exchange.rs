@@ -1,0 +1,317 @@
+//! What two nodes say over a link (any transport): an owner stores, reads
+//! and deletes replicas at a storer, and keeps its manifest there.
+//!
+//! One request per link. Control frames are encoded messages; after
+//! `Ready` (to a `Put`) or `Sending` (to a `Get`) the bytes of the replica
+//! follow as raw frames, as many as the announced length, so a raw frame is
+//! never read as a message.
+//!
+//! ```text
+//! owner                                   storer
+//! Put{ticket, pack, root, size}  ------>  ticket checked, room checked
+//!                                <------  Ready | Have (already held) | Error
+//! raw frames (size bytes)        ------>  hashed as they come
+//!                                <------  Ok (root matched, written, synced) | Error
+//! Get{root, offset, len}         ------>  only the replica's owner
+//!                                <------  Sending{len} + raw frames | Error
+//! Delete{root, at_ms, signature} ------>  owner's signature, fresh
+//!                                <------  Ok | Error
+//! PutManifest{blob}              ------>  owner-signed, newer than kept
+//! GetManifest                    ------>  Manifest{blob} | Error
+//! ```
+
+use pluto_plugins_api::wire::{DecodeError, Reader, Writer};
+use pluto_plugins_api::{NodeId, PackId};
+
+/// Largest raw frame a sender uses.
+pub const DATA_FRAME: usize = 1 << 20;
+/// Largest control frame (a manifest is the biggest).
+pub const MAX_CONTROL: usize = 16 << 20;
+/// Largest frame on a link.
+pub const MAX_FRAME: usize = MAX_CONTROL + 64;
+/// What a delete request's signature covers, after this prefix: the
+/// storer's id, the replica's root and the time.
+const DELETE_DOMAIN: &[u8] = b"pluto delete v1\0";
+
+/// Why a storer refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+#[non_exhaustive]
+pub enum PeerError {
+    /// Did not decode or broke the protocol.
+    Malformed = 1,
+    /// The ticket is not good (signature, storer, owner, deadline, pack, size).
+    Ticket = 2,
+    /// The storer has no room left.
+    Full = 3,
+    /// The bytes do not hash to the announced root.
+    BadRoot = 4,
+    /// Nothing of the asker's by that root.
+    NotFound = 5,
+    /// A signature does not verify, or its time is off.
+    Unauthorized = 6,
+    /// Too many links at once.
+    Busy = 7,
+    /// The storer failed.
+    Internal = 8,
+}
+
+impl PeerError {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Malformed,
+            2 => Self::Ticket,
+            3 => Self::Full,
+            4 => Self::BadRoot,
+            5 => Self::NotFound,
+            6 => Self::Unauthorized,
+            7 => Self::Busy,
+            8 => Self::Internal,
+            _ => return None,
+        })
+    }
+}
+
+/// One control frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PeerMsg {
+    /// Owner: keep this replica.
+    Put {
+        /// The coordinator's signed placement ticket.
+        ticket: Vec<u8>,
+        /// The pack it is a replica of.
+        pack: PackId,
+        /// BLAKE3 of the replica's bytes.
+        root: [u8; 32],
+        /// Its length.
+        size: u64,
+    },
+    /// Storer: send the bytes.
+    Ready,
+    /// Storer: already held for you, with this size.
+    Have {
+        /// Bytes.
+        size: u64,
+    },
+    /// Owner: send these bytes of a replica.
+    Get {
+        /// The replica.
+        root: [u8; 32],
+        /// First byte.
+        offset: u64,
+        /// How many.
+        len: u64,
+    },
+    /// Storer: this many bytes follow.
+    Sending {
+        /// Bytes.
+        len: u64,
+    },
+    /// Owner: drop a replica.
+    Delete {
+        /// The replica.
+        root: [u8; 32],
+        /// When asked, ms since the epoch.
+        at_ms: u64,
+        /// The owner's Ed25519 signature ([`delete_message`]).
+        signature: [u8; 64],
+    },
+    /// Owner: keep my (signed, encrypted) manifest.
+    PutManifest {
+        /// Its bytes.
+        blob: Vec<u8>,
+    },
+    /// Owner: give my manifest back.
+    GetManifest,
+    /// Storer: the kept manifest.
+    Manifest {
+        /// Its bytes.
+        blob: Vec<u8>,
+    },
+    /// Done.
+    Ok,
+    /// Refused.
+    Error {
+        /// Why, for programs.
+        code: PeerError,
+        /// Why, for people.
+        message: String,
+    },
+}
+
+/// The bytes an owner signs to have `storer` delete the replica `root`.
+pub fn delete_message(storer: &NodeId, root: &[u8; 32], at_ms: u64) -> Vec<u8> {
+    let mut m = DELETE_DOMAIN.to_vec();
+    m.extend_from_slice(&storer.0);
+    m.extend_from_slice(root);
+    m.extend_from_slice(&at_ms.to_le_bytes());
+    m
+}
+
+impl PeerMsg {
+    /// An error answer.
+    pub fn error(code: PeerError, message: impl Into<String>) -> Self {
+        Self::Error {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// Encodes it.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        match self {
+            Self::Put {
+                ticket,
+                pack,
+                root,
+                size,
+            } => {
+                w.u8(1);
+                w.bytes(ticket);
+                w.id(&pack.0);
+                w.id(root);
+                w.u64(*size);
+            }
+            Self::Ready => w.u8(2),
+            Self::Have { size } => {
+                w.u8(3);
+                w.u64(*size);
+            }
+            Self::Get { root, offset, len } => {
+                w.u8(4);
+                w.id(root);
+                w.u64(*offset);
+                w.u64(*len);
+            }
+            Self::Sending { len } => {
+                w.u8(5);
+                w.u64(*len);
+            }
+            Self::Delete {
+                root,
+                at_ms,
+                signature,
+            } => {
+                w.u8(6);
+                w.id(root);
+                w.u64(*at_ms);
+                w.buf.extend_from_slice(signature);
+            }
+            Self::PutManifest { blob } => {
+                w.u8(7);
+                w.bytes(blob);
+            }
+            Self::GetManifest => w.u8(8),
+            Self::Manifest { blob } => {
+                w.u8(9);
+                w.bytes(blob);
+            }
+            Self::Ok => w.u8(10),
+            Self::Error { code, message } => {
+                w.u8(11);
+                w.u8(*code as u8);
+                w.bytes(message.as_bytes());
+            }
+        }
+        w.finish()
+    }
+
+    /// Decodes a control frame, refusing unknown kinds and trailing bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes, "peer message");
+        let m = match r.u8()? {
+            1 => Self::Put {
+                ticket: r.bytes()?.to_vec(),
+                pack: PackId(r.id()?),
+                root: r.id()?,
+                size: r.u64()?,
+            },
+            2 => Self::Ready,
+            3 => Self::Have { size: r.u64()? },
+            4 => Self::Get {
+                root: r.id()?,
+                offset: r.u64()?,
+                len: r.u64()?,
+            },
+            5 => Self::Sending { len: r.u64()? },
+            6 => {
+                let root = r.id()?;
+                let at_ms = r.u64()?;
+                let mut signature = [0u8; 64];
+                signature.copy_from_slice(r.take(64)?);
+                Self::Delete {
+                    root,
+                    at_ms,
+                    signature,
+                }
+            }
+            7 => Self::PutManifest {
+                blob: r.bytes()?.to_vec(),
+            },
+            8 => Self::GetManifest,
+            9 => Self::Manifest {
+                blob: r.bytes()?.to_vec(),
+            },
+            10 => Self::Ok,
+            11 => {
+                let c = r.u8()?;
+                Self::Error {
+                    code: PeerError::from_u8(c)
+                        .ok_or_else(|| r.error(format!("error code {c}")))?,
+                    message: r.string()?,
+                }
+            }
+            k => return Err(r.error(format!("unknown peer message kind {k}"))),
+        };
+        r.finish()?;
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn every_message_round_trips() {
+        let all = [
+            PeerMsg::Put {
+                ticket: vec![1; 176],
+                pack: PackId([2; 32]),
+                root: [3; 32],
+                size: 4,
+            },
+            PeerMsg::Ready,
+            PeerMsg::Have { size: 9 },
+            PeerMsg::Get {
+                root: [5; 32],
+                offset: 6,
+                len: 7,
+            },
+            PeerMsg::Sending { len: 8 },
+            PeerMsg::Delete {
+                root: [9; 32],
+                at_ms: 10,
+                signature: [11; 64],
+            },
+            PeerMsg::PutManifest { blob: vec![12; 3] },
+            PeerMsg::GetManifest,
+            PeerMsg::Manifest { blob: vec![] },
+            PeerMsg::Ok,
+            PeerMsg::error(PeerError::Full, "no room"),
+        ];
+        for m in all {
+            assert_eq!(PeerMsg::decode(&m.encode()).unwrap(), m);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = PeerMsg::decode(&data);
+        }
+    }
+}

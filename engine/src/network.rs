@@ -1,0 +1,292 @@
+//! The node's reach to its peers: the transports named in its config, in
+//! their order, over one coordinator session.
+//!
+//! ```text
+//! connect(peer): the transport that worked last for this peer first, then
+//!                the others in config order; each with the addresses the
+//!                peer announced for it (asked of the coordinator), within
+//!                CONNECT_TIMEOUT; what worked is remembered (HOME/peers.json)
+//! serve(held):   every transport's incoming links, each served on a task
+//! ```
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pluto_plugins_api::{open_transport, Link, NodeId, Transport, TransportError, TransportOptions};
+use pluto_protocol::{Message, MAX_ADDRESSES};
+
+use crate::client::{ClientError, CoordinatorClient};
+use crate::exchange::MAX_FRAME;
+use crate::held::Held;
+use crate::home::{Config, Home};
+use crate::keys::Keys;
+
+/// How long one transport may take to reach a peer before the next is tried.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Why a peer could not be reached.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetError {
+    /// Every transport failed; each one's reason.
+    #[error("cannot reach {peer}: {why}")]
+    Unreachable {
+        /// The peer.
+        peer: NodeId,
+        /// What each transport said.
+        why: String,
+    },
+    /// The coordinator failed.
+    #[error(transparent)]
+    Coordinator(#[from] ClientError),
+    /// A transport could not start.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+}
+
+/// Transports, the coordinator session, and what was learnt about peers.
+pub struct Net {
+    me: NodeId,
+    client: Arc<CoordinatorClient>,
+    transports: Vec<Arc<dyn Transport>>,
+    announce: Vec<String>,
+    addresses: Mutex<HashMap<NodeId, Vec<String>>>,
+    remembered: Mutex<HashMap<NodeId, String>>,
+    peers_path: PathBuf,
+}
+
+impl std::fmt::Debug for Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<_> = self.transports.iter().map(|t| t.name()).collect();
+        write!(f, "Net({names:?})")
+    }
+}
+
+/// Which transport reached each peer last, from `HOME/peers.json`.
+pub fn remembered_transports(home: &Home) -> HashMap<NodeId, String> {
+    let Ok(text) = std::fs::read_to_string(home.peers_path()) else {
+        return HashMap::new();
+    };
+    let raw: HashMap<String, String> = serde_json::from_str(&text).unwrap_or_default();
+    raw.into_iter()
+        .filter_map(|(k, v)| Some((k.parse().ok()?, v)))
+        .collect()
+}
+
+impl Net {
+    /// Opens the configured transports over `client`'s session.
+    pub async fn open(
+        keys: &Keys,
+        config: &Config,
+        home: &Home,
+        client: Arc<CoordinatorClient>,
+    ) -> Result<Self, NetError> {
+        let relay = client.relay_carrier();
+        let mut transports: Vec<Arc<dyn Transport>> = Vec::new();
+        for name in &config.transports {
+            let t = open_transport(
+                name,
+                TransportOptions {
+                    identity_seed: keys.identity.to_bytes(),
+                    listen: Some(config.listen.clone()),
+                    max_frame: MAX_FRAME,
+                    relay: Some(relay.clone()),
+                },
+            )
+            .await?;
+            transports.push(t.into());
+        }
+        Ok(Self {
+            me: keys.node_id(),
+            client,
+            transports,
+            announce: config.announce.clone(),
+            addresses: Mutex::new(HashMap::new()),
+            remembered: Mutex::new(remembered_transports(home)),
+            peers_path: home.peers_path(),
+        })
+    }
+
+    /// The coordinator session.
+    pub fn client(&self) -> &CoordinatorClient {
+        &self.client
+    }
+
+    /// This node.
+    pub fn me(&self) -> NodeId {
+        self.me
+    }
+
+    /// What this node announces: the configured list, or each transport's
+    /// addresses (`name:address`), with a wildcard IP replaced by the
+    /// machine's own addresses.
+    pub fn own_addresses(&self) -> Vec<String> {
+        if !self.announce.is_empty() {
+            return self.announce.clone();
+        }
+        let mut out = Vec::new();
+        for t in &self.transports {
+            for a in t.addresses() {
+                match a.parse::<SocketAddr>() {
+                    Ok(sa) if sa.ip().is_unspecified() => {
+                        for ip in local_ips().into_iter().filter(|ip| ip.is_ipv4() == sa.is_ipv4()) {
+                            out.push(format!("{}:{}", t.name(), SocketAddr::new(ip, sa.port())));
+                        }
+                    }
+                    _ => out.push(format!("{}:{a}", t.name())),
+                }
+            }
+        }
+        out.truncate(MAX_ADDRESSES);
+        out
+    }
+
+    /// Tells the coordinator where this node is.
+    pub async fn announce(&self) -> Result<(), ClientError> {
+        self.client
+            .request(&Message::Announce {
+                addresses: self.own_addresses(),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn addresses_of(&self, peer: &NodeId, fresh: bool) -> Vec<String> {
+        if !fresh {
+            if let Some(a) = lock(&self.addresses).get(peer) {
+                return a.clone();
+            }
+        }
+        match self
+            .client
+            .request(&Message::Locate { nodes: vec![*peer] })
+            .await
+        {
+            Ok(Message::Located(list)) => {
+                let found = list
+                    .into_iter()
+                    .find(|n| n.id == *peer)
+                    .map(|n| n.addresses)
+                    .unwrap_or_default();
+                lock(&self.addresses).insert(*peer, found.clone());
+                found
+            }
+            Ok(_) | Err(_) => Vec::new(),
+        }
+    }
+
+    /// A link to `peer` through the first transport that works.
+    pub async fn connect(&self, peer: &NodeId) -> Result<Box<dyn Link>, NetError> {
+        let first = lock(&self.remembered).get(peer).cloned();
+        let mut order: Vec<&Arc<dyn Transport>> = self.transports.iter().collect();
+        if let Some(name) = &first {
+            order.sort_by_key(|t| t.name() != name.as_str());
+        }
+        let mut why = Vec::new();
+        let mut fresh = false;
+        for t in order {
+            let prefix = format!("{}:", t.name());
+            let wanted = |all: Vec<String>| -> Vec<String> {
+                all.iter()
+                    .filter_map(|a| a.strip_prefix(&prefix).map(str::to_string))
+                    .collect()
+            };
+            let mut addrs = wanted(self.addresses_of(peer, fresh).await);
+            if addrs.is_empty() && !fresh {
+                // Perhaps it moved since it was last looked up.
+                fresh = true;
+                addrs = wanted(self.addresses_of(peer, true).await);
+            }
+            if addrs.is_empty() && t.name() != "relay" {
+                why.push(format!("{}: no address announced", t.name()));
+                continue;
+            }
+            match tokio::time::timeout(CONNECT_TIMEOUT, t.connect(peer, &addrs)).await {
+                Ok(Ok(link)) => {
+                    self.remember(peer, t.name());
+                    return Ok(link);
+                }
+                Ok(Err(e)) => why.push(format!("{}: {e}", t.name())),
+                Err(_) => why.push(format!("{}: no answer in {CONNECT_TIMEOUT:?}", t.name())),
+            }
+        }
+        Err(NetError::Unreachable {
+            peer: *peer,
+            why: why.join("; "),
+        })
+    }
+
+    fn remember(&self, peer: &NodeId, transport: &str) {
+        let snapshot = {
+            let mut r = lock(&self.remembered);
+            if r.get(peer).map(String::as_str) == Some(transport) {
+                return;
+            }
+            r.insert(*peer, transport.to_string());
+            r.iter()
+                .map(|(k, v)| (k.to_hex(), v.clone()))
+                .collect::<HashMap<_, _>>()
+        };
+        if let Ok(text) = serde_json::to_string_pretty(&snapshot) {
+            if let Err(e) = crate::home::write_atomic(&self.peers_path, text.as_bytes()) {
+                tracing::debug!("remembering transports: {e}");
+            }
+        }
+    }
+
+    /// Serves every transport's incoming links with `held` until the
+    /// transports close. Each link runs on a task of its own.
+    pub async fn serve(&self, held: Arc<Held>) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for t in &self.transports {
+            let (t, held) = (t.clone(), held.clone());
+            tasks.spawn(async move {
+                while let Some(link) = t.accept().await {
+                    let held = held.clone();
+                    tokio::spawn(async move {
+                        let peer = link.peer();
+                        if let Err(e) = held.serve(link).await {
+                            tracing::info!("a request of {}: {e}", peer.short());
+                        }
+                    });
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// Closes every transport.
+    pub async fn close(&self) {
+        for t in &self.transports {
+            t.close().await;
+        }
+    }
+}
+
+/// This machine's addresses as others would see them: the source address
+/// of a route out (no packet is sent), and loopback for nodes on the same
+/// machine.
+fn local_ips() -> Vec<IpAddr> {
+    let mut ips = Vec::new();
+    for probe in ["192.0.2.1:9", "[2001:db8::1]:9"] {
+        let bind = if probe.starts_with('[') { "[::]:0" } else { "0.0.0.0:0" };
+        if let Ok(s) = UdpSocket::bind(bind) {
+            if s.connect(probe).is_ok() {
+                if let Ok(a) = s.local_addr() {
+                    if !a.ip().is_unspecified() && !ips.contains(&a.ip()) {
+                        ips.push(a.ip());
+                    }
+                }
+            }
+        }
+    }
+    ips.push(IpAddr::from([127, 0, 0, 1]));
+    ips
+}

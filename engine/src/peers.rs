@@ -1,0 +1,534 @@
+//! The owner's side of the exchange: replicas of this node's packs go to
+//! `copies` distinct storers, come back for a restore, and the manifest
+//! that lists them is kept at the coordinator and at every storer.
+//!
+//! ```text
+//! upload:  for each local pack with fewer than `copies` confirmed replicas
+//!            match (the pack, its size, copies missing, storers to avoid)
+//!            for each storer: replica = pack XOR replica key(pack, storer)
+//!              Put + bytes -> Ok (root checked, synced) -> RecordReplica
+//!            a storer that fails is avoided and another one asked for
+//!          placement saved as replicas are confirmed; at the end the
+//!          manifest goes to the coordinator and every storer
+//! fetch:   a replica from any storer that holds one (online ones first):
+//!          bytes hash to the root, decrypt, hash to the pack id
+//! ```
+//!
+//! A pack that arrived is never sent again: an upload that was cut off
+//! resumes with the packs that lack copies (a storer that already holds a
+//! replica answers `Have`). The unit of resumption is the pack.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pluto_plugins_api::{BlobStore, BlobKind, Link, NodeId, PackId, StoreError, TransportError};
+use pluto_protocol::{ErrorCode, Message};
+use futures_util::StreamExt;
+use rand_core::{OsRng, RngCore};
+
+use crate::client::ClientError;
+use crate::crypto::SealKey;
+use crate::exchange::{PeerMsg, DATA_FRAME, MAX_CONTROL};
+use crate::keys::Keys;
+use crate::keystream::StreamKey;
+use crate::manifest::{PackPlacement, Placement, Replica};
+use crate::network::{Net, NetError};
+
+/// Packs uploaded at once.
+const PARALLEL_PACKS: usize = 4;
+/// Rounds of matching per pack before it is left for later.
+const MATCH_ROUNDS: usize = 3;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Why an exchange with a peer failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerFailure {
+    /// Not reachable.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The link broke.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The peer refused.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The peer answered out of protocol or sent bad bytes.
+    #[error("{0}")]
+    Protocol(String),
+    /// A local store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What an upload did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct UploadReport {
+    /// Packs of this node.
+    pub packs: usize,
+    /// Packs with every copy at peers.
+    pub complete: usize,
+    /// Packs still short of copies.
+    pub short: usize,
+    /// Replicas sent this time.
+    pub replicas_sent: usize,
+    /// Their bytes.
+    pub bytes_sent: u64,
+    /// Why some replicas could not be placed (one line each, deduplicated).
+    pub problems: Vec<String>,
+    /// The manifest's version after the upload.
+    pub manifest_version: u64,
+}
+
+/// What an upload needs from the node.
+pub struct Uploader<'a> {
+    /// The node's keys.
+    pub keys: &'a Keys,
+    /// Where packs are read from.
+    pub packs: Arc<dyn BlobStore>,
+    /// Copies wanted, friends and how many copies go to them.
+    pub placement: &'a crate::home::PlacementConfig,
+    /// The placement file.
+    pub placement_path: std::path::PathBuf,
+    /// Reach.
+    pub net: &'a Net,
+}
+
+async fn recv_msg(link: &mut dyn Link) -> Result<PeerMsg, PeerFailure> {
+    let frame = link
+        .recv()
+        .await?
+        .ok_or_else(|| PeerFailure::Protocol("the peer closed the link".into()))?;
+    if frame.len() > MAX_CONTROL {
+        return Err(PeerFailure::Protocol("control frame too big".into()));
+    }
+    let m = PeerMsg::decode(&frame).map_err(|e| PeerFailure::Protocol(e.to_string()))?;
+    if let PeerMsg::Error { code, message } = m {
+        return Err(PeerFailure::Refused(format!("{message} ({code:?})")));
+    }
+    Ok(m)
+}
+
+/// Sends one replica to `storer`; true when it was there already.
+pub async fn put_replica(
+    net: &Net,
+    storer: &NodeId,
+    ticket: Vec<u8>,
+    pack: PackId,
+    replica: &[u8],
+    root: [u8; 32],
+) -> Result<bool, PeerFailure> {
+    let mut link = net.connect(storer).await?;
+    link.send(
+        &PeerMsg::Put {
+            ticket,
+            pack,
+            root,
+            size: replica.len() as u64,
+        }
+        .encode(),
+    )
+    .await?;
+    match recv_msg(&mut *link).await? {
+        PeerMsg::Have { size } if size == replica.len() as u64 => return Ok(true),
+        PeerMsg::Ready => {}
+        other => return Err(PeerFailure::Protocol(format!("{other:?} to a Put"))),
+    }
+    for frame in replica.chunks(DATA_FRAME) {
+        link.send(frame).await?;
+    }
+    match recv_msg(&mut *link).await? {
+        PeerMsg::Ok => {
+            let _ = link.finish().await;
+            Ok(false)
+        }
+        other => Err(PeerFailure::Protocol(format!("{other:?} after a replica"))),
+    }
+}
+
+/// Reads `len` bytes at `offset` of the replica `root` from `storer`.
+pub async fn get_range(
+    net: &Net,
+    storer: &NodeId,
+    root: &[u8; 32],
+    offset: u64,
+    len: u64,
+) -> Result<Vec<u8>, PeerFailure> {
+    let mut link = net.connect(storer).await?;
+    link.send(
+        &PeerMsg::Get {
+            root: *root,
+            offset,
+            len,
+        }
+        .encode(),
+    )
+    .await?;
+    match recv_msg(&mut *link).await? {
+        PeerMsg::Sending { len: l } if l == len => {}
+        other => return Err(PeerFailure::Protocol(format!("{other:?} to a Get"))),
+    }
+    let want = usize::try_from(len).map_err(|_| PeerFailure::Protocol("too long".into()))?;
+    let mut out = Vec::with_capacity(want);
+    while out.len() < want {
+        let frame = link.recv().await?.ok_or_else(|| {
+            PeerFailure::Protocol(format!("the stream ended after {} of {len} bytes", out.len()))
+        })?;
+        if out.len() + frame.len() > want {
+            return Err(PeerFailure::Protocol("more bytes than announced".into()));
+        }
+        out.extend_from_slice(&frame);
+    }
+    Ok(out)
+}
+
+/// Fetches pack `pack` from one of its replicas, checking the replica's
+/// root and then the pack's id; the storers are tried in turn.
+pub async fn fetch_pack(
+    net: &Net,
+    replica_keys: &[u8; 32],
+    pack: &PackId,
+    placed: &PackPlacement,
+) -> Result<Vec<u8>, PeerFailure> {
+    let mut why = Vec::new();
+    for r in &placed.replicas {
+        match get_range(net, &r.storer, &r.root, 0, placed.size).await {
+            Ok(mut bytes) => {
+                if *blake3::hash(&bytes).as_bytes() != r.root {
+                    why.push(format!("{}: bytes do not match the replica's root", r.storer.short()));
+                    continue;
+                }
+                StreamKey::replica(replica_keys, pack, &r.storer).apply(0, &mut bytes);
+                if PackId::of(&bytes) != *pack {
+                    why.push(format!("{}: the replica does not decrypt to the pack", r.storer.short()));
+                    continue;
+                }
+                return Ok(bytes);
+            }
+            Err(e) => why.push(format!("{}: {e}", r.storer.short())),
+        }
+    }
+    if why.is_empty() {
+        why.push("no replica is recorded".into());
+    }
+    Err(PeerFailure::Protocol(format!(
+        "pack {} could not be fetched: {}",
+        pack.short(),
+        why.join("; ")
+    )))
+}
+
+impl Uploader<'_> {
+    /// Places every pack in `packs` (id, size) that lacks copies, saves the
+    /// placement as it goes and publishes the manifest when anything
+    /// changed. Call with the upload lock held.
+    pub async fn run(&self, packs: &[(PackId, u64)]) -> Result<UploadReport, String> {
+        let mut placement = Placement::load(&self.placement_path)?;
+        let copies = usize::from(self.placement.copies);
+        let friends = self.placement.friend_ids()?;
+        for (id, size) in packs {
+            placement.packs.entry(*id).or_insert(PackPlacement {
+                size: *size,
+                replicas: Vec::new(),
+            });
+        }
+        let todo: Vec<(PackId, u64, Vec<Replica>)> = packs
+            .iter()
+            .filter_map(|(id, _)| {
+                let p = placement.packs.get(id)?;
+                (p.replicas.len() < copies).then(|| (*id, p.size, p.replicas.clone()))
+            })
+            .collect();
+        let state = Arc::new(Mutex::new(placement));
+        let report = Arc::new(Mutex::new(UploadReport::default()));
+        let problems = Arc::new(Mutex::new(BTreeMap::<String, usize>::new()));
+        let changed = Arc::new(Mutex::new(!todo.is_empty()));
+        let mut saved_at = std::time::Instant::now();
+        let mut stream = futures_util::stream::iter(todo.into_iter().map(|(pack, size, have)| {
+            let friends = &friends;
+            async move { (pack, self.place(pack, size, have, copies, friends).await) }
+        }))
+        .buffer_unordered(PARALLEL_PACKS);
+        while let Some((pack, (placed, sent, errs))) = stream.next().await {
+            {
+                let mut st = lock(&state);
+                if let Some(p) = st.packs.get_mut(&pack) {
+                    for r in placed {
+                        if !p.replicas.iter().any(|x| x.storer == r.storer) {
+                            p.replicas.push(r);
+                        }
+                    }
+                }
+                let mut rep = lock(&report);
+                rep.replicas_sent += sent.0;
+                rep.bytes_sent += sent.1;
+                let mut pr = lock(&problems);
+                for e in errs {
+                    *pr.entry(e).or_insert(0) += 1;
+                }
+            }
+            *lock(&changed) = true;
+            if saved_at.elapsed() > Duration::from_secs(2) {
+                lock(&state).save(&self.placement_path)?;
+                saved_at = std::time::Instant::now();
+            }
+        }
+        let mut placement = Arc::try_unwrap(state)
+            .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+            .unwrap_or_else(|a| lock(&a).clone());
+        if *lock(&changed) {
+            placement.version += 1;
+            placement.save(&self.placement_path)?;
+            self.publish(&placement).await;
+        }
+        let mut rep = lock(&report).clone();
+        rep.packs = packs.len();
+        rep.complete = packs
+            .iter()
+            .filter(|(id, _)| {
+                placement
+                    .packs
+                    .get(id)
+                    .is_some_and(|p| p.replicas.len() >= copies)
+            })
+            .count();
+        rep.short = rep.packs - rep.complete;
+        rep.problems = lock(&problems)
+            .iter()
+            .map(|(e, n)| if *n > 1 { format!("{e} ({n} times)") } else { e.clone() })
+            .collect();
+        rep.manifest_version = placement.version;
+        Ok(rep)
+    }
+
+    /// Places the missing copies of one pack. Returns the new replicas, what
+    /// was sent (replicas, bytes) and what went wrong.
+    async fn place(
+        &self,
+        pack: PackId,
+        size: u64,
+        have: Vec<Replica>,
+        copies: usize,
+        friends: &[NodeId],
+    ) -> (Vec<Replica>, (usize, u64), Vec<String>) {
+        let mut placed = Vec::new();
+        let mut sent = (0, 0);
+        let mut errs = Vec::new();
+        let packs = self.packs.clone();
+        let bytes = match tokio::task::spawn_blocking(move || packs.get(&pack)).await {
+            Ok(Ok(b)) => Arc::new(b),
+            Ok(Err(e)) => return (placed, sent, vec![format!("reading pack: {e}")]),
+            Err(e) => return (placed, sent, vec![format!("reading pack: {e}")]),
+        };
+        let mut avoid: Vec<NodeId> = have.iter().map(|r| r.storer).collect();
+        for _ in 0..MATCH_ROUNDS {
+            let need = copies.saturating_sub(have.len() + placed.len());
+            if need == 0 {
+                break;
+            }
+            let friends_holding = avoid.iter().filter(|s| friends.contains(s)).count();
+            let friend_copies = usize::from(self.placement.friend_copies)
+                .saturating_sub(friends_holding)
+                .min(need);
+            let answer = self
+                .net
+                .client()
+                .request(&Message::MatchRequest {
+                    pack,
+                    size,
+                    copies: need as u8,
+                    friends: friends.to_vec(),
+                    friend_copies: friend_copies as u8,
+                    exclude: avoid.clone(),
+                })
+                .await;
+            let (storers, tickets) = match answer {
+                Ok(Message::MatchReply { storers, tickets }) => (storers, tickets),
+                Ok(other) => {
+                    errs.push(format!("unexpected answer to a match: {other:?}"));
+                    break;
+                }
+                Err(ClientError::Refused {
+                    code: ErrorCode::NoCapacity,
+                    ..
+                }) => {
+                    errs.push("no storer with room for the missing copies".into());
+                    break;
+                }
+                Err(e) => {
+                    errs.push(e.to_string());
+                    break;
+                }
+            };
+            let attempts = storers.iter().zip(tickets).map(|(storer, ticket)| {
+                let bytes = bytes.clone();
+                async move {
+                    let mut replica = bytes.to_vec();
+                    StreamKey::replica(&self.keys.replica, &pack, storer).apply(0, &mut replica);
+                    let root = *blake3::hash(&replica).as_bytes();
+                    // A storer that stalls is a storer that failed.
+                    let limit = Duration::from_secs(30 + size / (1 << 20));
+                    let r = match tokio::time::timeout(
+                        limit,
+                        put_replica(self.net, storer, ticket, pack, &replica, root),
+                    )
+                    .await
+                    {
+                        Ok(r) => r,
+                        Err(_) => Err(PeerFailure::Protocol(format!(
+                            "no answer within {limit:?}"
+                        ))),
+                    };
+                    (*storer, root, r)
+                }
+            });
+            for (storer, root, r) in join_all(attempts).await {
+                avoid.push(storer);
+                match r {
+                    Ok(already) => {
+                        let rec = self
+                            .net
+                            .client()
+                            .request(&Message::RecordReplica {
+                                pack,
+                                storer,
+                                size,
+                                root,
+                            })
+                            .await;
+                        if let Err(e) = rec {
+                            // Stored, but the books do not say so: the storer
+                            // reports it again; keep it as placed.
+                            tracing::warn!("recording a replica at {}: {e}", storer.short());
+                        }
+                        if !already {
+                            sent.0 += 1;
+                            sent.1 += size;
+                        }
+                        placed.push(Replica { storer, root });
+                    }
+                    Err(e) => {
+                        tracing::info!("storer {} failed: {e}", storer.short());
+                        errs.push(format!("storer {}: {e}", storer.short()));
+                    }
+                }
+            }
+        }
+        (placed, sent, errs)
+    }
+
+    /// Sends the manifest to the coordinator and to every storer (best
+    /// effort: each failure is logged, the next upload sends it again).
+    async fn publish(&self, placement: &Placement) {
+        let blob = placement.seal(&self.keys.identity, &SealKey::new(&self.keys.metadata));
+        let r = self
+            .net
+            .client()
+            .request(&Message::PutManifest {
+                version: placement.version,
+                blob: blob.clone(),
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::warn!("keeping the manifest at the coordinator: {e}");
+        }
+        let storers: HashSet<NodeId> = placement
+            .packs
+            .values()
+            .flat_map(|p| p.replicas.iter().map(|r| r.storer))
+            .collect();
+        let sends = storers.into_iter().map(|s| {
+            let blob = blob.clone();
+            async move {
+                let r = async {
+                    let mut link = self.net.connect(&s).await?;
+                    link.send(&PeerMsg::PutManifest { blob }.encode()).await?;
+                    recv_msg(&mut *link).await.map(|_| ())
+                }
+                .await;
+                if let Err(e) = r {
+                    tracing::info!("keeping the manifest at {}: {e}", s.short());
+                }
+            }
+        });
+        join_all(sends).await;
+    }
+}
+
+/// The newest manifest of this node that opens: the coordinator's, or any
+/// storer's (those the coordinator lists as holding for this node).
+pub async fn fetch_manifest(net: &Net, keys: &Keys) -> Result<Option<Placement>, String> {
+    let me = keys.node_id();
+    let key = SealKey::new(&keys.metadata);
+    let mut best: Option<Placement> = None;
+    let consider = |best: &mut Option<Placement>, blob: &[u8], from: &str| {
+        match Placement::open(&me, &key, blob) {
+            Ok(p) => {
+                if best.as_ref().is_none_or(|b| p.version > b.version) {
+                    *best = Some(p);
+                }
+            }
+            Err(e) => tracing::warn!("the manifest kept by {from}: {e}"),
+        }
+    };
+    match net.client().request(&Message::GetManifest).await {
+        Ok(Message::Manifest { blob, .. }) => consider(&mut best, &blob, "the coordinator"),
+        Ok(_) => {}
+        Err(ClientError::Refused {
+            code: ErrorCode::NotFound,
+            ..
+        }) => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    let peers = match net.client().request(&Message::ListPeers).await {
+        Ok(Message::Peers(list)) => list,
+        _ => Vec::new(),
+    };
+    let mut storers: Vec<NodeId> = peers
+        .iter()
+        .filter(|p| p.replicas_held > 0)
+        .map(|p| p.id)
+        .collect();
+    if let Some(b) = &best {
+        storers.extend(b.packs.values().flat_map(|p| p.replicas.iter().map(|r| r.storer)));
+    }
+    storers.sort_unstable();
+    storers.dedup();
+    let asks = storers.into_iter().map(|s| async move {
+        let r = async {
+            let mut link = net.connect(&s).await?;
+            link.send(&PeerMsg::GetManifest.encode()).await?;
+            match recv_msg(&mut *link).await? {
+                PeerMsg::Manifest { blob } => Ok(blob),
+                other => Err(PeerFailure::Protocol(format!("{other:?}"))),
+            }
+        }
+        .await;
+        (s, r)
+    });
+    for (s, r) in join_all(asks).await {
+        match r {
+            Ok(blob) => consider(&mut best, &blob, &s.short()),
+            Err(e) => tracing::info!("no manifest from {}: {e}", s.short()),
+        }
+    }
+    Ok(best)
+}
+
+/// Whether a pack holds file data only (the kind a local cache may drop).
+pub fn data_only(kinds: &[BlobKind]) -> bool {
+    kinds.iter().all(|k| *k == BlobKind::Data)
+}
+
+/// A random 16-byte tag (for temporary names).
+pub fn tag() -> String {
+    format!("{:016x}", OsRng.next_u64())
+}
+
+async fn join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    futures_util::future::join_all(futs).await
+}
