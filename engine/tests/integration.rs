@@ -7,4 +7,5 @@ mod integration {
     pub mod common;
     mod faults;
     mod keys;
+    mod storer;
 }
