@@ -198,7 +198,8 @@ impl Buckets {
     fn take(&mut self, node: &NodeId, n: u64, rate: u64, burst: u64, now_ms: u64) -> bool {
         if self.map.len() > 100_000 {
             // Full buckets idle for a minute are the same as new ones.
-            self.map.retain(|_, (_, at)| now_ms.saturating_sub(*at) < 60_000);
+            self.map
+                .retain(|_, (_, at)| now_ms.saturating_sub(*at) < 60_000);
         }
         let (tokens, at) = self.map.entry(*node).or_insert((burst as f64, now_ms));
         let elapsed = now_ms.saturating_sub(*at) as f64 / 1000.0;
@@ -437,7 +438,8 @@ impl Coordinator {
             from: *from,
             payload,
         };
-        let bytes = Envelope::new(&self.identity, *to, now_ms, nonce, None, &msg).sign(&self.identity)?;
+        let bytes =
+            Envelope::new(&self.identity, *to, now_ms, nonce, None, &msg).sign(&self.identity)?;
         Ok(Some(Outgoing { to: *to, bytes }))
     }
 
@@ -654,7 +656,10 @@ impl Coordinator {
                         .iter()
                         .any(|a| a.is_empty() || a.contains(['\n', '\0']))
                 {
-                    error(ErrorCode::Malformed, "addresses must be non-empty single lines")
+                    error(
+                        ErrorCode::Malformed,
+                        "addresses must be non-empty single lines",
+                    )
                 } else {
                     self.books.set_addresses(from, &addresses).await?;
                     public(Message::Ok)

@@ -85,6 +85,11 @@ const RELAY_OVERHEAD: usize = 1024;
 
 /// A verified answer and who signed it.
 type Answer = (Message, NodeId);
+/// Requests waiting, by nonce: where the answer goes, and whether any
+/// signer is accepted (first contact).
+type Pending = HashMap<[u8; 16], (oneshot::Sender<Answer>, bool)>;
+/// Where relayed payloads go, with their sender.
+type RelayQueue = mpsc::Sender<(NodeId, Vec<u8>)>;
 
 /// What the reader task and the requests share.
 struct Shared {
@@ -94,12 +99,10 @@ struct Shared {
     me: NodeId,
     coordinator: Mutex<NodeId>,
     guard: Mutex<ReplayGuard>,
-    /// Requests waiting, by nonce: where their answer goes, and whether
-    /// any signer is accepted (first contact).
-    pending: Mutex<HashMap<[u8; 16], (oneshot::Sender<Answer>, bool)>>,
+    pending: Mutex<Pending>,
     /// The last answer signed by another key than the pinned one.
     other_signer: Mutex<Option<NodeId>>,
-    relayed: Mutex<Option<mpsc::Sender<(NodeId, Vec<u8>)>>>,
+    relayed: Mutex<Option<RelayQueue>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -152,7 +155,10 @@ impl Shared {
                 let tx = lock(&self.relayed).clone();
                 if let Some(tx) = tx {
                     if tx.try_send((from, payload)).is_err() {
-                        tracing::debug!("relay queue full; a payload from {} dropped", from.short());
+                        tracing::debug!(
+                            "relay queue full; a payload from {} dropped",
+                            from.short()
+                        );
                     }
                 }
             }
@@ -172,7 +178,11 @@ pub struct CoordinatorClient {
 
 impl std::fmt::Debug for CoordinatorClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CoordinatorClient({})", self.shared.coordinator().short())
+        write!(
+            f,
+            "CoordinatorClient({})",
+            self.shared.coordinator().short()
+        )
     }
 }
 

@@ -205,10 +205,7 @@ impl Held {
     /// Bytes held and replicas.
     pub fn usage(&self) -> (u64, usize) {
         let l = lock(&self.ledger);
-        (
-            l.held.values().map(|e| e.size).sum(),
-            l.held.len(),
-        )
+        (l.held.values().map(|e| e.size).sum(), l.held.len())
     }
 
     /// Every replica held, by root.
@@ -254,7 +251,9 @@ impl Held {
             Some(_slot) => self.serve_one(&mut *link, &peer).await,
         };
         if let Err(ServeError::Refused(code, why)) = &r {
-            let _ = link.send(&PeerMsg::error(*code, why.clone()).encode()).await;
+            let _ = link
+                .send(&PeerMsg::error(*code, why.clone()).encode())
+                .await;
         }
         let _ = link.finish().await;
         r
@@ -389,7 +388,13 @@ impl Held {
     }
 
     /// Decides whether a replica may come in, and reserves its room.
-    fn admit(&self, peer: &NodeId, t: &Ticket, root: [u8; 32], size: u64) -> Result<Admit, ServeError> {
+    fn admit(
+        &self,
+        peer: &NodeId,
+        t: &Ticket,
+        root: [u8; 32],
+        size: u64,
+    ) -> Result<Admit, ServeError> {
         let mut l = lock(&self.ledger);
         if let Some(e) = l.held.get(&root) {
             if e.owner == *peer {
@@ -442,11 +447,10 @@ impl Held {
             let n = (offset + len - at).min(DATA_FRAME as u64);
             let store = self.store.clone();
             let start = HEADER_LEN as u64 + at;
-            let mut buf = tokio::task::spawn_blocking(move || {
-                store.get_range(&PackId(root), start, n)
-            })
-            .await
-            .map_err(|e| StoreError::Corrupt(format!("reading a replica: {e}")))??;
+            let mut buf =
+                tokio::task::spawn_blocking(move || store.get_range(&PackId(root), start, n))
+                    .await
+                    .map_err(|e| StoreError::Corrupt(format!("reading a replica: {e}")))??;
             key.apply(at, &mut buf);
             link.send(&buf).await?;
             at += n;

@@ -64,7 +64,13 @@ mod tests {
         let mut whole = data.clone();
         k.apply(0, &mut whole);
         assert_ne!(whole, data);
-        for (at, len) in [(0usize, 10usize), (63, 2), (64, 64), (1000, 3333), (9999, 1)] {
+        for (at, len) in [
+            (0usize, 10usize),
+            (63, 2),
+            (64, 64),
+            (1000, 3333),
+            (9999, 1),
+        ] {
             let mut part = whole[at..at + len].to_vec();
             k.apply(at as u64, &mut part);
             assert_eq!(part, data[at..at + len]);

@@ -15,7 +15,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pluto_plugins_api::{open_transport, Link, NodeId, Transport, TransportError, TransportOptions};
+use pluto_plugins_api::{
+    open_transport, Link, NodeId, Transport, TransportError, TransportOptions,
+};
 use pluto_protocol::{Message, MAX_ADDRESSES};
 
 use crate::client::{ClientError, CoordinatorClient};
@@ -24,8 +26,12 @@ use crate::held::Held;
 use crate::home::{Config, Home};
 use crate::keys::Keys;
 
-/// How long one transport may take to reach a peer before the next is tried.
+/// How long a direct transport may take to reach a peer before the next
+/// is tried.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The same through the coordinator, whose round trips are longer under
+/// load (the relay's own handshake gives up after 10 s).
+pub const RELAY_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -136,7 +142,10 @@ impl Net {
             for a in t.addresses() {
                 match a.parse::<SocketAddr>() {
                     Ok(sa) if sa.ip().is_unspecified() => {
-                        for ip in local_ips().into_iter().filter(|ip| ip.is_ipv4() == sa.is_ipv4()) {
+                        for ip in local_ips()
+                            .into_iter()
+                            .filter(|ip| ip.is_ipv4() == sa.is_ipv4())
+                        {
                             out.push(format!("{}:{}", t.name(), SocketAddr::new(ip, sa.port())));
                         }
                     }
@@ -208,13 +217,18 @@ impl Net {
                 why.push(format!("{}: no address announced", t.name()));
                 continue;
             }
-            match tokio::time::timeout(CONNECT_TIMEOUT, t.connect(peer, &addrs)).await {
+            let limit = if t.name() == "relay" {
+                RELAY_CONNECT_TIMEOUT
+            } else {
+                CONNECT_TIMEOUT
+            };
+            match tokio::time::timeout(limit, t.connect(peer, &addrs)).await {
                 Ok(Ok(link)) => {
                     self.remember(peer, t.name());
                     return Ok(link);
                 }
                 Ok(Err(e)) => why.push(format!("{}: {e}", t.name())),
-                Err(_) => why.push(format!("{}: no answer in {CONNECT_TIMEOUT:?}", t.name())),
+                Err(_) => why.push(format!("{}: no answer in {limit:?}", t.name())),
             }
         }
         Err(NetError::Unreachable {
@@ -276,7 +290,11 @@ impl Net {
 fn local_ips() -> Vec<IpAddr> {
     let mut ips = Vec::new();
     for probe in ["192.0.2.1:9", "[2001:db8::1]:9"] {
-        let bind = if probe.starts_with('[') { "[::]:0" } else { "0.0.0.0:0" };
+        let bind = if probe.starts_with('[') {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        };
         if let Ok(s) = UdpSocket::bind(bind) {
             if s.connect(probe).is_ok() {
                 if let Ok(a) = s.local_addr() {

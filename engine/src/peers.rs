@@ -22,9 +22,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pluto_plugins_api::{BlobStore, BlobKind, Link, NodeId, PackId, StoreError, TransportError};
-use pluto_protocol::{ErrorCode, Message};
 use futures_util::StreamExt;
+use pluto_plugins_api::{BlobKind, BlobStore, Link, NodeId, PackId, StoreError, TransportError};
+use pluto_protocol::{ErrorCode, Message};
 use rand_core::{OsRng, RngCore};
 
 use crate::client::ClientError;
@@ -176,7 +176,10 @@ pub async fn get_range(
     let mut out = Vec::with_capacity(want);
     while out.len() < want {
         let frame = link.recv().await?.ok_or_else(|| {
-            PeerFailure::Protocol(format!("the stream ended after {} of {len} bytes", out.len()))
+            PeerFailure::Protocol(format!(
+                "the stream ended after {} of {len} bytes",
+                out.len()
+            ))
         })?;
         if out.len() + frame.len() > want {
             return Err(PeerFailure::Protocol("more bytes than announced".into()));
@@ -199,12 +202,18 @@ pub async fn fetch_pack(
         match get_range(net, &r.storer, &r.root, 0, placed.size).await {
             Ok(mut bytes) => {
                 if *blake3::hash(&bytes).as_bytes() != r.root {
-                    why.push(format!("{}: bytes do not match the replica's root", r.storer.short()));
+                    why.push(format!(
+                        "{}: bytes do not match the replica's root",
+                        r.storer.short()
+                    ));
                     continue;
                 }
                 StreamKey::replica(replica_keys, pack, &r.storer).apply(0, &mut bytes);
                 if PackId::of(&bytes) != *pack {
-                    why.push(format!("{}: the replica does not decrypt to the pack", r.storer.short()));
+                    why.push(format!(
+                        "{}: the replica does not decrypt to the pack",
+                        r.storer.short()
+                    ));
                     continue;
                 }
                 return Ok(bytes);
@@ -299,7 +308,13 @@ impl Uploader<'_> {
         rep.short = rep.packs - rep.complete;
         rep.problems = lock(&problems)
             .iter()
-            .map(|(e, n)| if *n > 1 { format!("{e} ({n} times)") } else { e.clone() })
+            .map(|(e, n)| {
+                if *n > 1 {
+                    format!("{e} ({n} times)")
+                } else {
+                    e.clone()
+                }
+            })
             .collect();
         rep.manifest_version = placement.version;
         Ok(rep)
@@ -379,9 +394,7 @@ impl Uploader<'_> {
                     .await
                     {
                         Ok(r) => r,
-                        Err(_) => Err(PeerFailure::Protocol(format!(
-                            "no answer within {limit:?}"
-                        ))),
+                        Err(_) => Err(PeerFailure::Protocol(format!("no answer within {limit:?}"))),
                     };
                     (*storer, root, r)
                 }
@@ -465,15 +478,15 @@ pub async fn fetch_manifest(net: &Net, keys: &Keys) -> Result<Option<Placement>,
     let me = keys.node_id();
     let key = SealKey::new(&keys.metadata);
     let mut best: Option<Placement> = None;
-    let consider = |best: &mut Option<Placement>, blob: &[u8], from: &str| {
-        match Placement::open(&me, &key, blob) {
-            Ok(p) => {
-                if best.as_ref().is_none_or(|b| p.version > b.version) {
-                    *best = Some(p);
-                }
+    let consider = |best: &mut Option<Placement>, blob: &[u8], from: &str| match Placement::open(
+        &me, &key, blob,
+    ) {
+        Ok(p) => {
+            if best.as_ref().is_none_or(|b| p.version > b.version) {
+                *best = Some(p);
             }
-            Err(e) => tracing::warn!("the manifest kept by {from}: {e}"),
         }
+        Err(e) => tracing::warn!("the manifest kept by {from}: {e}"),
     };
     match net.client().request(&Message::GetManifest).await {
         Ok(Message::Manifest { blob, .. }) => consider(&mut best, &blob, "the coordinator"),
@@ -494,7 +507,11 @@ pub async fn fetch_manifest(net: &Net, keys: &Keys) -> Result<Option<Placement>,
         .map(|p| p.id)
         .collect();
     if let Some(b) = &best {
-        storers.extend(b.packs.values().flat_map(|p| p.replicas.iter().map(|r| r.storer)));
+        storers.extend(
+            b.packs
+                .values()
+                .flat_map(|p| p.replicas.iter().map(|r| r.storer)),
+        );
     }
     storers.sort_unstable();
     storers.dedup();

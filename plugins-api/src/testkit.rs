@@ -269,7 +269,11 @@ async fn addresses_and_restored_replicas(b: &dyn BooksStore) {
     let addrs = vec!["quic:10.0.0.1:7000".to_string(), "quic:[::1]:7000".into()];
     b.set_addresses(&storer, &addrs).await.unwrap();
     let found = b.addresses(&[storer, owner]).await.unwrap();
-    assert_eq!(found, vec![(storer, true, addrs)], "unknown nodes are left out");
+    assert_eq!(
+        found,
+        vec![(storer, true, addrs)],
+        "unknown nodes are left out"
+    );
     b.set_addresses(&storer, &[]).await.unwrap();
     assert_eq!(
         b.addresses(&[storer]).await.unwrap(),

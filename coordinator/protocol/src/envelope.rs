@@ -4,8 +4,13 @@
 //! envelope = version (u8 = 1) || kind (u8) || from (32) || to (32) || time_ms (u64 LE)
 //!            || nonce (16) || reply_to (16, zero when none) || body (varint length, bytes)
 //!            || signature (64)
-//! signature = Ed25519(from, "pluto control v1\0" || every byte before the signature)
+//! signature = Ed25519(from, "pluto control v1\0" || BLAKE3(every byte before the signature))
 //! ```
+//!
+//! The signature covers a BLAKE3 hash of the envelope rather than the
+//! envelope itself: Ed25519 hashes what it signs with SHA-512, twice to sign
+//! and once to verify, which made a relayed megabyte cost about 9 ms of CPU
+//! across its four signatures; BLAKE3 first brings that to about 1 ms.
 //!
 //! The kind byte is that of the body's [`Message`]; it sits outside the body
 //! so a router can dispatch without decoding. Signatures are verified
@@ -42,6 +47,13 @@ const PRIVATE_AAD: &[u8] = b"pluto private v1\0";
 const SIGNING_CONTEXT: &[u8] = b"pluto control v1\0";
 /// The largest envelope anyone accepts (a manifest must fit in one).
 pub const MAX_ENVELOPE: usize = 4 << 20;
+
+/// What is signed: the context and a BLAKE3 hash of the envelope.
+fn signing_input(signed: &[u8]) -> Vec<u8> {
+    let mut msg = SIGNING_CONTEXT.to_vec();
+    msg.extend_from_slice(blake3::hash(signed).as_bytes());
+    msg
+}
 
 /// Why an envelope was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -126,9 +138,7 @@ impl Envelope {
             return Err(EnvelopeError::WrongSigner);
         }
         let mut bytes = self.signed_part();
-        let mut msg = SIGNING_CONTEXT.to_vec();
-        msg.extend_from_slice(&bytes);
-        let sig = ed25519_dalek::Signer::sign(key, &msg);
+        let sig = ed25519_dalek::Signer::sign(key, &signing_input(&bytes));
         bytes.extend_from_slice(&sig.to_bytes());
         if bytes.len() > MAX_ENVELOPE {
             return Err(EnvelopeError::TooLarge(bytes.len()));
@@ -164,9 +174,7 @@ impl Envelope {
         let key = VerifyingKey::from_bytes(&from.0).map_err(|_| EnvelopeError::BadKey)?;
         let mut sig_bytes = [0u8; 64];
         sig_bytes.copy_from_slice(sig);
-        let mut msg = SIGNING_CONTEXT.to_vec();
-        msg.extend_from_slice(signed);
-        key.verify_strict(&msg, &Signature::from_bytes(&sig_bytes))
+        key.verify_strict(&signing_input(signed), &Signature::from_bytes(&sig_bytes))
             .map_err(|_| EnvelopeError::BadSignature)?;
         Ok(Self {
             kind,

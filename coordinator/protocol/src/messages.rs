@@ -720,7 +720,11 @@ mod tests {
                 .prop_map(|addresses| Message::Announce { addresses }),
             ids().prop_map(|nodes| Message::Locate { nodes }),
             proptest::collection::vec(
-                (id(), any::<bool>(), proptest::collection::vec(".{0,20}", 0..3)),
+                (
+                    id(),
+                    any::<bool>(),
+                    proptest::collection::vec(".{0,20}", 0..3)
+                ),
                 0..4
             )
             .prop_map(|l| Message::Located(
@@ -736,20 +740,17 @@ mod tests {
                 .prop_map(|(to, payload)| Message::Relay { to, payload }),
             (id(), proptest::collection::vec(any::<u8>(), 0..64))
                 .prop_map(|(from, payload)| Message::Relayed { from, payload }),
-            proptest::collection::vec(
-                (any::<[u8; 32]>(), any::<u64>(), any::<[u8; 32]>()),
-                0..3
-            )
-            .prop_map(|l| Message::ReportHeld(
-                l.into_iter()
-                    .map(|(p, size, root)| HeldReport {
-                        ticket: vec![9u8; crate::SIGNED_TICKET_LEN],
-                        pack: PackId(p),
-                        size,
-                        root
-                    })
-                    .collect()
-            )),
+            proptest::collection::vec((any::<[u8; 32]>(), any::<u64>(), any::<[u8; 32]>()), 0..3)
+                .prop_map(|l| Message::ReportHeld(
+                    l.into_iter()
+                        .map(|(p, size, root)| HeldReport {
+                            ticket: vec![9u8; crate::SIGNED_TICKET_LEN],
+                            pack: PackId(p),
+                            size,
+                            root
+                        })
+                        .collect()
+                )),
             any::<u32>().prop_map(|taken| Message::HeldTaken { taken }),
         ]
     }

@@ -45,7 +45,9 @@ pub(crate) async fn open_net(repo: &Repo, home: &Home, presence: bool) -> Result
             "0.0.0.0:0".into()
         };
     }
-    Ok(Arc::new(Net::open(&repo.keys, &config, home, client).await?))
+    Ok(Arc::new(
+        Net::open(&repo.keys, &config, home, client).await?,
+    ))
 }
 
 /// Holds `HOME/upload.lock`: one uploader at a time (a backup or the
@@ -59,7 +61,8 @@ fn upload_lock(home: &Home, wait: bool) -> Result<Option<File>> {
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
     if wait {
-        f.lock().with_context(|| format!("locking {}", path.display()))?;
+        f.lock()
+            .with_context(|| format!("locking {}", path.display()))?;
         return Ok(Some(f));
     }
     match f.try_lock() {
@@ -261,9 +264,8 @@ fn open_held(repo: &Repo, coordinator: pluto_plugins_api::NodeId) -> Result<Arc<
 async fn report_held(client: &CoordinatorClient, held: &Held) -> Result<u32, ClientError> {
     let mut taken = 0;
     for batch in held.reports().chunks(MAX_HELD_REPORTS) {
-        if let Message::HeldTaken { taken: n } = client
-            .request(&Message::ReportHeld(batch.to_vec()))
-            .await?
+        if let Message::HeldTaken { taken: n } =
+            client.request(&Message::ReportHeld(batch.to_vec())).await?
         {
             taken += n;
         }

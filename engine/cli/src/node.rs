@@ -1,6 +1,5 @@
 //! `pluto status` and `pluto daemon`: the node and the coordinator.
 
-
 use anyhow::{Context, Result};
 use pluto_engine::client::{ClientError, CoordinatorClient};
 use pluto_engine::{Home, LockMode, Repo};
@@ -213,11 +212,13 @@ pub(crate) async fn match_cmd(ui: &Ui, home: Home, size: u64, copies: Option<u8>
     let answer = client
         .request(&Message::MatchRequest {
             // A pack that does not exist yet: a name nobody else uses.
-            pack: PackId::of(&std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos()
-                .to_le_bytes()),
+            pack: PackId::of(
+                &std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos()
+                    .to_le_bytes(),
+            ),
             size,
             copies,
             friends: friends.clone(),

@@ -156,7 +156,13 @@ async fn put(
     recv(&mut l).await
 }
 
-async fn get(w: &World, who: &Keys, root: [u8; 32], offset: u64, len: u64) -> Result<Vec<u8>, PeerMsg> {
+async fn get(
+    w: &World,
+    who: &Keys,
+    root: [u8; 32],
+    offset: u64,
+    len: u64,
+) -> Result<Vec<u8>, PeerMsg> {
     let mut l = w.link(who).await;
     l.send(&PeerMsg::Get { root, offset, len }.encode())
         .await
@@ -194,12 +200,30 @@ async fn stores_checks_serves_and_deletes_only_for_the_owner() {
     bad[12345] ^= 1;
     let bad_chunks: Vec<&[u8]> = bad.chunks(1 << 20).collect();
     refused(
-        put(&w, &owner, t.clone(), pack, r, replica.len() as u64, &bad_chunks).await,
+        put(
+            &w,
+            &owner,
+            t.clone(),
+            pack,
+            r,
+            replica.len() as u64,
+            &bad_chunks,
+        )
+        .await,
         PeerError::BadRoot,
     );
     // A truncated stream: refused.
     refused(
-        put(&w, &owner, t.clone(), pack, r, replica.len() as u64, &chunks[..1]).await,
+        put(
+            &w,
+            &owner,
+            t.clone(),
+            pack,
+            r,
+            replica.len() as u64,
+            &chunks[..1],
+        )
+        .await,
         PeerError::Malformed,
     );
     // More bytes than announced: refused.
@@ -212,7 +236,16 @@ async fn stores_checks_serves_and_deletes_only_for_the_owner() {
     // Tickets: someone else's shown by a stranger, lapsed, another pack,
     // bigger than allowed, not signed by the coordinator.
     refused(
-        put(&w, &stranger, t.clone(), pack, r, replica.len() as u64, &chunks).await,
+        put(
+            &w,
+            &stranger,
+            t.clone(),
+            pack,
+            r,
+            replica.len() as u64,
+            &chunks,
+        )
+        .await,
         PeerError::Ticket,
     );
     let lapsed = w.ticket(&owner, pack, replica.len() as u64, now_ms() - 1);
@@ -221,7 +254,16 @@ async fn stores_checks_serves_and_deletes_only_for_the_owner() {
         PeerError::Ticket,
     );
     refused(
-        put(&w, &owner, t.clone(), PackId([2; 32]), r, replica.len() as u64, &chunks).await,
+        put(
+            &w,
+            &owner,
+            t.clone(),
+            PackId([2; 32]),
+            r,
+            replica.len() as u64,
+            &chunks,
+        )
+        .await,
         PeerError::Ticket,
     );
     let small = w.ticket(&owner, pack, 100, later);
@@ -238,7 +280,16 @@ async fn stores_checks_serves_and_deletes_only_for_the_owner() {
 
     // The real thing.
     assert_eq!(
-        put(&w, &owner, t.clone(), pack, r, replica.len() as u64, &chunks).await,
+        put(
+            &w,
+            &owner,
+            t.clone(),
+            pack,
+            r,
+            replica.len() as u64,
+            &chunks
+        )
+        .await,
         PeerMsg::Ok
     );
     assert_eq!(w.held.usage(), (replica.len() as u64, 1));
@@ -257,23 +308,22 @@ async fn stores_checks_serves_and_deletes_only_for_the_owner() {
     );
 
     // On disk the bytes are not the replica's.
-    let on_disk = std::fs::read(
-        w.dir
-            .join("held")
-            .join(&hex(&r)[..2])
-            .join(hex(&r)),
-    )
-    .unwrap();
+    let on_disk = std::fs::read(w.dir.join("held").join(&hex(&r)[..2]).join(hex(&r))).unwrap();
     assert!(!on_disk.windows(64).any(|win| win == &replica[1000..1064]));
 
     // Reads: whole, a range, past the end; the stranger learns nothing.
-    assert_eq!(get(&w, &owner, r, 0, replica.len() as u64).await.unwrap(), replica);
+    assert_eq!(
+        get(&w, &owner, r, 0, replica.len() as u64).await.unwrap(),
+        replica
+    );
     assert_eq!(
         get(&w, &owner, r, 1_048_570, 20).await.unwrap(),
         replica[1_048_570..1_048_590]
     );
     refused(
-        get(&w, &owner, r, replica.len() as u64 - 1, 2).await.unwrap_err(),
+        get(&w, &owner, r, replica.len() as u64 - 1, 2)
+            .await
+            .unwrap_err(),
         PeerError::Malformed,
     );
     refused(
@@ -293,7 +343,11 @@ async fn stores_checks_serves_and_deletes_only_for_the_owner() {
     for (who, msg, want) in [
         (&stranger, del(&stranger, now_ms()), PeerError::NotFound),
         (&owner, del(&stranger, now_ms()), PeerError::Unauthorized),
-        (&owner, del(&owner, now_ms() - 3_600_000), PeerError::Unauthorized),
+        (
+            &owner,
+            del(&owner, now_ms() - 3_600_000),
+            PeerError::Unauthorized,
+        ),
     ] {
         let mut l = w.link(who).await;
         l.send(&msg.encode()).await.unwrap();
@@ -311,7 +365,10 @@ async fn stores_checks_serves_and_deletes_only_for_the_owner() {
     l.send(&del(&owner, now_ms()).encode()).await.unwrap();
     assert_eq!(recv(&mut l).await, PeerMsg::Ok);
     assert_eq!(w.held.usage(), (0, 0));
-    refused(get(&w, &owner, r, 0, 10).await.unwrap_err(), PeerError::NotFound);
+    refused(
+        get(&w, &owner, r, 0, 10).await.unwrap_err(),
+        PeerError::NotFound,
+    );
 }
 
 fn hex(b: &[u8; 32]) -> String {
@@ -328,7 +385,16 @@ async fn over_quota_floods_and_garbage_are_refused() {
     let pack = PackId([4; 32]);
     let t = w.ticket(&owner, pack, big.len() as u64, later);
     refused(
-        put(&w, &owner, t, pack, root(&big), big.len() as u64, &[&big[..1 << 20], &big[1 << 20..]]).await,
+        put(
+            &w,
+            &owner,
+            t,
+            pack,
+            root(&big),
+            big.len() as u64,
+            &[&big[..1 << 20], &big[1 << 20..]],
+        )
+        .await,
         PeerError::Full,
     );
     // Garbage and an answer where a request belongs.
@@ -346,7 +412,11 @@ async fn over_quota_floods_and_garbage_are_refused() {
         idle.push(l);
     }
     for l in idle.iter_mut() {
-        if let PeerMsg::Error { code: PeerError::Busy, .. } = recv(l).await {
+        if let PeerMsg::Error {
+            code: PeerError::Busy,
+            ..
+        } = recv(l).await
+        {
             busy += 1;
         }
     }

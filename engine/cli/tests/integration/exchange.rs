@@ -155,8 +155,14 @@ fn backup_to_peers_restore_recover_with_books_wiped() {
 
     // A second backup of the same data sends only its new snapshot.
     let again = json(&ok(pluto(&home).args(["--json", "backup"]).arg(&data)));
-    assert!(again["upload"]["replicas_sent"].as_u64().unwrap() <= 2, "{again}");
-    assert!(again["upload"]["bytes_sent"].as_u64().unwrap() < 10_000, "{again}");
+    assert!(
+        again["upload"]["replicas_sent"].as_u64().unwrap() <= 2,
+        "{again}"
+    );
+    assert!(
+        again["upload"]["bytes_sent"].as_u64().unwrap() < 10_000,
+        "{again}"
+    );
 
     // The local packs are gone: the restore fetches from the peers.
     drop_local_packs(&home);
@@ -238,7 +244,11 @@ fn only_relay() {
 
 #[test]
 fn quic_unreachable_falls_back_to_relay() {
-    through(r#"["quic", "relay"]"#, Some(r#"["quic:127.0.0.1:9"]"#), "relay");
+    through(
+        r#"["quic", "relay"]"#,
+        Some(r#"["quic:127.0.0.1:9"]"#),
+        "relay",
+    );
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! How fast one relay link carries data through an in-memory coordinator:
-//! `cargo run --release -p pluto-transport-relay --example throughput [MiB] [links]`
+//! `cargo run --release -p pluto-transport-relay --example relay_throughput [MiB] [links]`
 //! sends MiB (default 256) in 1 MiB frames over `links` parallel links
 //! (default 1) and prints MB/s. The hub is the test suite's: channels, no
 //! network, so this measures the transport itself (crypto, segmentation,
