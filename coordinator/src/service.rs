@@ -501,10 +501,13 @@ impl Coordinator {
                 let issued = lock(&self.challenges).remove(&challenge);
                 return Ok(match issued {
                     Some((node, expiry)) if node == *from && expiry > now_ms => {
+                        // Registered, not yet online: a node is online once
+                        // it heartbeats (its daemon does at once), so a
+                        // command that connects for a moment is never
+                        // matched as a storer.
                         self.books
                             .register(from, &exchange_key, offer, now_ms)
                             .await?;
-                        self.books.presence(from, true, now_ms).await?;
                         tracing::info!("node {} authenticated", from.short());
                         public(Message::Welcome {
                             exchange_key: self.exchange_key(),

@@ -82,7 +82,14 @@ async fn ask(net: &Net, node: &Node, now: u64, msg: &Message) -> Message {
     }
 }
 
+/// Authenticates and heartbeats at once, as a daemon does.
 async fn authenticate(net: &Net, node: &Node, offer: u64, now: u64) {
+    register(net, node, offer, now).await;
+    assert_eq!(ask(net, node, now, &Message::Heartbeat).await, Message::Ok);
+}
+
+/// Authenticates only, as a command does.
+async fn register(net: &Net, node: &Node, offer: u64, now: u64) {
     let Message::Challenge { challenge } = ask(net, node, now, &Message::Hello).await else {
         panic!("no challenge")
     };
@@ -110,12 +117,15 @@ const T: u64 = 1_800_000_000_000;
 async fn handshake_registers_the_node() {
     let net = net().await;
     let a = Node::new();
-    authenticate(&net, &a, 1000, T).await;
+    register(&net, &a, 1000, T).await;
     let rec = net.books.node(&a.id()).await.unwrap().unwrap();
     assert_eq!(
         (rec.offer, rec.exchange_key, rec.online),
-        (1000, exchange_public(&a.exchange), true)
+        (1000, exchange_public(&a.exchange), false),
+        "registered, online only once it heartbeats"
     );
+    assert_eq!(ask(&net, &a, T, &Message::Heartbeat).await, Message::Ok);
+    assert!(net.books.node(&a.id()).await.unwrap().unwrap().online);
     match ask(&net, &a, T, &Message::GetStatus).await {
         Message::Status(s) => assert_eq!(s.offered, 1000),
         other => panic!("{other:?}"),

@@ -39,6 +39,20 @@ pub const MAX_REPLICA: u64 = 1 << 30;
 /// Links one peer may have open at once, and all peers together.
 const LINKS_PER_PEER: usize = 16;
 const LINKS_TOTAL: usize = 256;
+/// How long a peer may keep a link open without sending (a slot held by a
+/// silent peer is a slot nobody else gets).
+const IDLE_LINK: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The next frame, or a refusal when the peer stays silent too long.
+async fn recv_within(link: &mut dyn Link) -> Result<Option<Vec<u8>>, ServeError> {
+    match tokio::time::timeout(IDLE_LINK, link.recv()).await {
+        Ok(r) => Ok(r?),
+        Err(_) => refuse(
+            PeerError::Busy,
+            format!("nothing received for {IDLE_LINK:?}"),
+        ),
+    }
+}
 
 /// One replica held.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -260,7 +274,7 @@ impl Held {
     }
 
     async fn serve_one(&self, link: &mut dyn Link, peer: &NodeId) -> Result<(), ServeError> {
-        let Some(first) = link.recv().await? else {
+        let Some(first) = recv_within(link).await? else {
             return Ok(());
         };
         if first.len() > MAX_CONTROL {
@@ -342,7 +356,7 @@ impl Held {
         object.extend_from_slice(&pack.0);
         let mut hasher = blake3::Hasher::new();
         while object.len() < HEADER_LEN + len {
-            let Some(frame) = link.recv().await? else {
+            let Some(frame) = recv_within(link).await? else {
                 return refuse(
                     PeerError::Malformed,
                     format!(

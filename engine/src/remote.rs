@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use futures_util::StreamExt;
 use pluto_plugins_api::{BlobStore, PackId, StoreError};
 
 use crate::manifest::Placement;
@@ -73,11 +74,17 @@ impl PeerPacks {
         }
     }
 
-    /// Makes sure `id` is in the local store.
+    /// Makes sure `id` is in the local store (from a blocking context).
     fn ensure(&self, id: &PackId) -> Result<(), StoreError> {
         if self.local.size(id)?.is_some() {
             return Ok(());
         }
+        self.block_on(self.fetch(id))
+    }
+
+    /// Fetches `id` into the local store unless it is there; one fetch per
+    /// pack however many ask at once.
+    pub async fn fetch(&self, id: &PackId) -> Result<(), StoreError> {
         let Some(placed) = self.placement.packs.get(id).cloned() else {
             return Err(StoreError::NotFound(format!(
                 "pack {} is neither here nor placed at any peer",
@@ -88,26 +95,44 @@ impl PeerPacks {
             .entry(*id)
             .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
             .clone();
-        self.block_on(async {
-            let _one = gate.lock().await;
-            if self.local.size(id)?.is_some() {
-                return Ok(());
-            }
-            let bytes = fetch_pack(&self.net, &self.replica_keys, id, &placed)
-                .await
-                .map_err(|e| StoreError::NotFound(e.to_string()))?;
-            let local = self.local.clone();
-            let (id2, n) = (*id, bytes.len() as u64);
-            tokio::task::spawn_blocking(move || local.put(&id2, &bytes))
-                .await
-                .map_err(|e| StoreError::Corrupt(format!("caching a pack: {e}")))??;
-            let mut f = lock(&self.fetched);
-            f.0 += 1;
-            f.1 += n;
-            Ok(())
-        })?;
+        let _one = gate.lock().await;
+        if self.local.size(id)?.is_some() {
+            return Ok(());
+        }
+        let bytes = fetch_pack(&self.net, &self.replica_keys, id, &placed)
+            .await
+            .map_err(|e| StoreError::NotFound(e.to_string()))?;
+        let local = self.local.clone();
+        let (id2, n) = (*id, bytes.len() as u64);
+        tokio::task::spawn_blocking(move || local.put(&id2, &bytes))
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("caching a pack: {e}")))??;
+        let mut f = lock(&self.fetched);
+        f.0 += 1;
+        f.1 += n;
+        drop(f);
         lock(&self.fetching).remove(id);
         Ok(())
+    }
+
+    /// Fetches every placed pack that is not here, `parallel` at a time,
+    /// ahead of a reader that will want them all (a full restore). Failures
+    /// are left for the reader to meet (and report) on its own.
+    pub async fn prefetch(self: Arc<Self>, parallel: usize) {
+        let mut missing = Vec::new();
+        for id in self.placement.packs.keys() {
+            if matches!(self.local.size(id), Ok(None)) {
+                missing.push(*id);
+            }
+        }
+        let this = &self;
+        futures_util::stream::iter(missing)
+            .for_each_concurrent(parallel.max(1), |id| async move {
+                if let Err(e) = this.fetch(&id).await {
+                    tracing::debug!("prefetching {}: {e}", id.short());
+                }
+            })
+            .await;
     }
 }
 

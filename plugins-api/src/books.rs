@@ -183,8 +183,10 @@ pub trait BooksStore: Send + Sync {
     /// Returns how many were released.
     async fn release_expired(&self, now_ms: u64) -> Result<u64, StoreError>;
     /// Turns one of `owner`'s reservations on `storer` (one at least
-    /// `replica.size`, the earliest to expire) into this replica; reserved
-    /// bytes beyond its size are given back.
+    /// `replica.size`: the smallest, then the earliest to expire, so that a
+    /// small replica never takes the reservation a bigger one was matched
+    /// with) into this replica; reserved bytes beyond its size are given
+    /// back.
     async fn record_replica(&self, replica: &ReplicaRecord) -> Result<Recorded, StoreError>;
     /// Records a replica its storer reported again, for books that lost it
     /// (the report is checked by the caller against the placement ticket):

@@ -56,6 +56,7 @@ where
     candidates_have_room_and_come_online_first(&*open(&fresh_url().await).await).await;
     manifests_only_move_forward(&*open(&fresh_url().await).await).await;
     addresses_and_restored_replicas(&*open(&fresh_url().await).await).await;
+    replicas_take_the_best_fitting_reservation(&*open(&fresh_url().await).await).await;
     concurrent_reservations_never_over_commit(&fresh_url().await).await;
 }
 
@@ -260,6 +261,26 @@ async fn candidates_have_room_and_come_online_first(b: &dyn BooksStore) {
     }
     assert!(seen.len() > 5, "samples vary, so load spreads");
     assert!(b.candidates(1_000, 10).await.unwrap().is_empty());
+}
+
+/// Two packs of different sizes matched with one storer and recorded in
+/// either order: each finds its reservation.
+async fn replicas_take_the_best_fitting_reservation(b: &dyn BooksStore) {
+    let (owner, storer) = (node(1), node(2));
+    b.register(&owner, &[1; 32], 1_000, 0).await.unwrap();
+    b.register(&storer, &[2; 32], 1_000, 0).await.unwrap();
+    assert!(b.reserve(&owner, &storer, 100, 1_000).await.unwrap());
+    assert!(b.reserve(&owner, &storer, 30, 2_000).await.unwrap());
+    assert_eq!(
+        b.record_replica(&replica(1, 7, 2, 30)).await.unwrap(),
+        Recorded::New
+    );
+    assert_eq!(
+        b.record_replica(&replica(1, 8, 2, 100)).await.unwrap(),
+        Recorded::New
+    );
+    let s = b.node(&storer).await.unwrap().unwrap();
+    assert_eq!(s.held, 130);
 }
 
 async fn addresses_and_restored_replicas(b: &dyn BooksStore) {

@@ -175,10 +175,14 @@ pub(crate) async fn upload_after_backup(
     Ok((0, Some(report)))
 }
 
+/// Packs fetched at once ahead of a full restore.
+const PREFETCH: usize = 6;
+
 /// Lets `repo` read packs it lacks from the peers, when it has a
-/// coordinator and packs placed there that are not here. The returned
-/// session must live as long as the repo reads.
-pub(crate) async fn attach_peers(repo: &mut Repo) -> Result<Option<Arc<Net>>> {
+/// coordinator and packs placed there that are not here; with `prefetch`
+/// (a reader that wants everything) they start coming at once, several at
+/// a time. The returned session must live as long as the repo reads.
+pub(crate) async fn attach_peers(repo: &mut Repo, prefetch: bool) -> Result<Option<Arc<Net>>> {
     if repo.config.coordinator.is_none() {
         return Ok(None);
     }
@@ -190,13 +194,17 @@ pub(crate) async fn attach_peers(repo: &mut Repo) -> Result<Option<Arc<Net>>> {
     }
     let home = repo.home.clone();
     let net = open_net(repo, &home, false).await?;
-    repo.packs = Arc::new(PeerPacks::new(
+    let packs = Arc::new(PeerPacks::new(
         repo.packs.clone(),
         placement,
         net.clone(),
         zeroize_key(&repo.keys.replica),
         tokio::runtime::Handle::current(),
     ));
+    if prefetch {
+        tokio::spawn(packs.clone().prefetch(PREFETCH));
+    }
+    repo.packs = packs;
     Ok(Some(net))
 }
 

@@ -590,7 +590,7 @@ struct LsEntry {
 
 async fn ls(ui: &Ui, home: Home, spec: &str, under: Option<&Path>) -> Result<u8> {
     let mut repo = Repo::open(home, LockMode::Shared).await?;
-    let _net = exchange::attach_peers(&mut repo).await?;
+    let _net = exchange::attach_peers(&mut repo, false).await?;
     let snap = repo.find_snapshot(spec).await?;
     let index = repo.load_index().await?;
     let under = under.map(|p| p.components().collect::<PathBuf>());
@@ -677,7 +677,8 @@ async fn restore_cmd(
     include: Vec<PathBuf>,
 ) -> Result<u8> {
     let mut repo = Repo::open(home, LockMode::Shared).await?;
-    let net = exchange::attach_peers(&mut repo).await?;
+    // A whole snapshot wants (nearly) every pack: fetch them ahead.
+    let net = exchange::attach_peers(&mut repo, include.is_empty()).await?;
     let repo = Arc::new(repo);
     let snap = repo.find_snapshot(spec).await?;
     let index = Arc::new(repo.load_index().await?);
@@ -734,7 +735,7 @@ impl CheckProgress for CheckBar {
 
 async fn check_cmd(ui: &Ui, home: Home, read_data: bool) -> Result<u8> {
     let mut repo = Repo::open(home, LockMode::Shared).await?;
-    let net = exchange::attach_peers(&mut repo).await?;
+    let net = exchange::attach_peers(&mut repo, read_data).await?;
     let repo = Arc::new(repo);
     let n = repo.catalog.packs().await?.len() as u64;
     let pb = ui.bar(Some(n), "{bar:40} {pos}/{len} packs {elapsed_precise}");

@@ -35,6 +35,11 @@ struct Status {
     local_packs: usize,
     local_bytes: u64,
     offer: u64,
+    /// Packs of this node's snapshots, and how many have every copy at
+    /// peers (`copies` of them).
+    packs: usize,
+    packs_placed: usize,
+    copies: u8,
     coordinator: Option<CoordinatorState>,
 }
 
@@ -289,7 +294,23 @@ pub(crate) async fn status(ui: &Ui, home: Home) -> Result<u8> {
             Err(e) => unreachable_state(url, repo.config.coordinator_key.clone(), e.to_string()),
         }),
     };
+    let all = repo.catalog.packs().await?;
+    let placement = pluto_engine::manifest::Placement::load(&home.placement_path())
+        .map_err(anyhow::Error::msg)?;
+    let copies = repo.config.placement.copies;
+    let packs_placed = all
+        .iter()
+        .filter(|(id, _)| {
+            placement
+                .packs
+                .get(id)
+                .is_some_and(|p| p.replicas.len() >= usize::from(copies))
+        })
+        .count();
     let st = Status {
+        packs: all.len(),
+        packs_placed,
+        copies,
         node_id: repo.keys.node_id().to_hex(),
         home: repo.home.root().display().to_string(),
         snapshots: repo.snapshots().await?.len(),
@@ -306,6 +327,19 @@ pub(crate) async fn status(ui: &Ui, home: Home) -> Result<u8> {
     out!("home        {}", st.home);
     out!("snapshots   {}", st.snapshots);
     out!("local packs {} ({})", st.local_packs, bytes(st.local_bytes));
+    if st.coordinator.is_some() {
+        out!(
+            "at peers    {} of {} packs have their {} copies{}",
+            st.packs_placed,
+            st.packs,
+            st.copies,
+            if st.packs_placed == st.packs {
+                ""
+            } else {
+                " (the daemon places the rest)"
+            }
+        );
+    }
     match &st.coordinator {
         None => out!("coordinator none (local-only mode)"),
         Some(c) => {

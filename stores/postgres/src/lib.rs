@@ -395,7 +395,7 @@ impl BooksStore for PgBooks {
         let reserved = sqlx::query(
             "DELETE FROM reservations WHERE id = (SELECT id FROM reservations \
                  WHERE owner = $1 AND storer = $2 AND size >= $3 \
-                 ORDER BY expires_ms, id LIMIT 1) \
+                 ORDER BY size, expires_ms, id LIMIT 1) \
              RETURNING size",
         )
         .bind(&r.owner.0[..])

@@ -359,7 +359,7 @@ impl BooksStore for SqliteBooks {
         }
         let reservation = sqlx::query(
             "DELETE FROM reservations WHERE id = (SELECT id FROM reservations \
-                 WHERE owner = ?1 AND storer = ?2 AND size >= ?3 ORDER BY expires_ms, id LIMIT 1) \
+                 WHERE owner = ?1 AND storer = ?2 AND size >= ?3 ORDER BY size, expires_ms, id LIMIT 1) \
              RETURNING size",
         )
         .bind(&r.owner.0[..])

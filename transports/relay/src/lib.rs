@@ -124,7 +124,7 @@ impl Default for RelayConfig {
             initial_rto: Duration::from_secs(1),
             min_rto: Duration::from_millis(200),
             max_rto: Duration::from_secs(5),
-            send_window: 8 << 20,
+            send_window: 2 << 20,
             max_in_flight: 1024,
             recv_window: 16 << 20,
             max_sessions: 1024,

@@ -153,6 +153,9 @@ fn backup_to_peers_restore_recover_with_books_wiped() {
     assert!(holding.len() >= 2, "{peers}");
     assert!(holding.iter().all(|p| p["transport"] == "quic"), "{peers}");
 
+    let st = json(&ok(pluto(&home).args(["--json", "status"])));
+    assert_eq!(st["packs_placed"], st["packs"], "{st}");
+
     // A second backup of the same data sends only its new snapshot.
     let again = json(&ok(pluto(&home).args(["--json", "backup"]).arg(&data)));
     assert!(
