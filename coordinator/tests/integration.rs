@@ -730,3 +730,79 @@ mod restart {
         child.wait().unwrap();
     }
 }
+
+/// Relayed payloads go to the recipient as they are, signed by the
+/// coordinator; a sender over its rate, or an end that is not registered,
+/// gets nothing through.
+#[tokio::test]
+async fn relay_passes_payloads_on_within_each_nodes_rate() {
+    let net = net().await;
+    let (a, b, stranger) = (Node::new(), Node::new(), Node::new());
+    authenticate(&net, &a, 1000, T).await;
+    authenticate(&net, &b, 1000, T).await;
+    let relay = |from: &Node, to: NodeId, now: u64, n: usize| {
+        from.envelope(
+            net.c.id(),
+            now,
+            &Message::Relay {
+                to,
+                payload: vec![7; n],
+            },
+        )
+        .0
+    };
+    let bytes = relay(&a, b.id(), T, 1000);
+    let out = net
+        .c
+        .handle(Some(a.id()), &bytes, T, &mut OsRng)
+        .await
+        .unwrap()
+        .expect("passed on");
+    assert_eq!(out.to, b.id());
+    let env = Envelope::verify(&out.bytes).unwrap();
+    assert_eq!((env.from, env.to), (net.c.id(), b.id()));
+    assert_eq!(
+        env.message().unwrap(),
+        Message::Relayed {
+            from: a.id(),
+            payload: vec![7; 1000]
+        }
+    );
+    // To or from nodes the books do not know: dropped.
+    for (from, to) in [(&a, stranger.id()), (&stranger, b.id())] {
+        let bytes = relay(from, to, T, 10);
+        let r = net.c.handle(Some(from.id()), &bytes, T, &mut OsRng).await;
+        assert!(matches!(r, Ok(None)), "{r:?}");
+    }
+    // The burst (16 MiB by default) is spent; the rate (64 MiB/s) refills it.
+    let big = 3 << 20;
+    let mut passed = 0;
+    for _ in 0..10 {
+        let bytes = relay(&a, b.id(), T, big);
+        if net
+            .c
+            .handle(Some(a.id()), &bytes, T, &mut OsRng)
+            .await
+            .unwrap()
+            .is_some()
+        {
+            passed += 1;
+        }
+    }
+    assert_eq!(passed, 5, "16 MiB of burst holds five 3 MiB payloads");
+    // b's own bucket is untouched; a's refills with time.
+    let bytes = relay(&b, a.id(), T, big);
+    assert!(net
+        .c
+        .handle(Some(b.id()), &bytes, T, &mut OsRng)
+        .await
+        .unwrap()
+        .is_some());
+    let bytes = relay(&a, b.id(), T + 1000, big);
+    assert!(net
+        .c
+        .handle(Some(a.id()), &bytes, T + 1000, &mut OsRng)
+        .await
+        .unwrap()
+        .is_some());
+}
