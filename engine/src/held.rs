@@ -350,7 +350,8 @@ impl Held {
         };
         link.send(&PeerMsg::Ready.encode()).await?;
         let len = usize::try_from(size).unwrap_or(usize::MAX);
-        let mut object = Vec::with_capacity(HEADER_LEN + len);
+        // Grown as bytes arrive: an announced size is not an allocation.
+        let mut object = Vec::with_capacity(HEADER_LEN + len.min(16 << 20));
         object.extend_from_slice(MAGIC);
         object.extend_from_slice(&ticket);
         object.extend_from_slice(&pack.0);
