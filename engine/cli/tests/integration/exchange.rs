@@ -185,6 +185,9 @@ fn backup_to_peers_restore_recover_with_books_wiped() {
 
     // The coordinator loses its books: it comes back empty, the storers
     // report what they hold again, and the words still bring it all back.
+    for (_, d) in &net.storers {
+        d.drain();
+    }
     net.running.kill();
     for f in std::fs::read_dir(&net.coordinator.home).unwrap().flatten() {
         let name = f.file_name().to_string_lossy().to_string();
@@ -194,8 +197,10 @@ fn backup_to_peers_restore_recover_with_books_wiped() {
     }
     let (running, _) = net.coordinator.start();
     net.running = running;
+    // Each daemon notices, connects again and reports what it holds (a
+    // storer the matches passed over holds nothing to report).
     for (_, d) in &net.storers {
-        d.wait_for("reported ", Duration::from_secs(60));
+        d.wait_for("holding ", Duration::from_secs(60));
     }
     let home3 = net.path("owner-recovered-again");
     ok(pluto(&home3)

@@ -82,6 +82,11 @@ impl Proc {
         }
     }
 
+    /// Forgets the lines printed so far.
+    pub fn drain(&self) {
+        while self.lines.try_recv().is_ok() {}
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
