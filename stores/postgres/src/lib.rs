@@ -92,6 +92,27 @@ async fn lock_nodes(tx: &mut Transaction<'_, Postgres>, ids: &[&NodeId]) -> Resu
     Ok(())
 }
 
+/// Adds a replica row; false when one of that pack at that storer exists.
+async fn insert_replica(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    r: &ReplicaRecord,
+) -> Result<bool, StoreError> {
+    Ok(sqlx::query(
+        "INSERT INTO replicas (owner, pack, storer, size, root) VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&r.owner.0[..])
+    .bind(&r.pack.0[..])
+    .bind(&r.storer.0[..])
+    .bind(int(r.size))
+    .bind(&r.root[..])
+    .execute(&mut **tx)
+    .await
+    .map_err(db_err("recording a replica"))?
+    .rows_affected()
+        == 1)
+}
+
 #[async_trait]
 impl BooksStore for PgBooks {
     async fn register(
@@ -361,20 +382,7 @@ impl BooksStore for PgBooks {
     async fn record_replica(&self, r: &ReplicaRecord) -> Result<Recorded, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db_err("begin"))?;
         lock_nodes(&mut tx, &[&r.owner, &r.storer]).await?;
-        let inserted = sqlx::query(
-            "INSERT INTO replicas (owner, pack, storer, size, root) VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(&r.owner.0[..])
-        .bind(&r.pack.0[..])
-        .bind(&r.storer.0[..])
-        .bind(int(r.size))
-        .bind(&r.root[..])
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err("recording a replica"))?
-        .rows_affected()
-            == 1;
+        let inserted = insert_replica(&mut tx, r).await?;
         if !inserted {
             let kept = sqlx::query(
                 "SELECT owner, pack, storer, size, root FROM replicas \
@@ -439,20 +447,7 @@ impl BooksStore for PgBooks {
         .await
         .map_err(db_err("restoring a replica"))?;
         lock_nodes(&mut tx, &[&r.owner, &r.storer]).await?;
-        let inserted = sqlx::query(
-            "INSERT INTO replicas (owner, pack, storer, size, root) VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(&r.owner.0[..])
-        .bind(&r.pack.0[..])
-        .bind(&r.storer.0[..])
-        .bind(int(r.size))
-        .bind(&r.root[..])
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err("restoring a replica"))?
-        .rows_affected()
-            == 1;
+        let inserted = insert_replica(&mut tx, r).await?;
         if !inserted {
             tx.rollback().await.map_err(db_err("rollback"))?;
             return Ok(false);

@@ -66,6 +66,27 @@ fn replica_row(r: &sqlx::sqlite::SqliteRow) -> Result<ReplicaRecord, StoreError>
 // lock first and a transaction never has to upgrade a read lock (which
 // fails at once, busy timeout or not, when another writer is waiting).
 
+/// Adds a replica row; false when one of that pack at that storer exists.
+async fn insert_replica(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    r: &ReplicaRecord,
+) -> Result<bool, StoreError> {
+    Ok(sqlx::query(
+        "INSERT INTO replicas (owner, pack, storer, size, root) VALUES (?, ?, ?, ?, ?) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&r.owner.0[..])
+    .bind(&r.pack.0[..])
+    .bind(&r.storer.0[..])
+    .bind(int(r.size))
+    .bind(&r.root[..])
+    .execute(&mut **tx)
+    .await
+    .map_err(db_err("recording a replica"))?
+    .rows_affected()
+        == 1)
+}
+
 #[async_trait]
 impl BooksStore for SqliteBooks {
     async fn register(
@@ -326,20 +347,7 @@ impl BooksStore for SqliteBooks {
 
     async fn record_replica(&self, r: &ReplicaRecord) -> Result<Recorded, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db_err("begin"))?;
-        let inserted = sqlx::query(
-            "INSERT INTO replicas (owner, pack, storer, size, root) VALUES (?, ?, ?, ?, ?) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(&r.owner.0[..])
-        .bind(&r.pack.0[..])
-        .bind(&r.storer.0[..])
-        .bind(int(r.size))
-        .bind(&r.root[..])
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err("recording a replica"))?
-        .rows_affected()
-            == 1;
+        let inserted = insert_replica(&mut tx, r).await?;
         if !inserted {
             let kept = sqlx::query(
                 "SELECT owner, pack, storer, size, root FROM replicas \
@@ -391,20 +399,7 @@ impl BooksStore for SqliteBooks {
 
     async fn restore_replica(&self, r: &ReplicaRecord, now_ms: u64) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db_err("begin"))?;
-        let inserted = sqlx::query(
-            "INSERT INTO replicas (owner, pack, storer, size, root) VALUES (?, ?, ?, ?, ?) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(&r.owner.0[..])
-        .bind(&r.pack.0[..])
-        .bind(&r.storer.0[..])
-        .bind(int(r.size))
-        .bind(&r.root[..])
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err("restoring a replica"))?
-        .rows_affected()
-            == 1;
+        let inserted = insert_replica(&mut tx, r).await?;
         if !inserted {
             tx.rollback().await.map_err(db_err("rollback"))?;
             return Ok(false);
