@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use x25519_dalek::StaticSecret;
 
 use crate::keys::Keys;
+use crate::repo::lock;
 
 /// How long a request waits for its reply.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
@@ -70,7 +71,8 @@ pub enum ClientError {
     Unexpected(String),
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the epoch, as envelopes and tickets count time.
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -103,10 +105,6 @@ struct Shared {
     /// The last answer signed by another key than the pinned one.
     other_signer: Mutex<Option<NodeId>>,
     relayed: Mutex<Option<RelayQueue>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Shared {

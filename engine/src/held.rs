@@ -25,9 +25,11 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use pluto_plugins_api::{BlobStore, Link, NodeId, PackId, StoreError, TransportError};
 use pluto_protocol::{HeldReport, Ticket, SIGNED_TICKET_LEN};
 
+use crate::client::now_ms;
 use crate::exchange::{delete_message, PeerError, PeerMsg, DATA_FRAME, MAX_CONTROL};
 use crate::keystream::StreamKey;
 use crate::manifest;
+use crate::repo::lock;
 
 const MAGIC: &[u8; 8] = b"PLUTOHD1";
 /// Bytes before the replica in a held object.
@@ -120,17 +122,6 @@ impl std::fmt::Debug for Held {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Held({} replicas)", lock(&self.ledger).held.len())
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Gives a link slot back however serving ends.

@@ -25,6 +25,7 @@ use crate::exchange::MAX_FRAME;
 use crate::held::Held;
 use crate::home::{Config, Home};
 use crate::keys::Keys;
+use crate::repo::lock;
 
 /// How long a direct transport may take to reach a peer before the next
 /// is tried.
@@ -32,10 +33,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The same through the coordinator, whose round trips are longer under
 /// load (the relay's own handshake gives up after 10 s).
 pub const RELAY_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Why a peer could not be reached.
 #[derive(Debug, thiserror::Error)]

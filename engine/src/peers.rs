@@ -19,13 +19,12 @@
 //! replica answers `Have`). The unit of resumption is the pack.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use pluto_plugins_api::{BlobKind, BlobStore, Link, NodeId, PackId, StoreError, TransportError};
 use pluto_protocol::{ErrorCode, Message};
-use rand_core::{OsRng, RngCore};
 
 use crate::client::ClientError;
 use crate::crypto::SealKey;
@@ -39,10 +38,6 @@ use crate::network::{Net, NetError};
 const PARALLEL_PACKS: usize = 4;
 /// Rounds of matching per pack before it is left for later.
 const MATCH_ROUNDS: usize = 3;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Why an exchange with a peer failed.
 #[derive(Debug, thiserror::Error)]
@@ -252,10 +247,10 @@ impl Uploader<'_> {
                 (p.replicas.len() < copies).then(|| (*id, p.size, p.replicas.clone()))
             })
             .collect();
-        let state = Arc::new(Mutex::new(placement));
-        let report = Arc::new(Mutex::new(UploadReport::default()));
-        let problems = Arc::new(Mutex::new(BTreeMap::<String, usize>::new()));
-        let changed = Arc::new(Mutex::new(!todo.is_empty()));
+        // The placements come back on this task: plain state suffices.
+        let changed = !todo.is_empty();
+        let mut rep = UploadReport::default();
+        let mut problems = BTreeMap::<String, usize>::new();
         let mut saved_at = std::time::Instant::now();
         let mut stream = futures_util::stream::iter(todo.into_iter().map(|(pack, size, have)| {
             let friends = &friends;
@@ -263,38 +258,29 @@ impl Uploader<'_> {
         }))
         .buffer_unordered(PARALLEL_PACKS);
         while let Some((pack, (placed, sent, errs))) = stream.next().await {
-            {
-                let mut st = lock(&state);
-                if let Some(p) = st.packs.get_mut(&pack) {
-                    for r in placed {
-                        if !p.replicas.iter().any(|x| x.storer == r.storer) {
-                            p.replicas.push(r);
-                        }
+            if let Some(p) = placement.packs.get_mut(&pack) {
+                for r in placed {
+                    if !p.replicas.iter().any(|x| x.storer == r.storer) {
+                        p.replicas.push(r);
                     }
                 }
-                let mut rep = lock(&report);
-                rep.replicas_sent += sent.0;
-                rep.bytes_sent += sent.1;
-                let mut pr = lock(&problems);
-                for e in errs {
-                    *pr.entry(e).or_insert(0) += 1;
-                }
             }
-            *lock(&changed) = true;
+            rep.replicas_sent += sent.0;
+            rep.bytes_sent += sent.1;
+            for e in errs {
+                *problems.entry(e).or_insert(0) += 1;
+            }
             if saved_at.elapsed() > Duration::from_secs(2) {
-                lock(&state).save(&self.placement_path)?;
+                placement.save(&self.placement_path)?;
                 saved_at = std::time::Instant::now();
             }
         }
-        let mut placement = Arc::try_unwrap(state)
-            .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
-            .unwrap_or_else(|a| lock(&a).clone());
-        if *lock(&changed) {
+        drop(stream);
+        if changed {
             placement.version += 1;
             placement.save(&self.placement_path)?;
             self.publish(&placement).await;
         }
-        let mut rep = lock(&report).clone();
         rep.packs = packs.len();
         rep.complete = packs
             .iter()
@@ -306,7 +292,7 @@ impl Uploader<'_> {
             })
             .count();
         rep.short = rep.packs - rep.complete;
-        rep.problems = lock(&problems)
+        rep.problems = problems
             .iter()
             .map(|(e, n)| {
                 if *n > 1 {
@@ -399,7 +385,7 @@ impl Uploader<'_> {
                     (*storer, root, r)
                 }
             });
-            for (storer, root, r) in join_all(attempts).await {
+            for (storer, root, r) in futures_util::future::join_all(attempts).await {
                 avoid.push(storer);
                 match r {
                     Ok(already) => {
@@ -468,7 +454,7 @@ impl Uploader<'_> {
                 }
             }
         });
-        join_all(sends).await;
+        futures_util::future::join_all(sends).await;
     }
 }
 
@@ -527,7 +513,7 @@ pub async fn fetch_manifest(net: &Net, keys: &Keys) -> Result<Option<Placement>,
         .await;
         (s, r)
     });
-    for (s, r) in join_all(asks).await {
+    for (s, r) in futures_util::future::join_all(asks).await {
         match r {
             Ok(blob) => consider(&mut best, &blob, &s.short()),
             Err(e) => tracing::info!("no manifest from {}: {e}", s.short()),
@@ -539,13 +525,4 @@ pub async fn fetch_manifest(net: &Net, keys: &Keys) -> Result<Option<Placement>,
 /// Whether a pack holds file data only (the kind a local cache may drop).
 pub fn data_only(kinds: &[BlobKind]) -> bool {
     kinds.iter().all(|k| *k == BlobKind::Data)
-}
-
-/// A random 16-byte tag (for temporary names).
-pub fn tag() -> String {
-    format!("{:016x}", OsRng.next_u64())
-}
-
-async fn join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
-    futures_util::future::join_all(futs).await
 }

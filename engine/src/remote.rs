@@ -15,10 +15,7 @@ use pluto_plugins_api::{BlobStore, PackId, StoreError};
 use crate::manifest::Placement;
 use crate::network::Net;
 use crate::peers::fetch_pack;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::repo::lock;
 
 /// A [`BlobStore`] that fetches what the local one lacks from peers.
 pub struct PeerPacks {

@@ -198,7 +198,7 @@ pub(crate) async fn attach_peers(repo: &mut Repo, prefetch: bool) -> Result<Opti
         repo.packs.clone(),
         placement,
         net.clone(),
-        zeroize_key(&repo.keys.replica),
+        repo.keys.replica.clone(),
         tokio::runtime::Handle::current(),
     ));
     if prefetch {
@@ -206,10 +206,6 @@ pub(crate) async fn attach_peers(repo: &mut Repo, prefetch: bool) -> Result<Opti
     }
     repo.packs = packs;
     Ok(Some(net))
-}
-
-fn zeroize_key(k: &[u8; 32]) -> zeroize::Zeroizing<[u8; 32]> {
-    zeroize::Zeroizing::new(*k)
 }
 
 /// On a new machine: the manifest from the coordinator or the peers, then
@@ -235,7 +231,7 @@ pub(crate) async fn recover(ui: &Ui, home: Home) -> Result<()> {
         repo.packs.clone(),
         placement,
         net.clone(),
-        zeroize_key(&repo.keys.replica),
+        repo.keys.replica.clone(),
         tokio::runtime::Handle::current(),
     ));
     let report = repo.rebuild_catalog().await?;
