@@ -15,8 +15,106 @@
 
 use crate::{NodeId, PackId, StoreError};
 
+/// One reputation track: a beta reputation (as Storj publishes it). Each
+/// observation `v` in -1..=1 (a failure is -1, a success 1) with weight `w`
+/// moves it: `alpha <- l*alpha + w(1+v)/2`, `beta <- l*beta + w(1-v)/2`;
+/// `l` below 1 lets old observations fade. The score is
+/// `alpha / (alpha + beta)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Beta {
+    /// Weighted successes.
+    pub alpha: f64,
+    /// Weighted failures.
+    pub beta: f64,
+}
+
+impl Default for Beta {
+    /// The prior of a new node: one success, no failure (score 1).
+    fn default() -> Self {
+        Self {
+            alpha: 1.0,
+            beta: 0.0,
+        }
+    }
+}
+
+impl Beta {
+    /// `alpha / (alpha + beta)`; 1 when both are 0.
+    pub fn score(&self) -> f64 {
+        let total = self.alpha + self.beta;
+        if total > 0.0 && total.is_finite() {
+            (self.alpha / total).clamp(0.0, 1.0)
+        } else {
+            1.0
+        }
+    }
+
+    /// Takes one observation `v` (-1..=1) of weight `w` with forgetting
+    /// factor `l`.
+    pub fn observe(&mut self, l: f64, w: f64, v: f64) {
+        let v = v.clamp(-1.0, 1.0);
+        self.alpha = l * self.alpha + w * (1.0 + v) / 2.0;
+        self.beta = l * self.beta + w * (1.0 - v) / 2.0;
+    }
+
+    /// Takes `k` (not necessarily whole) observations of the same `v` and
+    /// weight `w` at once: the closed form of `k` calls to [`Self::observe`].
+    pub fn observe_many(&mut self, l: f64, w: f64, v: f64, k: f64) {
+        if k <= 0.0 {
+            return;
+        }
+        let v = v.clamp(-1.0, 1.0);
+        let lk = l.powf(k);
+        // The sum of l^i for i in 0..k.
+        let sum = if (1.0 - l).abs() < 1e-12 {
+            k
+        } else {
+            (1.0 - lk) / (1.0 - l)
+        };
+        self.alpha = lk * self.alpha + w * (1.0 + v) / 2.0 * sum;
+        self.beta = lk * self.beta + w * (1.0 - v) / 2.0 * sum;
+    }
+}
+
+/// What the coordinator knows of a node as a storer: its reputation per
+/// track, what its audits came to, its measured speed, and whether it may
+/// get new data.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Standing {
+    /// Audits answered: right answers against wrong ones (data lost).
+    pub audit: Beta,
+    /// Audits answered in time against audits not answered while online.
+    pub timeout: Beta,
+    /// Time online against time offline (an exponentially weighted online
+    /// fraction).
+    pub uptime: Beta,
+    /// Audits passed.
+    pub passed: u64,
+    /// Audits failed (wrong answer, or the replica is not there).
+    pub failed: u64,
+    /// Audits not answered in time while online.
+    pub timed_out: u64,
+    /// Transfer speed, bytes per second, as owners measured it (0: none yet).
+    pub speed_bps: u64,
+    /// When the speed was last measured, ms since the epoch.
+    pub speed_at_ms: u64,
+    /// When it was excluded for failing audits (0: never). Excluded nodes
+    /// get no new data, and their owners repair elsewhere; it is not undone.
+    pub excluded_ms: u64,
+    /// Whether it gets no new data for now: its uptime, answers in time or
+    /// speed are below the coordinator's minimums. Cleared when they recover.
+    pub held_back: bool,
+}
+
+impl Standing {
+    /// Whether new data may be placed on it.
+    pub fn eligible(&self) -> bool {
+        self.excluded_ms == 0 && !self.held_back
+    }
+}
+
 /// A registered node.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct NodeRecord {
     /// Its identity.
     pub id: NodeId,
@@ -38,6 +136,8 @@ pub struct NodeRecord {
     pub online_ms: u64,
     /// When the current online stretch began (meaningful while online).
     pub online_since_ms: u64,
+    /// Its reputation and whether it may get new data.
+    pub standing: Standing,
 }
 
 impl NodeRecord {
@@ -142,8 +242,9 @@ pub trait BooksStore: Send + Sync {
     async fn node(&self, id: &NodeId) -> Result<Option<NodeRecord>, StoreError>;
     /// Every node.
     async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
-    /// Up to `limit` nodes with at least `size` bytes of free offer, a
-    /// random sample when there are more (so load spreads), online ones first.
+    /// Up to `limit` eligible nodes ([`Standing::eligible`]) with at least
+    /// `size` bytes of free offer, a random sample when there are more (so
+    /// load spreads), online ones first.
     async fn candidates(&self, size: u64, limit: usize) -> Result<Vec<NodeRecord>, StoreError>;
     /// Changes a node's offer; refused (false) below what it already holds
     /// or has placed.
@@ -221,6 +322,36 @@ pub trait BooksStore: Send + Sync {
     ) -> Result<bool, StoreError>;
     /// A node's kept manifest.
     async fn manifest(&self, id: &NodeId) -> Result<Option<ManifestRecord>, StoreError>;
+    /// Replaces a node's standing; false when the node is unknown.
+    async fn set_standing(&self, id: &NodeId, standing: &Standing) -> Result<bool, StoreError>;
+    /// One replica: `owner`'s pack `pack` at `storer`.
+    async fn replica(
+        &self,
+        owner: &NodeId,
+        pack: &PackId,
+        storer: &NodeId,
+    ) -> Result<Option<ReplicaRecord>, StoreError>;
+    /// Forgets a replica, giving its size back to the storer's free offer
+    /// and to the owner's quota; false when it was not recorded.
+    async fn drop_replica(
+        &self,
+        owner: &NodeId,
+        pack: &PackId,
+        storer: &NodeId,
+    ) -> Result<bool, StoreError>;
+    /// Marks a replica lost (an audit proved it is not held) at `now_ms`;
+    /// it stays counted until its owner drops it. False when not recorded.
+    async fn mark_lost(
+        &self,
+        owner: &NodeId,
+        pack: &PackId,
+        storer: &NodeId,
+        now_ms: u64,
+    ) -> Result<bool, StoreError>;
+    /// `owner`'s replicas marked lost, as (pack, storer).
+    async fn lost_replicas(&self, owner: &NodeId) -> Result<Vec<(PackId, NodeId)>, StoreError>;
+    /// Every node that holds replicas, with how many.
+    async fn storers(&self) -> Result<Vec<(NodeId, u64)>, StoreError>;
 }
 
 #[cfg(test)]
@@ -254,6 +385,7 @@ mod tests {
             registered_ms: 0,
             online_ms: 20,
             online_since_ms: 80,
+            standing: Standing::default(),
         };
         assert!((n.lifetime_uptime(100) - 0.4).abs() < 1e-9);
         let off = NodeRecord { online: false, ..n };

@@ -37,7 +37,10 @@ pub mod testkit;
 mod transport;
 pub mod wire;
 
-pub use books::{online_fraction, BooksStore, ManifestRecord, NodeRecord, Recorded, ReplicaRecord};
+pub use books::{
+    online_fraction, Beta, BooksStore, ManifestRecord, NodeRecord, Recorded, ReplicaRecord,
+    Standing,
+};
 pub use channel::{
     connect_channel, ChannelDescriptor, ChannelError, ChannelEvent, ChannelFuture, ChannelOptions,
     ChannelRole, ControlChannel,

@@ -16,7 +16,11 @@
 
 use std::future::Future;
 
-use crate::{open_books_store, BooksStore, NodeId, PackId, Recorded, ReplicaRecord};
+use std::collections::HashSet;
+
+use crate::{
+    open_books_store, Beta, BooksStore, NodeId, PackId, Recorded, ReplicaRecord, Standing,
+};
 
 fn node(i: u8) -> NodeId {
     NodeId([i; 32])
@@ -57,6 +61,9 @@ where
     manifests_only_move_forward(&*open(&fresh_url().await).await).await;
     addresses_and_restored_replicas(&*open(&fresh_url().await).await).await;
     replicas_take_the_best_fitting_reservation(&*open(&fresh_url().await).await).await;
+    standings_round_trip_and_outlive_registration(&*open(&fresh_url().await).await).await;
+    candidates_are_eligible_only(&*open(&fresh_url().await).await).await;
+    replicas_are_found_lost_and_dropped(&*open(&fresh_url().await).await).await;
     concurrent_reservations_never_over_commit(&fresh_url().await).await;
 }
 
@@ -332,6 +339,193 @@ async fn manifests_only_move_forward(b: &dyn BooksStore) {
     let m = b.manifest(&a).await.unwrap().unwrap();
     assert_eq!((m.version, m.blob.as_slice()), (u64::MAX, &b"max"[..]));
     assert!(b.manifest(&node(2)).await.unwrap().is_none());
+}
+
+async fn standings_round_trip_and_outlive_registration(b: &dyn BooksStore) {
+    let a = node(1);
+    b.register(&a, &[1; 32], 100, 1).await.unwrap();
+    assert_eq!(
+        b.node(&a).await.unwrap().unwrap().standing,
+        Standing::default(),
+        "a new node starts from the prior"
+    );
+    // Floats that no decimal rounding keeps, and counters beyond 32 bits.
+    let s = Standing {
+        audit: Beta {
+            alpha: 0.1 + 0.2,
+            beta: 1.0 / 3.0,
+        },
+        timeout: Beta {
+            alpha: 12.345_678_901_234_567,
+            beta: f64::MIN_POSITIVE,
+        },
+        uptime: Beta {
+            alpha: 1e-300,
+            beta: 98.765_432_1e200,
+        },
+        passed: 7,
+        failed: 1 << 40,
+        timed_out: 3,
+        speed_bps: 1_250_000,
+        speed_at_ms: 1_700_000_000_123,
+        excluded_ms: 0,
+        held_back: true,
+    };
+    assert!(b.set_standing(&a, &s).await.unwrap());
+    assert_eq!(b.node(&a).await.unwrap().unwrap().standing, s);
+    let all = b.nodes().await.unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].standing, s, "nodes() carries the standing too");
+    // Registering again (a new key, a new offer) keeps the standing.
+    b.register(&a, &[2; 32], 200, 5).await.unwrap();
+    let an = b.node(&a).await.unwrap().unwrap();
+    assert_eq!((an.offer, an.exchange_key), (200, [2; 32]));
+    assert_eq!(an.standing, s, "re-registering keeps the standing");
+    let excluded = Standing {
+        excluded_ms: 42,
+        held_back: false,
+        passed: i64::MAX as u64,
+        ..s.clone()
+    };
+    assert!(b.set_standing(&a, &excluded).await.unwrap());
+    assert_eq!(b.node(&a).await.unwrap().unwrap().standing, excluded);
+    assert!(
+        !b.set_standing(&node(9), &s).await.unwrap(),
+        "an unknown node has no standing to set"
+    );
+    assert!(
+        b.node(&node(9)).await.unwrap().is_none(),
+        "setting a standing registers nobody"
+    );
+}
+
+async fn candidates_are_eligible_only(b: &dyn BooksStore) {
+    for i in 1..=6u8 {
+        b.register(&spread(i), &[0; 32], 1_000, 0).await.unwrap();
+    }
+    let (excluded, held) = (spread(2), spread(3));
+    let ids = |c: &[crate::NodeRecord]| c.iter().map(|n| n.id).collect::<HashSet<_>>();
+    let everyone: HashSet<NodeId> = (1..=6).map(spread).collect();
+    assert_eq!(ids(&b.candidates(10, 100).await.unwrap()), everyone);
+    let out = Standing {
+        excluded_ms: 5,
+        ..Standing::default()
+    };
+    assert!(b.set_standing(&excluded, &out).await.unwrap());
+    let back = Standing {
+        held_back: true,
+        passed: 3,
+        ..Standing::default()
+    };
+    assert!(b.set_standing(&held, &back).await.unwrap());
+    for _ in 0..5 {
+        let c = b.candidates(10, 100).await.unwrap();
+        let mut want = everyone.clone();
+        want.remove(&excluded);
+        want.remove(&held);
+        assert_eq!(
+            ids(&c),
+            want,
+            "excluded and held-back nodes get no new data"
+        );
+        assert!(c.iter().all(|n| n.standing.eligible()));
+    }
+    // Recovered: the held-back node is a candidate again, standing and all.
+    let recovered = Standing {
+        held_back: false,
+        ..back
+    };
+    assert!(b.set_standing(&held, &recovered).await.unwrap());
+    let c = b.candidates(10, 100).await.unwrap();
+    let mut want = everyone.clone();
+    want.remove(&excluded);
+    assert_eq!(ids(&c), want, "a node no longer held back is back");
+    let h = c.iter().find(|n| n.id == held).unwrap();
+    assert_eq!(h.standing, recovered, "candidates carry the standing");
+}
+
+async fn replicas_are_found_lost_and_dropped(b: &dyn BooksStore) {
+    let (a, s, t, o) = (node(1), node(2), node(3), node(4));
+    b.register(&a, &[1; 32], 300, 0).await.unwrap();
+    b.register(&s, &[2; 32], 200, 0).await.unwrap();
+    b.register(&t, &[3; 32], 1_000, 0).await.unwrap();
+    b.register(&o, &[4; 32], 1_000, 0).await.unwrap();
+    let (p1, p2, p3) = (PackId([1; 32]), PackId([2; 32]), PackId([3; 32]));
+    let r1 = replica(1, 1, 2, 150);
+    let r2 = replica(1, 2, 3, 100);
+    let r3 = replica(4, 3, 2, 50);
+    for r in [&r1, &r2, &r3] {
+        assert!(b.reserve(&r.owner, &r.storer, r.size, 1_000).await.unwrap());
+        assert_eq!(b.record_replica(r).await.unwrap(), Recorded::New);
+    }
+    assert_eq!(b.replica(&a, &p1, &s).await.unwrap(), Some(r1.clone()));
+    assert_eq!(b.replica(&o, &p3, &s).await.unwrap(), Some(r3.clone()));
+    assert_eq!(
+        b.replica(&a, &p1, &t).await.unwrap(),
+        None,
+        "another storer"
+    );
+    assert_eq!(b.replica(&o, &p1, &s).await.unwrap(), None, "another owner");
+    assert_eq!(b.replica(&a, &p3, &s).await.unwrap(), None, "another pack");
+    let mut storers = b.storers().await.unwrap();
+    storers.sort();
+    assert_eq!(storers, vec![(s, 2), (t, 1)]);
+    // s is full, and a placed 250 of its 300.
+    assert!(!b.reserve(&a, &s, 100, 1_000).await.unwrap());
+
+    assert!(b.lost_replicas(&a).await.unwrap().is_empty());
+    assert!(b.mark_lost(&a, &p1, &s, 500).await.unwrap());
+    assert!(b.mark_lost(&a, &p1, &s, 600).await.unwrap(), "again");
+    assert!(
+        !b.mark_lost(&a, &p3, &s, 500).await.unwrap(),
+        "not recorded"
+    );
+    assert!(b.mark_lost(&o, &p3, &s, 500).await.unwrap());
+    assert_eq!(b.lost_replicas(&a).await.unwrap(), vec![(p1, s)]);
+    assert_eq!(b.lost_replicas(&o).await.unwrap(), vec![(p3, s)]);
+    assert!(b.lost_replicas(&t).await.unwrap().is_empty());
+    // A lost replica stays counted until its owner drops it.
+    assert_eq!(b.replica(&a, &p1, &s).await.unwrap(), Some(r1.clone()));
+    assert_eq!(b.replicas_of(&a).await.unwrap().len(), 2);
+    assert_eq!(b.node(&s).await.unwrap().unwrap().held, 200);
+    assert_eq!(b.node(&a).await.unwrap().unwrap().placed, 250);
+
+    assert!(b.drop_replica(&a, &p1, &s).await.unwrap());
+    assert_eq!(b.node(&s).await.unwrap().unwrap().held, 50);
+    assert_eq!(b.node(&a).await.unwrap().unwrap().placed, 100);
+    assert_eq!(b.replica(&a, &p1, &s).await.unwrap(), None);
+    assert!(
+        b.lost_replicas(&a).await.unwrap().is_empty(),
+        "a dropped replica is no longer lost"
+    );
+    assert_eq!(b.lost_replicas(&o).await.unwrap(), vec![(p3, s)]);
+    assert!(
+        !b.drop_replica(&a, &p1, &s).await.unwrap(),
+        "dropped once only"
+    );
+    assert_eq!(b.node(&s).await.unwrap().unwrap().held, 50);
+    assert_eq!(b.node(&a).await.unwrap().unwrap().placed, 100);
+    let mut storers = b.storers().await.unwrap();
+    storers.sort();
+    assert_eq!(storers, vec![(s, 1), (t, 1)]);
+    // The space came back: a new replica there fits, and is not lost.
+    assert!(b.reserve(&a, &s, 100, 1_000).await.unwrap());
+    let again = replica(1, 1, 2, 100);
+    assert_eq!(b.record_replica(&again).await.unwrap(), Recorded::New);
+    assert!(
+        b.lost_replicas(&a).await.unwrap().is_empty(),
+        "a new replica is not lost"
+    );
+
+    assert!(b.drop_replica(&a, &p2, &t).await.unwrap());
+    let mut storers = b.storers().await.unwrap();
+    storers.sort();
+    assert_eq!(storers, vec![(s, 2)], "t holds nothing any more");
+    assert_eq!(b.node(&t).await.unwrap().unwrap().held, 0);
+    assert!(
+        !b.drop_replica(&o, &p2, &t).await.unwrap(),
+        "another owner's pack is not there"
+    );
 }
 
 async fn concurrent_reservations_never_over_commit(url: &str) {

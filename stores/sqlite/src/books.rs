@@ -4,8 +4,8 @@ use pluto_plugins_api::sqlint::{
     clamped as int, join_addresses, ordered, split_addresses, unordered,
 };
 use pluto_plugins_api::{
-    async_trait, BooksStore, BooksStoreDescriptor, BooksStoreFuture, ManifestRecord, NodeId,
-    NodeRecord, PackId, Recorded, ReplicaRecord, StoreError, PLUGIN_ABI_VERSION,
+    async_trait, Beta, BooksStore, BooksStoreDescriptor, BooksStoreFuture, ManifestRecord, NodeId,
+    NodeRecord, PackId, Recorded, ReplicaRecord, Standing, StoreError, PLUGIN_ABI_VERSION,
 };
 use sqlx::{Row, SqlitePool};
 
@@ -46,11 +46,45 @@ fn node_row(r: &sqlx::sqlite::SqliteRow) -> Result<NodeRecord, StoreError> {
         registered_ms: r.get::<i64, _>(7) as u64,
         online_ms: r.get::<i64, _>(8) as u64,
         online_since_ms: r.get::<i64, _>(9) as u64,
+        standing: Standing {
+            audit: beta_at(r, 10),
+            timeout: beta_at(r, 12),
+            uptime: beta_at(r, 14),
+            passed: r.get::<i64, _>(16) as u64,
+            failed: r.get::<i64, _>(17) as u64,
+            timed_out: r.get::<i64, _>(18) as u64,
+            speed_bps: r.get::<i64, _>(19) as u64,
+            speed_at_ms: r.get::<i64, _>(20) as u64,
+            excluded_ms: r.get::<i64, _>(21) as u64,
+            held_back: r.get::<i64, _>(22) != 0,
+        },
     })
 }
 
+/// The reputation track whose alpha is column `at` and beta the next.
+fn beta_at(r: &sqlx::sqlite::SqliteRow, at: usize) -> Beta {
+    Beta {
+        alpha: r.get(at),
+        beta: r.get(at + 1),
+    }
+}
+
 const NODE_COLUMNS: &str = "id, exchange_key, offer, held, placed, online, last_seen_ms, \
-                            registered_ms, online_ms, online_since_ms";
+                            registered_ms, online_ms, online_since_ms, \
+                            audit_alpha, audit_beta, timeout_alpha, timeout_beta, \
+                            uptime_alpha, uptime_beta, passed, failed, timed_out, \
+                            speed_bps, speed_at_ms, excluded_ms, held_back";
+
+/// Refuses a standing with a NaN in it: SQLite would keep it as NULL.
+fn check_standing(s: &Standing) -> Result<(), StoreError> {
+    let tracks = [s.audit, s.timeout, s.uptime];
+    if tracks.iter().any(|t| t.alpha.is_nan() || t.beta.is_nan()) {
+        return Err(StoreError::OutOfRange(
+            "a standing whose reputation is not a number".into(),
+        ));
+    }
+    Ok(())
+}
 
 fn replica_row(r: &sqlx::sqlite::SqliteRow) -> Result<ReplicaRecord, StoreError> {
     Ok(ReplicaRecord {
@@ -147,6 +181,7 @@ impl BooksStore for SqliteBooks {
             }
             let rows = sqlx::query(&format!(
                 "SELECT {NODE_COLUMNS} FROM nodes WHERE id {cmp} ?1 AND offer - held >= ?2 \
+                     AND excluded_ms = 0 AND held_back = 0 \
                  ORDER BY id LIMIT ?3"
             ))
             .bind(bound)
@@ -513,6 +548,148 @@ impl BooksStore for SqliteBooks {
                     blob: r.get(1),
                 }),
         )
+    }
+
+    async fn set_standing(&self, id: &NodeId, standing: &Standing) -> Result<bool, StoreError> {
+        check_standing(standing)?;
+        let s = standing;
+        let r = sqlx::query(
+            "UPDATE nodes SET audit_alpha = ?1, audit_beta = ?2, timeout_alpha = ?3, \
+                 timeout_beta = ?4, uptime_alpha = ?5, uptime_beta = ?6, passed = ?7, \
+                 failed = ?8, timed_out = ?9, speed_bps = ?10, speed_at_ms = ?11, \
+                 excluded_ms = ?12, held_back = ?13 \
+             WHERE id = ?14",
+        )
+        .bind(s.audit.alpha)
+        .bind(s.audit.beta)
+        .bind(s.timeout.alpha)
+        .bind(s.timeout.beta)
+        .bind(s.uptime.alpha)
+        .bind(s.uptime.beta)
+        .bind(int(s.passed))
+        .bind(int(s.failed))
+        .bind(int(s.timed_out))
+        .bind(int(s.speed_bps))
+        .bind(int(s.speed_at_ms))
+        .bind(int(s.excluded_ms))
+        .bind(i64::from(s.held_back))
+        .bind(&id.0[..])
+        .execute(&self.pool)
+        .await
+        .map_err(db_err("keeping a standing"))?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn replica(
+        &self,
+        owner: &NodeId,
+        pack: &PackId,
+        storer: &NodeId,
+    ) -> Result<Option<ReplicaRecord>, StoreError> {
+        sqlx::query(
+            "SELECT owner, pack, storer, size, root FROM replicas \
+             WHERE owner = ? AND pack = ? AND storer = ?",
+        )
+        .bind(&owner.0[..])
+        .bind(&pack.0[..])
+        .bind(&storer.0[..])
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err("reading a replica"))?
+        .as_ref()
+        .map(replica_row)
+        .transpose()
+    }
+
+    async fn drop_replica(
+        &self,
+        owner: &NodeId,
+        pack: &PackId,
+        storer: &NodeId,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db_err("begin"))?;
+        let size = sqlx::query(
+            "DELETE FROM replicas WHERE owner = ? AND pack = ? AND storer = ? RETURNING size",
+        )
+        .bind(&owner.0[..])
+        .bind(&pack.0[..])
+        .bind(&storer.0[..])
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_err("dropping a replica"))?
+        .map(|row| row.get::<i64, _>(0));
+        let Some(size) = size else {
+            tx.rollback().await.map_err(db_err("rollback"))?;
+            return Ok(false);
+        };
+        for (column, party) in [("held", storer), ("placed", owner)] {
+            sqlx::query(&format!(
+                "UPDATE nodes SET {column} = MAX(0, {column} - ?1) WHERE id = ?2"
+            ))
+            .bind(size)
+            .bind(&party.0[..])
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err("dropping a replica"))?;
+        }
+        tx.commit().await.map_err(db_err("commit"))?;
+        Ok(true)
+    }
+
+    async fn mark_lost(
+        &self,
+        owner: &NodeId,
+        pack: &PackId,
+        storer: &NodeId,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        // The first time it was found lost stays; 0 would mean "not lost".
+        let r = sqlx::query(
+            "UPDATE replicas SET lost_ms = CASE WHEN lost_ms = 0 THEN ?4 ELSE lost_ms END \
+             WHERE owner = ?1 AND pack = ?2 AND storer = ?3",
+        )
+        .bind(&owner.0[..])
+        .bind(&pack.0[..])
+        .bind(&storer.0[..])
+        .bind(int(now_ms.max(1)))
+        .execute(&self.pool)
+        .await
+        .map_err(db_err("marking a replica lost"))?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn lost_replicas(&self, owner: &NodeId) -> Result<Vec<(PackId, NodeId)>, StoreError> {
+        sqlx::query(
+            "SELECT pack, storer FROM replicas WHERE owner = ? AND lost_ms > 0 \
+             ORDER BY pack, storer",
+        )
+        .bind(&owner.0[..])
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err("listing lost replicas"))?
+        .iter()
+        .map(|r| {
+            Ok((
+                id32(r.get::<&[u8], _>(0), "pack", PackId)?,
+                id32(r.get::<&[u8], _>(1), "node", NodeId)?,
+            ))
+        })
+        .collect()
+    }
+
+    async fn storers(&self) -> Result<Vec<(NodeId, u64)>, StoreError> {
+        sqlx::query("SELECT storer, COUNT(*) FROM replicas GROUP BY storer")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err("listing storers"))?
+            .iter()
+            .map(|r| {
+                Ok((
+                    id32(r.get::<&[u8], _>(0), "node", NodeId)?,
+                    r.get::<i64, _>(1) as u64,
+                ))
+            })
+            .collect()
     }
 }
 
