@@ -20,9 +20,14 @@
 //! that matters across restarts (pending challenges and the replay window
 //! are memory, and a restart only makes nodes authenticate again).
 
+mod audit;
 mod service;
 
-pub use service::{Coordinator, CoordinatorConfig, Outgoing, Rejected, Sweep, ANY_COORDINATOR};
+pub use audit::decayed_speed;
+
+pub use service::{
+    AuditTick, Coordinator, CoordinatorConfig, Outgoing, Rejected, Sweep, ANY_COORDINATOR,
+};
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -62,9 +67,45 @@ pub fn spawn_sweeper(coordinator: Arc<Coordinator>) -> tokio::task::JoinHandle<(
     })
 }
 
+/// Runs the audit schedule every `audit_tick_ms` (challenges that are due,
+/// answers that are late) and works out standings every
+/// `standing_every_ms`, sending what comes of it on `channel`.
+pub fn spawn_auditor(
+    coordinator: Arc<Coordinator>,
+    channel: Arc<dyn ControlChannel>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let c = coordinator.config().clone();
+        let mut tick =
+            tokio::time::interval(std::time::Duration::from_millis(c.audit_tick_ms.max(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut standing_at = 0u64;
+        loop {
+            tick.tick().await;
+            let now = now_ms();
+            if now.saturating_sub(standing_at) >= c.standing_every_ms {
+                standing_at = now;
+                if let Err(e) = coordinator.refresh_standing(now).await {
+                    tracing::warn!("working out standings: {e}");
+                }
+            }
+            match coordinator.audit_tick(now, &mut OsRng).await {
+                Ok(t) => {
+                    for out in t.outgoing {
+                        if let Err(e) = channel.send(Some(&out.to), &out.bytes).await {
+                            tracing::warn!("audit message to {}: {e}", out.to.short());
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("audits: {e}"),
+            }
+        }
+    })
+}
+
 /// Serves a channel until it closes: each message is handled on a task of
 /// its own and its reply sent back; presence notices update the books; the
-/// books are swept meanwhile.
+/// books are swept and audits scheduled meanwhile.
 pub async fn serve(
     coordinator: Arc<Coordinator>,
     channel: Arc<dyn ControlChannel>,
@@ -72,6 +113,7 @@ pub async fn serve(
 ) {
     let sweeper = spawn_sweeper(coordinator.clone());
     let _stop = AbortOnDrop(sweeper);
+    let _audits = AbortOnDrop(spawn_auditor(coordinator.clone(), channel.clone()));
     while let Some(ev) = channel.next_event().await {
         match ev {
             ChannelEvent::Message { from, payload } => {

@@ -59,6 +59,20 @@ struct Cli {
     /// Settings (intervals, limits) in TOML; see docs/protocol.md.
     #[arg(long)]
     config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Every node in the books: space, presence, reputation per track,
+    /// speed, and whether it is excluded or held back (reads the books; the
+    /// coordinator may be running).
+    Status {
+        /// One JSON object per node, in an array.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn load_config(path: Option<&Path>) -> Result<CoordinatorConfig> {
@@ -149,10 +163,14 @@ async fn run(cli: Cli) -> Result<()> {
             .join(".pluto-coordinator"),
     };
     let config = load_config(cli.config.as_deref())?;
-    let (identity, exchange) = load_or_create_identity(&home)?;
     let db = cli
         .db
         .unwrap_or_else(|| format!("sqlite:{}", home.join("books.db").display()));
+    if let Some(Command::Status { json }) = cli.command {
+        let books = pluto_plugins_api::open_books_store(&db).await?;
+        return status(&*books, &config, json).await;
+    }
+    let (identity, exchange) = load_or_create_identity(&home)?;
     let books: Arc<dyn pluto_plugins_api::BooksStore> =
         pluto_plugins_api::open_books_store(&db).await?.into();
     let url = match cli.channel {
@@ -212,4 +230,80 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `pluto-coordinator status`.
+async fn status(
+    books: &dyn pluto_plugins_api::BooksStore,
+    config: &CoordinatorConfig,
+    json: bool,
+) -> Result<()> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut nodes = books.nodes().await?;
+    nodes.sort_by_key(|n| (n.standing.excluded_ms == 0, !n.standing.held_back, n.id));
+    let rows: Vec<serde_json::Value> = nodes
+        .iter()
+        .map(|n| {
+            let st = &n.standing;
+            let speed = pluto_coordinator::decayed_speed(st, config.speed_half_life_ms, now);
+            serde_json::json!({
+                "id": n.id.to_hex(),
+                "online": n.online,
+                "last_seen_ms": n.last_seen_ms,
+                "offer": n.offer,
+                "held": n.held,
+                "placed": n.placed,
+                "audit_score": st.audit.score(),
+                "timeout_score": st.timeout.score(),
+                "uptime_score": st.uptime.score(),
+                "speed_bps": speed,
+                "audits_passed": st.passed,
+                "audits_failed": st.failed,
+                "audits_timed_out": st.timed_out,
+                "excluded": st.excluded_ms != 0,
+                "excluded_ms": st.excluded_ms,
+                "held_back": st.held_back,
+            })
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:>7} {:>10} {:>10} {:>6} {:>6} {:>6} {:>10} {:>14}  state",
+        "node", "online", "held", "offer", "audit", "time", "uptime", "speed", "pass/fail/late"
+    );
+    for (n, row) in nodes.iter().zip(&rows) {
+        let st = &n.standing;
+        let state = if st.excluded_ms != 0 {
+            "excluded"
+        } else if st.held_back {
+            "held back"
+        } else {
+            "ok"
+        };
+        println!(
+            "{:<16} {:>7} {:>10} {:>10} {:>6.3} {:>6.3} {:>6.3} {:>8}/s {:>14}  {state}",
+            n.id.short(),
+            if n.online { "yes" } else { "no" },
+            n.held,
+            n.offer,
+            st.audit.score(),
+            st.timeout.score(),
+            st.uptime.score(),
+            row["speed_bps"],
+            format!("{}/{}/{}", st.passed, st.failed, st.timed_out),
+        );
+    }
+    println!(
+        "{} nodes, {} excluded, {} held back",
+        nodes.len(),
+        nodes.iter().filter(|n| n.standing.excluded_ms != 0).count(),
+        nodes.iter().filter(|n| n.standing.held_back).count()
+    );
+    Ok(())
 }

@@ -5,15 +5,18 @@ use std::sync::{Arc, Mutex};
 
 use ed25519_dalek::SigningKey;
 use pluto_plugins_api::{
-    online_fraction, BooksStore, NodeId, NodeRecord, Recorded, ReplicaRecord, StoreError,
+    online_fraction, BooksStore, NodeId, NodeRecord, PackId, Recorded, ReplicaRecord, StoreError,
 };
 use pluto_protocol::{
-    exchange_public, Envelope, EnvelopeError, ErrorCode, Message, NodeAddresses, PeerReport,
-    Refused, ReplayGuard, StatusReport, Ticket, MAX_ADDRESSES,
+    delete_message, exchange_public, proof, AuditOutcome, Envelope, EnvelopeError, ErrorCode,
+    Message, NodeAddresses, PeerReport, ProofAnswer, Refused, RepairItem, RepairReason,
+    ReplayGuard, ReplicaStatement, StatusReport, Ticket, MAX_ADDRESSES, MAX_REPAIRS,
 };
 use rand::seq::SliceRandom;
 use rand_core::CryptoRngCore;
 use x25519_dalek::StaticSecret;
+
+use crate::audit;
 
 /// The recipient of a first Hello to a coordinator not yet pinned.
 pub const ANY_COORDINATOR: NodeId = NodeId([0; 32]);
@@ -52,6 +55,54 @@ pub struct CoordinatorConfig {
     pub relay_bytes_per_s: u64,
     /// Bytes one node may send through the relay in a burst.
     pub relay_burst_bytes: u64,
+    /// How long a storer has to answer an audit.
+    pub proof_deadline_ms: u64,
+    /// Bytes one audit asks a storer to prove (rounded to 1 KiB chunks).
+    pub audit_bytes: u64,
+    /// Each replica is audited about once per this long...
+    pub audit_every_ms: u64,
+    /// ...and every storer at least once per this long.
+    pub storer_audit_every_ms: u64,
+    /// How often the scheduler looks for audits that are due, and for
+    /// answers that are late.
+    pub audit_tick_ms: u64,
+    /// Most audits outstanding at once.
+    pub max_audits: usize,
+    /// Audits one owner may ask for per second, and in a burst.
+    pub owner_audits_per_s: u64,
+    /// See `owner_audits_per_s`.
+    pub owner_audit_burst: u64,
+    /// Forgetting factor of the audit track, per audit.
+    pub audit_lambda: f64,
+    /// Weight of a right answer on the audit track.
+    pub audit_weight: f64,
+    /// Weight of a wrong answer (data lost) on the audit track.
+    pub audit_failure_weight: f64,
+    /// Below this audit score a node is excluded for good.
+    pub audit_min: f64,
+    /// Forgetting factor of the timeout track, per audit.
+    pub timeout_lambda: f64,
+    /// Below this timeout score a node gets no new data.
+    pub timeout_min: f64,
+    /// Forgetting factor of the uptime track, per sample.
+    pub uptime_lambda: f64,
+    /// How long one uptime sample lasts.
+    pub uptime_sample_ms: u64,
+    /// Below this uptime score a node gets no new data.
+    pub uptime_min: f64,
+    /// Below this measured speed (bytes per second) a node gets no new
+    /// data; 0 turns the check off.
+    pub min_speed_bps: u64,
+    /// A measured speed halves in this long unless measured again.
+    pub speed_half_life_ms: u64,
+    /// Audits a new node must pass before it holds more than `vetting_bytes`.
+    pub vetting_audits: u64,
+    /// What a node still being vetted may hold.
+    pub vetting_bytes: u64,
+    /// A storer offline this long has its replicas placed elsewhere.
+    pub offline_grace_ms: u64,
+    /// How often uptime tracks and hold-backs are worked out again.
+    pub standing_every_ms: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -70,6 +121,29 @@ impl Default for CoordinatorConfig {
             answer_cache_bytes: 64 << 20,
             relay_bytes_per_s: 64 << 20,
             relay_burst_bytes: 16 << 20,
+            proof_deadline_ms: 30_000,
+            audit_bytes: 1024,
+            audit_every_ms: 24 * 3_600_000,
+            storer_audit_every_ms: 3_600_000,
+            audit_tick_ms: 5_000,
+            max_audits: 100_000,
+            owner_audits_per_s: 100,
+            owner_audit_burst: 10_000,
+            audit_lambda: 0.99,
+            audit_weight: 1.0,
+            audit_failure_weight: 10.0,
+            audit_min: 0.9,
+            timeout_lambda: 0.99,
+            timeout_min: 0.6,
+            uptime_lambda: 0.99,
+            uptime_sample_ms: 3_600_000,
+            uptime_min: 0.5,
+            min_speed_bps: 64 << 10,
+            speed_half_life_ms: 7 * 24 * 3_600_000,
+            vetting_audits: 10,
+            vetting_bytes: 1 << 30,
+            offline_grace_ms: 3 * 24 * 3_600_000,
+            standing_every_ms: 60_000,
         }
     }
 }
@@ -174,6 +248,45 @@ impl Answers {
     }
 }
 
+/// An audit waiting for its storer's answer.
+#[derive(Clone, Debug)]
+struct PendingAudit {
+    owner: NodeId,
+    pack: PackId,
+    storer: NodeId,
+    root: [u8; 32],
+    size: u64,
+    offset: u64,
+    len: u64,
+    deadline_ms: u64,
+    /// The owner's request, when an owner asked (scheduled audits answer
+    /// nobody).
+    reply_to: Option<[u8; 16]>,
+}
+
+/// What issuing an audit did.
+enum Issued {
+    /// The challenge to send to the storer.
+    Sent(Outgoing),
+    /// Settled at once (the storer is offline).
+    Done(AuditOutcome),
+    /// No such replica.
+    Unknown,
+    /// Too many audits outstanding.
+    Busy,
+}
+
+/// What one audit tick did.
+#[derive(Clone, Debug, Default)]
+pub struct AuditTick {
+    /// Challenges to send and answers to owners.
+    pub outgoing: Vec<Outgoing>,
+    /// Audits started by the schedule.
+    pub scheduled: usize,
+    /// Audits that lapsed without an answer.
+    pub lapsed: usize,
+}
+
 /// The coordinator.
 pub struct Coordinator {
     identity: SigningKey,
@@ -184,6 +297,11 @@ pub struct Coordinator {
     challenges: Mutex<HashMap<[u8; 32], (NodeId, u64)>>,
     answers: Mutex<Answers>,
     relay_buckets: Mutex<Buckets>,
+    audits: Mutex<HashMap<[u8; 32], PendingAudit>>,
+    audit_buckets: Mutex<Buckets>,
+    next_audit: Mutex<HashMap<NodeId, u64>>,
+    /// Standing is read, changed and written back under this lock.
+    standing: tokio::sync::Mutex<()>,
 }
 
 /// A token bucket per node for relayed bytes.
@@ -270,6 +388,10 @@ impl Coordinator {
                 budget: config.answer_cache_bytes,
             }),
             relay_buckets: Mutex::new(Buckets::default()),
+            audits: Mutex::new(HashMap::new()),
+            audit_buckets: Mutex::new(Buckets::default()),
+            next_audit: Mutex::new(HashMap::new()),
+            standing: tokio::sync::Mutex::new(()),
             config,
         }
     }
@@ -354,41 +476,29 @@ impl Coordinator {
             Ok(Message::Relay { to, payload }) => {
                 return self.relay(&env.from, &to, payload, now_ms, rng).await;
             }
+            // Answered later, when the storer has (or time is up).
+            Ok(Message::Audit { pack, storer }) => {
+                return self
+                    .audit_request(&env.from, env.nonce, pack, storer, now_ms, rng)
+                    .await;
+            }
+            // Answered to the owner who asked, if any; the storer gets nothing.
+            Ok(Message::Proof { challenge, answer }) => {
+                return self.proof(&env.from, &challenge, answer, now_ms, rng).await;
+            }
             m => m,
         };
         let reply = match msg {
             Ok(m) => self.dispatch(&env.from, m, now_ms, rng).await?,
             Err(e) => error(ErrorCode::Malformed, e),
         };
-        let mut nonce = [0u8; 16];
-        rng.fill_bytes(&mut nonce);
-        let out = if reply.private {
-            let node = self.books.node(&env.from).await?;
-            let Some(node) = node else {
-                return Ok(None);
-            };
-            Envelope::new_private(
-                &self.identity,
-                env.from,
-                &node.exchange_key,
-                now_ms,
-                nonce,
-                Some(env.nonce),
-                &reply.msg,
-                rng,
-            )
-            .map_err(|e| Rejected::Store(StoreError::Corrupt(format!("node exchange key: {e}"))))?
-        } else {
-            Envelope::new(
-                &self.identity,
-                env.from,
-                now_ms,
-                nonce,
-                Some(env.nonce),
-                &reply.msg,
-            )
+        let Some(out) = self
+            .envelope_to(&env.from, Some(env.nonce), &reply, now_ms, rng)
+            .await?
+        else {
+            return Ok(None);
         };
-        let reply = out.sign(&self.identity)?;
+        let reply = out.bytes;
         lock(&self.answers).put(
             (env.from, env.nonce),
             digest,
@@ -400,6 +510,408 @@ impl Coordinator {
             to: env.from,
             bytes: reply,
         }))
+    }
+
+    /// A signed envelope from the coordinator to `to` (sealed to it when
+    /// private; None when a private one goes to a node the books do not
+    /// know).
+    async fn envelope_to(
+        &self,
+        to: &NodeId,
+        reply_to: Option<[u8; 16]>,
+        reply: &Reply,
+        now_ms: u64,
+        rng: &mut (impl CryptoRngCore + Send),
+    ) -> Result<Option<Outgoing>, Rejected> {
+        let mut nonce = [0u8; 16];
+        rng.fill_bytes(&mut nonce);
+        let env = if reply.private {
+            let Some(node) = self.books.node(to).await? else {
+                return Ok(None);
+            };
+            Envelope::new_private(
+                &self.identity,
+                *to,
+                &node.exchange_key,
+                now_ms,
+                nonce,
+                reply_to,
+                &reply.msg,
+                rng,
+            )
+            .map_err(|e| Rejected::Store(StoreError::Corrupt(format!("node exchange key: {e}"))))?
+        } else {
+            Envelope::new(&self.identity, *to, now_ms, nonce, reply_to, &reply.msg)
+        };
+        Ok(Some(Outgoing {
+            to: *to,
+            bytes: env.sign(&self.identity)?,
+        }))
+    }
+
+    /// An owner asks for an audit of one of its replicas.
+    async fn audit_request(
+        &self,
+        owner: &NodeId,
+        nonce: [u8; 16],
+        pack: PackId,
+        storer: NodeId,
+        now_ms: u64,
+        rng: &mut (impl CryptoRngCore + Send),
+    ) -> Result<Option<Outgoing>, Rejected> {
+        let answer = if self.books.node(owner).await?.is_none() {
+            error(ErrorCode::Unauthenticated, "authenticate first")
+        } else if !lock(&self.audit_buckets).take(
+            owner,
+            1,
+            self.config.owner_audits_per_s,
+            self.config.owner_audit_burst,
+            now_ms,
+        ) {
+            error(ErrorCode::Busy, "too many audits asked for; slow down")
+        } else {
+            match self
+                .issue(owner, pack, storer, Some(nonce), now_ms, rng)
+                .await?
+            {
+                Issued::Sent(out) => return Ok(Some(out)),
+                Issued::Done(outcome) => public(Message::Audited { outcome }),
+                Issued::Unknown => error(
+                    ErrorCode::NotFound,
+                    "no replica of yours of that pack is recorded at that storer",
+                ),
+                Issued::Busy => error(ErrorCode::Busy, "too many audits outstanding"),
+            }
+        };
+        self.envelope_to(owner, Some(nonce), &answer, now_ms, rng)
+            .await
+    }
+
+    /// Challenges `storer` on a random range of `owner`'s replica of `pack`.
+    async fn issue(
+        &self,
+        owner: &NodeId,
+        pack: PackId,
+        storer: NodeId,
+        reply_to: Option<[u8; 16]>,
+        now_ms: u64,
+        rng: &mut (impl CryptoRngCore + Send),
+    ) -> Result<Issued, Rejected> {
+        let Some(replica) = self.books.replica(owner, &pack, &storer).await? else {
+            return Ok(Issued::Unknown);
+        };
+        if replica.size == 0 {
+            return Ok(Issued::Unknown);
+        }
+        let node = match self.books.node(&storer).await? {
+            Some(n) if n.online => n,
+            _ => return Ok(Issued::Done(AuditOutcome::Offline)),
+        };
+        let (offset, len) = proof::pick_range(replica.size, self.config.audit_bytes, rng);
+        let mut challenge = [0u8; 32];
+        rng.fill_bytes(&mut challenge);
+        let deadline_ms = now_ms.saturating_add(self.config.proof_deadline_ms);
+        {
+            let mut audits = lock(&self.audits);
+            if audits.len() >= self.config.max_audits {
+                return Ok(Issued::Busy);
+            }
+            audits.insert(
+                challenge,
+                PendingAudit {
+                    owner: *owner,
+                    pack,
+                    storer,
+                    root: replica.root,
+                    size: replica.size,
+                    offset,
+                    len,
+                    deadline_ms,
+                    reply_to,
+                },
+            );
+        }
+        let prove = private(Message::Prove {
+            challenge,
+            owner: *owner,
+            pack,
+            root: replica.root,
+            size: replica.size,
+            offset,
+            len,
+            deadline_ms,
+        });
+        let out = self
+            .envelope_to(&node.id, None, &prove, now_ms, rng)
+            .await?;
+        match out {
+            Some(out) => Ok(Issued::Sent(out)),
+            None => {
+                lock(&self.audits).remove(&challenge);
+                Ok(Issued::Done(AuditOutcome::Offline))
+            }
+        }
+    }
+
+    /// A storer's answer to a challenge: checked against the root recorded
+    /// under both ends' signatures, and only from the storer challenged.
+    async fn proof(
+        &self,
+        storer: &NodeId,
+        challenge: &[u8; 32],
+        answer: ProofAnswer,
+        now_ms: u64,
+        rng: &mut (impl CryptoRngCore + Send),
+    ) -> Result<Option<Outgoing>, Rejected> {
+        let pending = {
+            let mut audits = lock(&self.audits);
+            match audits.get(challenge) {
+                Some(p) if p.storer == *storer => audits.remove(challenge),
+                _ => None,
+            }
+        };
+        let Some(p) = pending else {
+            tracing::debug!(
+                "an answer from {} to no challenge of theirs",
+                storer.short()
+            );
+            return Ok(None);
+        };
+        let outcome = if now_ms > p.deadline_ms {
+            AuditOutcome::TimedOut
+        } else {
+            match answer {
+                ProofAnswer::Held(bytes) => {
+                    match proof::verify(&p.root, p.size, p.offset, p.len, &bytes) {
+                        Ok(_) => AuditOutcome::Proven,
+                        Err(e) => {
+                            tracing::warn!(
+                                "storer {} failed an audit of {}'s pack {}: {e}",
+                                storer.short(),
+                                p.owner.short(),
+                                p.pack.short()
+                            );
+                            AuditOutcome::Failed
+                        }
+                    }
+                }
+                ProofAnswer::NotHeld => AuditOutcome::Failed,
+                ProofAnswer::Deleted { at_ms, signature } => {
+                    let asked = delete_message(storer, &p.root, at_ms);
+                    if pluto_protocol::verify(&p.owner, &asked, &signature) {
+                        AuditOutcome::Released
+                    } else {
+                        AuditOutcome::Failed
+                    }
+                }
+            }
+        };
+        self.conclude(&p, outcome, now_ms, rng).await
+    }
+
+    /// Books an audit's outcome and tells the owner who asked.
+    async fn conclude(
+        &self,
+        p: &PendingAudit,
+        outcome: AuditOutcome,
+        now_ms: u64,
+        rng: &mut (impl CryptoRngCore + Send),
+    ) -> Result<Option<Outgoing>, Rejected> {
+        match outcome {
+            AuditOutcome::Released => {
+                self.books
+                    .drop_replica(&p.owner, &p.pack, &p.storer)
+                    .await?;
+            }
+            AuditOutcome::Failed => {
+                self.books
+                    .mark_lost(&p.owner, &p.pack, &p.storer, now_ms)
+                    .await?;
+            }
+            _ => {}
+        }
+        {
+            let _held = self.standing.lock().await;
+            if let Some(mut node) = self.books.node(&p.storer).await? {
+                if audit::on_audit(&mut node.standing, outcome, &self.config, now_ms) {
+                    tracing::warn!(
+                        "node {} excluded: audit score {:.3} after {} passed, {} failed",
+                        p.storer.short(),
+                        node.standing.audit.score(),
+                        node.standing.passed,
+                        node.standing.failed
+                    );
+                }
+                node.standing.held_back = audit::held_back(&node.standing, &self.config, now_ms);
+                self.books.set_standing(&p.storer, &node.standing).await?;
+            }
+        }
+        match p.reply_to {
+            Some(nonce) => {
+                self.envelope_to(
+                    &p.owner,
+                    Some(nonce),
+                    &public(Message::Audited { outcome }),
+                    now_ms,
+                    rng,
+                )
+                .await
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Audits that are due by the schedule, and those whose deadline
+    /// passed without an answer. Run every `audit_tick_ms`.
+    ///
+    /// Each storer is audited at a rate proportional to the replicas it
+    /// holds (each replica about once per `audit_every_ms`), and at least
+    /// once per `storer_audit_every_ms`, so a storer with little is watched
+    /// as well as one with much. Offline storers are skipped: their absence
+    /// is for the uptime track.
+    pub async fn audit_tick(
+        &self,
+        now_ms: u64,
+        rng: &mut (impl CryptoRngCore + Send),
+    ) -> Result<AuditTick, Rejected> {
+        let mut tick = AuditTick::default();
+        let lapsed: Vec<PendingAudit> = {
+            let mut audits = lock(&self.audits);
+            let keys: Vec<[u8; 32]> = audits
+                .iter()
+                .filter(|(_, p)| p.deadline_ms < now_ms)
+                .map(|(k, _)| *k)
+                .collect();
+            keys.iter().filter_map(|k| audits.remove(k)).collect()
+        };
+        tick.lapsed = lapsed.len();
+        for p in &lapsed {
+            tracing::info!(
+                "storer {} did not answer an audit in time",
+                p.storer.short()
+            );
+            if let Some(out) = self
+                .conclude(p, AuditOutcome::TimedOut, now_ms, rng)
+                .await?
+            {
+                tick.outgoing.push(out);
+            }
+        }
+        let storers = self.books.storers().await?;
+        let mut due = Vec::new();
+        {
+            let mut next = lock(&self.next_audit);
+            let live: std::collections::HashSet<NodeId> = storers.iter().map(|s| s.0).collect();
+            next.retain(|id, _| live.contains(id));
+            for (storer, count) in &storers {
+                let every = (self.config.audit_every_ms / (*count).max(1)).clamp(
+                    self.config.audit_tick_ms,
+                    self.config.storer_audit_every_ms.max(1),
+                );
+                let at = *next
+                    .entry(*storer)
+                    .or_insert_with(|| now_ms + rng.next_u64() % every.max(1));
+                if at <= now_ms {
+                    // Keep the cadence between ticks; after a long pause
+                    // (the coordinator was down) start afresh.
+                    let then = at.saturating_add(every);
+                    let then = if then > now_ms { then } else { now_ms + every };
+                    next.insert(*storer, then);
+                    due.push(*storer);
+                }
+            }
+        }
+        for storer in due {
+            let held = self.books.replicas_held_by(&storer).await?;
+            let Some(r) = held.choose(&mut RngAdapter(rng)) else {
+                continue;
+            };
+            if let Issued::Sent(out) = self
+                .issue(&r.owner, r.pack, storer, None, now_ms, rng)
+                .await?
+            {
+                tick.outgoing.push(out);
+                tick.scheduled += 1;
+            }
+        }
+        Ok(tick)
+    }
+
+    /// Works out every node's uptime track from its presence log and
+    /// whether it is held back. Run every `standing_every_ms`.
+    pub async fn refresh_standing(&self, now_ms: u64) -> Result<usize, StoreError> {
+        let mut changed = 0;
+        for n in self.books.nodes().await? {
+            let from = now_ms
+                .saturating_sub(self.config.uptime_window_ms)
+                .max(n.registered_ms);
+            let log = self.books.presence_log(&n.id, from).await?;
+            let uptime = audit::uptime_track(&log, from, now_ms, &self.config);
+            let _held = self.standing.lock().await;
+            let Some(mut node) = self.books.node(&n.id).await? else {
+                continue;
+            };
+            node.standing.uptime = uptime;
+            node.standing.held_back = audit::held_back(&node.standing, &self.config, now_ms);
+            if node.standing != n.standing {
+                self.books.set_standing(&n.id, &node.standing).await?;
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// The replicas of `owner` to place elsewhere: lost ones, and those on
+    /// storers excluded or offline past the grace period.
+    async fn repairs(&self, owner: &NodeId, now_ms: u64) -> Result<Vec<RepairItem>, Rejected> {
+        let mut out: Vec<RepairItem> = self
+            .books
+            .lost_replicas(owner)
+            .await?
+            .into_iter()
+            .map(|(pack, storer)| RepairItem {
+                pack,
+                storer,
+                reason: RepairReason::Lost,
+            })
+            .collect();
+        let mut verdicts: HashMap<NodeId, Option<RepairReason>> = HashMap::new();
+        for r in self.books.replicas_of(owner).await? {
+            if out.len() >= MAX_REPAIRS {
+                break;
+            }
+            if out.iter().any(|i| i.pack == r.pack && i.storer == r.storer) {
+                continue;
+            }
+            let verdict = match verdicts.get(&r.storer) {
+                Some(v) => *v,
+                None => {
+                    let v = match self.books.node(&r.storer).await? {
+                        None => Some(RepairReason::Offline),
+                        Some(n) if n.standing.excluded_ms != 0 => Some(RepairReason::Excluded),
+                        Some(n)
+                            if !n.online
+                                && now_ms.saturating_sub(n.last_seen_ms)
+                                    > self.config.offline_grace_ms =>
+                        {
+                            Some(RepairReason::Offline)
+                        }
+                        Some(_) => None,
+                    };
+                    verdicts.insert(r.storer, v);
+                    v
+                }
+            };
+            if let Some(reason) = verdict {
+                out.push(RepairItem {
+                    pack: r.pack,
+                    storer: r.storer,
+                    reason,
+                });
+            }
+        }
+        out.truncate(MAX_REPAIRS);
+        Ok(out)
     }
 
     /// Passes a relay payload on, signed by the coordinator so that other
@@ -458,6 +970,18 @@ impl Coordinator {
                 continue;
             };
             if t.storer != *storer || t.pack != h.pack || h.size > t.size || t.owner == *storer {
+                continue;
+            }
+            // The root the owner signed when it sent the bytes, not one the
+            // storer names now.
+            let statement = ReplicaStatement {
+                owner: t.owner,
+                storer: *storer,
+                pack: h.pack,
+                size: h.size,
+                root: h.root,
+            };
+            if !statement.signed_by(&t.owner, &h.attest) {
                 continue;
             }
             let replica = ReplicaRecord {
@@ -595,6 +1119,8 @@ impl Coordinator {
                 storer,
                 size,
                 root,
+                receipt,
+                micros,
             } => {
                 let replica = ReplicaRecord {
                     owner: *from,
@@ -603,8 +1129,24 @@ impl Coordinator {
                     size,
                     root,
                 };
+                let statement = ReplicaStatement {
+                    owner: *from,
+                    storer,
+                    pack,
+                    size,
+                    root,
+                };
+                if !statement.signed_by(&storer, &receipt) {
+                    return Ok(error(
+                        ErrorCode::Refused,
+                        "the storer's receipt does not name this replica",
+                    ));
+                }
                 match self.books.record_replica(&replica).await? {
-                    Recorded::New | Recorded::Again => public(Message::Ok),
+                    Recorded::New | Recorded::Again => {
+                        self.measured(&storer, size, micros, now_ms).await?;
+                        public(Message::Ok)
+                    }
                     Recorded::NoReservation => error(
                         ErrorCode::Refused,
                         "no reservation of yours on that storer covers this replica (ask for a match first)",
@@ -684,11 +1226,44 @@ impl Coordinator {
             Message::ReportHeld(held) => public(Message::HeldTaken {
                 taken: self.take_held(from, &held, now_ms).await?,
             }),
+            Message::GetRepairs => private(Message::Repairs(self.repairs(from, now_ms).await?)),
+            Message::DropReplica { pack, storer } => {
+                self.books.drop_replica(from, &pack, &storer).await?;
+                public(Message::Ok)
+            }
             other => error(
                 ErrorCode::Malformed,
                 format!("a node does not send message kind {}", other.kind()),
             ),
         })
+    }
+
+    /// Takes an owner's measure of a transfer to `storer` (big enough to
+    /// say something about speed, not only about latency).
+    async fn measured(
+        &self,
+        storer: &NodeId,
+        size: u64,
+        micros: u64,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        if micros == 0 || size < (256 << 10) {
+            return Ok(());
+        }
+        let bps =
+            (u128::from(size) * 1_000_000 / u128::from(micros)).min(u128::from(u64::MAX)) as u64;
+        let _held = self.standing.lock().await;
+        if let Some(mut node) = self.books.node(storer).await? {
+            audit::on_speed(
+                &mut node.standing,
+                bps,
+                self.config.speed_half_life_ms,
+                now_ms,
+            );
+            node.standing.held_back = audit::held_back(&node.standing, &self.config, now_ms);
+            self.books.set_standing(storer, &node.standing).await?;
+        }
+        Ok(())
     }
 
     /// The nodes that store for `me` or that `me` stores for, the biggest
@@ -716,6 +1291,10 @@ impl Coordinator {
                 .saturating_sub(self.config.uptime_window_ms)
                 .max(node.as_ref().map_or(0, |n| n.registered_ms));
             let log = self.books.presence_log(&id, from).await?;
+            let st = node
+                .as_ref()
+                .map(|n| n.standing.clone())
+                .unwrap_or_default();
             out.push(PeerReport {
                 id,
                 online: node.as_ref().is_some_and(|n| n.online),
@@ -725,6 +1304,15 @@ impl Coordinator {
                 bytes_held,
                 replicas_stored,
                 bytes_stored,
+                audit_permille: audit::permille(&st.audit),
+                timeout_permille: audit::permille(&st.timeout),
+                uptime_score_permille: audit::permille(&st.uptime),
+                speed_bps: audit::decayed_speed(&st, self.config.speed_half_life_ms, now_ms),
+                audits_passed: st.passed,
+                audits_failed: st.failed,
+                audits_timed_out: st.timed_out,
+                excluded: st.excluded_ms != 0,
+                held_back: st.held_back,
             });
         }
         Ok(out)
@@ -744,8 +1332,13 @@ impl Coordinator {
         rng: &mut (impl CryptoRngCore + Send),
     ) -> Result<Vec<NodeId>, Rejected> {
         let size = want.size;
-        let usable =
-            |n: &NodeRecord| n.id != owner.id && !want.exclude.contains(&n.id) && n.free() >= size;
+        let usable = |n: &NodeRecord| {
+            n.id != owner.id
+                && !want.exclude.contains(&n.id)
+                && n.free() >= size
+                && n.standing.eligible()
+                && audit::vetted_room(&n.standing, n.held, size, &self.config)
+        };
         // A bounded sample of nodes with room, so a match costs the same
         // with ten nodes or ten thousand.
         let sample = 32 + 4 * want.copies as usize + want.exclude.len();

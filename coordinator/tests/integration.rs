@@ -1,12 +1,17 @@
 //! The coordinator's message handling against the real SQLite books.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "integration/audits.rs"]
+mod audits;
+
 use std::sync::Arc;
 
 use ed25519_dalek::SigningKey;
 use pluto_coordinator::{Coordinator, CoordinatorConfig, Rejected};
 use pluto_plugins_api::{BooksStore, NodeId, PackId};
-use pluto_protocol::{exchange_public, Envelope, ErrorCode, Message, Ticket, MAX_ENVELOPE};
+use pluto_protocol::{
+    exchange_public, Envelope, ErrorCode, Message, ReplicaStatement, Ticket, MAX_ENVELOPE,
+};
 use rand_core::{OsRng, RngCore};
 use x25519_dalek::StaticSecret;
 
@@ -30,6 +35,27 @@ impl Node {
         OsRng.fill_bytes(&mut nonce);
         let env = Envelope::new(&self.key, to, now, nonce, None, msg);
         (env.sign(&self.key).unwrap(), nonce)
+    }
+}
+
+/// `owner`'s record of its replica of `pack` at `storer`, with the
+/// storer's receipt.
+fn record(owner: &Node, storer: &Node, pack: u8, size: u64, root: [u8; 32]) -> Message {
+    let receipt = ReplicaStatement {
+        owner: owner.id(),
+        storer: storer.id(),
+        pack: PackId([pack; 32]),
+        size,
+        root,
+    }
+    .sign(&storer.key);
+    Message::RecordReplica {
+        pack: PackId([pack; 32]),
+        storer: storer.id(),
+        size,
+        root,
+        receipt,
+        micros: 0,
     }
 }
 
@@ -422,20 +448,32 @@ async fn match_replies_are_private_and_offers_cannot_drop_below_use() {
         ask(&net, &b, T, &Message::SetOffer { bytes: 500 }).await,
         Message::Ok
     );
-    // Recording the replica: only on another registered node.
-    let rec = |storer| Message::RecordReplica {
-        pack: PackId([1; 32]),
-        storer,
-        size: 40,
-        root: [2; 32],
+    // Recording the replica: only on another registered node, and only
+    // with that storer's receipt for that very replica.
+    let forged = record(&a, &b, 1, 40, [3; 32]);
+    let Message::RecordReplica { receipt, .. } = forged else {
+        panic!()
     };
-    assert_eq!(ask(&net, &a, T, &rec(b.id())).await, Message::Ok);
+    let mut wrong_root = record(&a, &b, 1, 40, [2; 32]);
+    if let Message::RecordReplica { receipt: r, .. } = &mut wrong_root {
+        *r = receipt;
+    }
     assert_eq!(
-        code(&ask(&net, &a, T, &rec(a.id())).await),
-        ErrorCode::Refused
+        code(&ask(&net, &a, T, &wrong_root).await),
+        ErrorCode::Refused,
+        "a receipt for another root"
     );
     assert_eq!(
-        code(&ask(&net, &a, T, &rec(NodeId([5; 32]))).await),
+        ask(&net, &a, T, &record(&a, &b, 1, 40, [2; 32])).await,
+        Message::Ok
+    );
+    assert_eq!(
+        code(&ask(&net, &a, T, &record(&a, &a, 1, 40, [2; 32])).await),
+        ErrorCode::Refused
+    );
+    let stranger = Node::new();
+    assert_eq!(
+        code(&ask(&net, &a, T, &record(&a, &stranger, 1, 40, [2; 32])).await),
         ErrorCode::Refused
     );
     assert_eq!(net.books.replicas_of(&a.id()).await.unwrap().len(), 1);
@@ -506,12 +544,7 @@ async fn unused_reservations_lapse_and_silent_nodes_go_offline() {
     assert_eq!((an.placed, bn.held), (0, 0), "space and quota given back");
     assert!(!an.online && bn.online);
     // The lapsed reservation cannot be used; a fresh match can.
-    let rec = Message::RecordReplica {
-        pack: PackId([1; 32]),
-        storer: b.id(),
-        size: 60,
-        root: [2; 32],
-    };
+    let rec = record(&a, &b, 1, 60, [2; 32]);
     assert_eq!(code(&ask(&net, &a, later, &rec).await), ErrorCode::Refused);
     assert!(matches!(
         ask(&net, &a, later, &req).await,
@@ -556,12 +589,7 @@ async fn peers_are_listed_from_both_sides() {
             panic!()
         };
         assert_eq!(storers, vec![storer.id()]);
-        let rec = Message::RecordReplica {
-            pack: PackId([pack; 32]),
-            storer: storer.id(),
-            size: 10,
-            root: [pack; 32],
-        };
+        let rec = record(owner, storer, pack, 10, [pack; 32]);
         assert_eq!(ask(&net, owner, T, &rec).await, Message::Ok);
     }
     let Message::Peers(list) = ask(&net, a, T + 1000, &Message::ListPeers).await else {

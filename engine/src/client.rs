@@ -72,7 +72,7 @@ pub enum ClientError {
 }
 
 /// Milliseconds since the epoch, as envelopes and tickets count time.
-pub(crate) fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -92,6 +92,9 @@ type Answer = (Message, NodeId);
 type Pending = HashMap<[u8; 16], (oneshot::Sender<Answer>, bool)>;
 /// Where relayed payloads go, with their sender.
 type RelayQueue = mpsc::Sender<(NodeId, Vec<u8>)>;
+/// Challenges waiting for the storer; beyond this they are dropped (and
+/// count as late).
+const CHALLENGE_QUEUE: usize = 1024;
 
 /// What the reader task and the requests share.
 struct Shared {
@@ -105,6 +108,8 @@ struct Shared {
     /// The last answer signed by another key than the pinned one.
     other_signer: Mutex<Option<NodeId>>,
     relayed: Mutex<Option<RelayQueue>>,
+    /// Where audits of what this node holds go ([`Message::Prove`]).
+    challenges: Mutex<Option<mpsc::Sender<Message>>>,
 }
 
 impl Shared {
@@ -158,6 +163,13 @@ impl Shared {
                             from.short()
                         );
                     }
+                }
+            }
+            (None, m @ Message::Prove { .. }) => {
+                let tx = lock(&self.challenges).clone();
+                match tx {
+                    Some(tx) if tx.try_send(m).is_ok() => {}
+                    _ => tracing::warn!("a challenge came and nobody takes it; dropped"),
                 }
             }
             (None, _) => {}
@@ -241,6 +253,7 @@ impl CoordinatorClient {
             pending: Mutex::new(HashMap::new()),
             other_signer: Mutex::new(None),
             relayed: Mutex::new(None),
+            challenges: Mutex::new(None),
         });
         let reader = {
             let shared = shared.clone();
@@ -253,6 +266,7 @@ impl CoordinatorClient {
                 // The channel is gone for good: wake every waiter.
                 lock(&shared.pending).clear();
                 *lock(&shared.relayed) = None;
+                *lock(&shared.challenges) = None;
             })
         };
         let mut client = Self {
@@ -261,7 +275,7 @@ impl CoordinatorClient {
             heartbeat: Duration::from_secs(30),
         };
         let (challenge, signer) = match client
-            .exchange_msg(&Message::Hello, pinned.is_none())
+            .exchange_msg(&Message::Hello, pinned.is_none(), None)
             .await?
         {
             (Message::Challenge { challenge }, signer) => (challenge, signer),
@@ -290,10 +304,45 @@ impl CoordinatorClient {
     /// Sends a request and waits for its answer; an `Error` answer is
     /// returned as [`ClientError::Refused`].
     pub async fn request(&self, msg: &Message) -> Result<Message, ClientError> {
-        match self.exchange_msg(msg, false).await? {
+        match self.exchange_msg(msg, false, None).await? {
             (Message::Error { code, message }, _) => Err(ClientError::Refused { code, message }),
             (m, _) => Ok(m),
         }
+    }
+
+    /// Like [`Self::request`], for a request the coordinator answers only
+    /// when something else happened (an audit: when the storer answered):
+    /// sent once, waited for up to `wait`.
+    pub async fn request_patiently(
+        &self,
+        msg: &Message,
+        wait: Duration,
+    ) -> Result<Message, ClientError> {
+        match self.exchange_msg(msg, false, Some(wait)).await? {
+            (Message::Error { code, message }, _) => Err(ClientError::Refused { code, message }),
+            (m, _) => Ok(m),
+        }
+    }
+
+    /// Sends a message that gets no answer (a storer's proof).
+    pub async fn notify(&self, msg: &Message) -> Result<(), ClientError> {
+        let s = &self.shared;
+        let mut nonce = [0u8; 16];
+        OsRng.fill_bytes(&mut nonce);
+        let bytes = Envelope::new(&s.identity, s.coordinator(), now_ms(), nonce, None, msg)
+            .sign(&s.identity)
+            .map_err(|e| ClientError::Unexpected(e.to_string()))?;
+        s.channel.send(None, &bytes).await?;
+        Ok(())
+    }
+
+    /// The audits the coordinator sends this node about what it holds
+    /// ([`Message::Prove`]), from now on. Only one receiver per session
+    /// gets them (the last made).
+    pub fn challenges(&self) -> mpsc::Receiver<Message> {
+        let (tx, rx) = mpsc::channel(CHALLENGE_QUEUE);
+        *lock(&self.shared.challenges) = Some(tx);
+        rx
     }
 
     /// One request and its verified answer, with the answer's signer.
@@ -302,6 +351,7 @@ impl CoordinatorClient {
         &self,
         msg: &Message,
         learn: bool,
+        patient: Option<Duration>,
     ) -> Result<(Message, NodeId), ClientError> {
         let s = &self.shared;
         let mut nonce = [0u8; 16];
@@ -326,7 +376,7 @@ impl CoordinatorClient {
                     answer = &mut rx => {
                         return answer.map_err(|_| ClientError::Channel(ChannelError::Closed));
                     }
-                    _ = resend.tick() => {
+                    _ = resend.tick(), if patient.is_none() => {
                         // Lost on the way (a broker restart, a coordinator not
                         // yet subscribed), or its answer was: ask again.
                         // A failure here is the channel reconnecting: the
@@ -336,14 +386,15 @@ impl CoordinatorClient {
                 }
             }
         };
-        match tokio::time::timeout(REQUEST_TIMEOUT, wait).await {
+        let limit = patient.unwrap_or(REQUEST_TIMEOUT);
+        match tokio::time::timeout(limit, wait).await {
             Ok(r) => r,
             Err(_) => Err(match lock(&s.other_signer).take() {
                 Some(seen) => ClientError::KeyChanged {
                     pinned: s.coordinator(),
                     seen,
                 },
-                None => ClientError::Timeout(REQUEST_TIMEOUT),
+                None => ClientError::Timeout(limit),
             }),
         }
     }

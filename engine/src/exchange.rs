@@ -8,10 +8,11 @@
 //!
 //! ```text
 //! owner                                   storer
-//! Put{ticket, pack, root, size}  ------>  ticket checked, room checked
-//!                                <------  Ready | Have (already held) | Error
+//! Put{ticket, pack, root, size,  ------>  ticket checked, owner's signature checked,
+//!     attest}                             room checked
+//!                                <------  Ready | Have{size, receipt} (already held) | Error
 //! raw frames (size bytes)        ------>  hashed as they come
-//!                                <------  Ok (root matched, written, synced) | Error
+//!                                <------  Kept{receipt} (root matched, written, synced) | Error
 //! Get{root, offset, len}         ------>  only the replica's owner
 //!                                <------  Sending{len} + raw frames | Error
 //! Delete{root, at_ms, signature} ------>  owner's signature, fresh
@@ -19,9 +20,15 @@
 //! PutManifest{blob}              ------>  owner-signed, newer than kept
 //! GetManifest                    ------>  Manifest{blob} | Error
 //! ```
+//!
+//! `attest` and `receipt` are the owner's and the storer's signatures of
+//! the replica's statement (owner, storer, pack, size, root:
+//! [`pluto_protocol::ReplicaStatement`]); the coordinator records a replica
+//! only with both, and audits it against that root.
 
 use pluto_plugins_api::wire::{DecodeError, Reader, Writer};
-use pluto_plugins_api::{NodeId, PackId};
+use pluto_plugins_api::PackId;
+pub use pluto_protocol::delete_message;
 
 /// Largest raw frame a sender uses.
 pub const DATA_FRAME: usize = 1 << 20;
@@ -29,9 +36,6 @@ pub const DATA_FRAME: usize = 1 << 20;
 pub const MAX_CONTROL: usize = 16 << 20;
 /// Largest frame on a link.
 pub const MAX_FRAME: usize = MAX_CONTROL + 64;
-/// What a delete request's signature covers, after this prefix: the
-/// storer's id, the replica's root and the time.
-const DELETE_DOMAIN: &[u8] = b"pluto delete v1\0";
 
 /// Why a storer refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +90,8 @@ pub enum PeerMsg {
         root: [u8; 32],
         /// Its length.
         size: u64,
+        /// The owner's signature of the replica's statement.
+        attest: [u8; 64],
     },
     /// Storer: send the bytes.
     Ready,
@@ -93,6 +99,13 @@ pub enum PeerMsg {
     Have {
         /// Bytes.
         size: u64,
+        /// The storer's signature of the replica's statement (with this size).
+        receipt: [u8; 64],
+    },
+    /// Storer: the replica is checked and kept.
+    Kept {
+        /// The storer's signature of the replica's statement.
+        receipt: [u8; 64],
     },
     /// Owner: send these bytes of a replica.
     Get {
@@ -140,13 +153,10 @@ pub enum PeerMsg {
     },
 }
 
-/// The bytes an owner signs to have `storer` delete the replica `root`.
-pub fn delete_message(storer: &NodeId, root: &[u8; 32], at_ms: u64) -> Vec<u8> {
-    let mut m = DELETE_DOMAIN.to_vec();
-    m.extend_from_slice(&storer.0);
-    m.extend_from_slice(root);
-    m.extend_from_slice(&at_ms.to_le_bytes());
-    m
+fn signature(r: &mut Reader<'_>) -> Result<[u8; 64], DecodeError> {
+    let mut s = [0u8; 64];
+    s.copy_from_slice(r.take(64)?);
+    Ok(s)
 }
 
 impl PeerMsg {
@@ -167,17 +177,24 @@ impl PeerMsg {
                 pack,
                 root,
                 size,
+                attest,
             } => {
                 w.u8(1);
                 w.bytes(ticket);
                 w.id(&pack.0);
                 w.id(root);
                 w.u64(*size);
+                w.buf.extend_from_slice(attest);
             }
             Self::Ready => w.u8(2),
-            Self::Have { size } => {
+            Self::Have { size, receipt } => {
                 w.u8(3);
                 w.u64(*size);
+                w.buf.extend_from_slice(receipt);
+            }
+            Self::Kept { receipt } => {
+                w.u8(12);
+                w.buf.extend_from_slice(receipt);
             }
             Self::Get { root, offset, len } => {
                 w.u8(4);
@@ -227,26 +244,27 @@ impl PeerMsg {
                 pack: PackId(r.id()?),
                 root: r.id()?,
                 size: r.u64()?,
+                attest: signature(&mut r)?,
             },
             2 => Self::Ready,
-            3 => Self::Have { size: r.u64()? },
+            3 => Self::Have {
+                size: r.u64()?,
+                receipt: signature(&mut r)?,
+            },
+            12 => Self::Kept {
+                receipt: signature(&mut r)?,
+            },
             4 => Self::Get {
                 root: r.id()?,
                 offset: r.u64()?,
                 len: r.u64()?,
             },
             5 => Self::Sending { len: r.u64()? },
-            6 => {
-                let root = r.id()?;
-                let at_ms = r.u64()?;
-                let mut signature = [0u8; 64];
-                signature.copy_from_slice(r.take(64)?);
-                Self::Delete {
-                    root,
-                    at_ms,
-                    signature,
-                }
-            }
+            6 => Self::Delete {
+                root: r.id()?,
+                at_ms: r.u64()?,
+                signature: signature(&mut r)?,
+            },
             7 => Self::PutManifest {
                 blob: r.bytes()?.to_vec(),
             },
@@ -283,9 +301,14 @@ mod tests {
                 pack: PackId([2; 32]),
                 root: [3; 32],
                 size: 4,
+                attest: [13; 64],
             },
             PeerMsg::Ready,
-            PeerMsg::Have { size: 9 },
+            PeerMsg::Have {
+                size: 9,
+                receipt: [14; 64],
+            },
+            PeerMsg::Kept { receipt: [15; 64] },
             PeerMsg::Get {
                 root: [5; 32],
                 offset: 6,

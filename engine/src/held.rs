@@ -4,13 +4,21 @@
 //! Each replica is one object named by its BLAKE3 root:
 //!
 //! ```text
-//! held object = "PLUTOHD1" || signed ticket (176) || pack id (32)
+//! held object = "PLUTOHD2" || signed ticket (176) || pack id (32)
+//!               || owner's signature of the replica's statement (64)
 //!               || replica bytes XOR ChaCha20(obfuscation key of the root)
+//! tombstone   = HOME/held-manifests/deleted-<root hex>:
+//!               owner (32) || at_ms (u64 LE) || owner's signed delete (64)
 //! ```
 //!
-//! The ticket travels with the bytes, so the ledger (which ticket was used
-//! for what, whose replica it is) is rebuilt from the objects at start and
-//! can be reported again to a coordinator that lost its books. Objects are
+//! The ticket and the owner's signature travel with the bytes, so the
+//! ledger (which ticket was used for what, whose replica it is) is rebuilt
+//! from the objects at start and can be reported again to a coordinator
+//! that lost its books. A replica deleted at its owner's request leaves a
+//! tombstone: the owner's signed request, which answers an audit of it.
+//!
+//! Audits ([`Held::prove`]) read the replica whole, undo the obfuscation
+//! and answer with a BLAKE3 range proof ([`pluto_protocol::proof`]). Objects are
 //! written through [`BlobStore::put`], which is atomic and durable (the `fs`
 //! store: temporary file, fsync, rename, fsync of the directory): a replica
 //! is there whole, with its root checked, or not at all.
@@ -21,9 +29,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use ed25519_dalek::{Signature, VerifyingKey};
+use ed25519_dalek::SigningKey;
 use pluto_plugins_api::{BlobStore, Link, NodeId, PackId, StoreError, TransportError};
-use pluto_protocol::{HeldReport, Ticket, SIGNED_TICKET_LEN};
+use pluto_protocol::{proof, HeldReport, ProofAnswer, ReplicaStatement, Ticket, SIGNED_TICKET_LEN};
 
 use crate::client::now_ms;
 use crate::exchange::{delete_message, PeerError, PeerMsg, DATA_FRAME, MAX_CONTROL};
@@ -31,9 +39,11 @@ use crate::keystream::StreamKey;
 use crate::manifest;
 use crate::repo::lock;
 
-const MAGIC: &[u8; 8] = b"PLUTOHD1";
+const MAGIC: &[u8; 8] = b"PLUTOHD2";
 /// Bytes before the replica in a held object.
-pub const HEADER_LEN: usize = 8 + SIGNED_TICKET_LEN + 32;
+pub const HEADER_LEN: usize = 8 + SIGNED_TICKET_LEN + 32 + 64;
+/// How long a tombstone is kept (an owner audits what it still lists).
+const TOMBSTONE_KEEP_MS: u64 = 90 * 24 * 3_600_000;
 /// How far a delete request's time may be from the storer's clock.
 const DELETE_WINDOW_MS: u64 = 10 * 60_000;
 /// Largest replica accepted (the largest pack a node may write).
@@ -67,6 +77,8 @@ pub struct HeldEntry {
     pub size: u64,
     /// The ticket it came under.
     pub ticket: Vec<u8>,
+    /// The owner's signature of the replica's statement.
+    pub attest: [u8; 64],
 }
 
 #[derive(Default)]
@@ -85,8 +97,8 @@ struct Ledger {
 
 /// What to do with an incoming replica.
 enum Admit {
-    /// Already held for this owner, with this size.
-    Have(u64),
+    /// Already held for this owner: its entry.
+    Have(HeldEntry),
     /// Room reserved: receive it.
     Receive,
 }
@@ -109,6 +121,7 @@ pub enum ServeError {
 /// The replicas a node holds for others.
 pub struct Held {
     me: NodeId,
+    identity: SigningKey,
     coordinator: NodeId,
     store: Arc<dyn BlobStore>,
     obfuscation: [u8; 32],
@@ -159,7 +172,7 @@ impl Held {
     /// their headers. Objects whose header does not parse are left alone
     /// and reported.
     pub fn open(
-        me: NodeId,
+        identity: SigningKey,
         coordinator: NodeId,
         store: Arc<dyn BlobStore>,
         obfuscation: [u8; 32],
@@ -175,7 +188,7 @@ impl Held {
             } else {
                 None
             };
-            let Some((ticket, t, pack)) = parsed else {
+            let Some((ticket, t, pack, attest)) = parsed else {
                 tracing::warn!("held object {} has no valid header; ignored", id.short());
                 continue;
             };
@@ -188,11 +201,14 @@ impl Held {
                     pack,
                     size: size - HEADER_LEN as u64,
                     ticket,
+                    attest,
                 },
             );
         }
+        prune_tombstones(&manifests);
         Ok(Self {
-            me,
+            me: NodeId(identity.verifying_key().to_bytes()),
+            identity,
             coordinator,
             store,
             obfuscation,
@@ -232,8 +248,85 @@ impl Held {
                 pack: e.pack,
                 size: e.size,
                 root: *root,
+                attest: e.attest,
             })
             .collect()
+    }
+
+    /// The storer's receipt for a replica: its signature of the statement.
+    fn receipt(&self, owner: &NodeId, pack: PackId, size: u64, root: [u8; 32]) -> [u8; 64] {
+        ReplicaStatement {
+            owner: *owner,
+            storer: self.me,
+            pack,
+            size,
+            root,
+        }
+        .sign(&self.identity)
+    }
+
+    /// Answers an audit of `owner`'s replica of `pack` (as the coordinator
+    /// recorded it: `root`, `size`) on `offset..offset + len`: a range
+    /// proof over the replica's bytes, the owner's signed delete when the
+    /// owner had it deleted, or "not held".
+    pub async fn prove(
+        &self,
+        owner: &NodeId,
+        pack: &PackId,
+        root: [u8; 32],
+        size: u64,
+        offset: u64,
+        len: u64,
+    ) -> ProofAnswer {
+        let held = matches!(
+            lock(&self.ledger).held.get(&root),
+            Some(e) if e.owner == *owner && e.pack == *pack && e.size == size
+        );
+        if !held {
+            return match self.tombstone(owner, &root) {
+                Some((at_ms, signature)) => ProofAnswer::Deleted { at_ms, signature },
+                None => ProofAnswer::NotHeld,
+            };
+        }
+        let store = self.store.clone();
+        let key = StreamKey::obfuscation(&self.obfuscation, &root);
+        let r = tokio::task::spawn_blocking(move || {
+            let mut bytes = store.get_range(&PackId(root), HEADER_LEN as u64, size)?;
+            key.apply(0, &mut bytes);
+            Ok::<_, StoreError>(proof::prove(&bytes, offset, len))
+        })
+        .await;
+        match r {
+            Ok(Ok(Ok(p))) => ProofAnswer::Held(p),
+            Ok(Ok(Err(e))) => {
+                tracing::warn!("an audit names a range it may not: {e}");
+                ProofAnswer::NotHeld
+            }
+            Ok(Err(e)) => {
+                tracing::warn!("reading a replica for an audit: {e}");
+                ProofAnswer::NotHeld
+            }
+            Err(e) => {
+                tracing::warn!("proving: {e}");
+                ProofAnswer::NotHeld
+            }
+        }
+    }
+
+    fn tombstone_path(&self, root: &[u8; 32]) -> PathBuf {
+        self.manifests
+            .join(format!("deleted-{}", PackId(*root).to_hex()))
+    }
+
+    /// The owner's signed delete of `root`, if it had it deleted here.
+    fn tombstone(&self, owner: &NodeId, root: &[u8; 32]) -> Option<(u64, [u8; 64])> {
+        let t = std::fs::read(self.tombstone_path(root)).ok()?;
+        if t.len() != 32 + 8 + 64 || t[..32] != owner.0 {
+            return None;
+        }
+        let at_ms = u64::from_le_bytes(t[32..40].try_into().ok()?);
+        let signature: [u8; 64] = t[40..].try_into().ok()?;
+        Some((at_ms, signature))
     }
 
     /// Serves one link a peer opened: one request, answered. Refusals are
@@ -281,7 +374,23 @@ impl Held {
                 pack,
                 root,
                 size,
-            } => self.put(link, peer, ticket, pack, root, size).await,
+                attest,
+            } => {
+                let statement = ReplicaStatement {
+                    owner: *peer,
+                    storer: self.me,
+                    pack,
+                    size,
+                    root,
+                };
+                if !statement.signed_by(peer, &attest) {
+                    return refuse(
+                        PeerError::Unauthorized,
+                        "the replica's statement is not signed by you",
+                    );
+                }
+                self.put(link, peer, ticket, statement, attest).await
+            }
             PeerMsg::Get { root, offset, len } => self.get(link, peer, root, offset, len).await,
             PeerMsg::Delete {
                 root,
@@ -314,10 +423,12 @@ impl Held {
         link: &mut dyn Link,
         peer: &NodeId,
         ticket: Vec<u8>,
-        pack: PackId,
-        root: [u8; 32],
-        size: u64,
+        statement: ReplicaStatement,
+        attest: [u8; 64],
     ) -> Result<(), ServeError> {
+        let ReplicaStatement {
+            pack, size, root, ..
+        } = statement;
         let t = match Ticket::check(&ticket, &self.coordinator, &self.me, peer, now_ms()) {
             Ok(t) => t,
             Err(e) => return refuse(PeerError::Ticket, e.to_string()),
@@ -333,8 +444,16 @@ impl Held {
         }
         let admitted = self.admit(peer, &t, root, size);
         let guard = match admitted? {
-            Admit::Have(size) => {
-                link.send(&PeerMsg::Have { size }.encode()).await?;
+            Admit::Have(e) => {
+                let receipt = self.receipt(peer, e.pack, e.size, root);
+                link.send(
+                    &PeerMsg::Have {
+                        size: e.size,
+                        receipt,
+                    }
+                    .encode(),
+                )
+                .await?;
                 return Ok(());
             }
             Admit::Receive => Incoming(self, root, size),
@@ -346,6 +465,7 @@ impl Held {
         object.extend_from_slice(MAGIC);
         object.extend_from_slice(&ticket);
         object.extend_from_slice(&pack.0);
+        object.extend_from_slice(&attest);
         let mut hasher = blake3::Hasher::new();
         while object.len() < HEADER_LEN + len {
             let Some(frame) = recv_within(link).await? else {
@@ -382,6 +502,7 @@ impl Held {
                     pack,
                     size,
                     ticket,
+                    attest,
                 },
             );
             // The bytes move from "incoming" to "held".
@@ -389,7 +510,8 @@ impl Held {
         }
         drop(guard);
         tracing::debug!("holding {} bytes for {}", size, peer.short());
-        link.send(&PeerMsg::Ok.encode()).await?;
+        let receipt = self.receipt(peer, pack, size, root);
+        link.send(&PeerMsg::Kept { receipt }.encode()).await?;
         Ok(())
     }
 
@@ -404,7 +526,7 @@ impl Held {
         let mut l = lock(&self.ledger);
         if let Some(e) = l.held.get(&root) {
             if e.owner == *peer {
-                return Ok(Admit::Have(e.size));
+                return Ok(Admit::Have(e.clone()));
             }
             return refuse(PeerError::Ticket, "that replica is held for someone else");
         }
@@ -475,13 +597,18 @@ impl Held {
         if now_ms().abs_diff(at_ms) > DELETE_WINDOW_MS {
             return refuse(PeerError::Unauthorized, "the request's time is off");
         }
-        let key = VerifyingKey::from_bytes(&peer.0)
-            .map_err(|_| ServeError::Refused(PeerError::Unauthorized, "bad key".into()))?;
-        key.verify_strict(
-            &delete_message(&self.me, root, at_ms),
-            &Signature::from_bytes(signature),
-        )
-        .map_err(|_| ServeError::Refused(PeerError::Unauthorized, "bad signature".into()))?;
+        if !pluto_protocol::verify(peer, &delete_message(&self.me, root, at_ms), signature) {
+            return refuse(PeerError::Unauthorized, "bad signature");
+        }
+        // The owner's word first, so an audit of what is gone is answered
+        // with it.
+        let mut tomb = Vec::with_capacity(104);
+        tomb.extend_from_slice(&peer.0);
+        tomb.extend_from_slice(&at_ms.to_le_bytes());
+        tomb.extend_from_slice(signature);
+        let path = self.tombstone_path(root);
+        crate::home::write_atomic(&path, &tomb)
+            .map_err(|e| StoreError::io(format!("writing {}", path.display()), e))?;
         self.store.delete(&PackId(*root))?;
         let mut l = lock(&self.ledger);
         if let Some(e) = l.held.remove(root) {
@@ -515,7 +642,7 @@ impl Held {
     }
 }
 
-fn parse_header(h: &[u8]) -> Option<(Vec<u8>, Ticket, PackId)> {
+fn parse_header(h: &[u8]) -> Option<(Vec<u8>, Ticket, PackId, [u8; 64])> {
     if h.len() != HEADER_LEN || &h[..8] != MAGIC {
         return None;
     }
@@ -523,7 +650,28 @@ fn parse_header(h: &[u8]) -> Option<(Vec<u8>, Ticket, PackId)> {
     // Our own disk: the signature was checked on receipt (and the
     // coordinator may have changed its key since).
     let t = Ticket::parse_unverified(&ticket)?;
-    let mut pack = [0u8; 32];
-    pack.copy_from_slice(&h[8 + SIGNED_TICKET_LEN..]);
-    Some((ticket, t, PackId(pack)))
+    let at = 8 + SIGNED_TICKET_LEN;
+    let pack: [u8; 32] = h[at..at + 32].try_into().ok()?;
+    let attest: [u8; 64] = h[at + 32..].try_into().ok()?;
+    Some((ticket, t, PackId(pack), attest))
+}
+
+/// Forgets tombstones older than [`TOMBSTONE_KEEP_MS`].
+fn prune_tombstones(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let now = now_ms();
+    for e in entries.flatten() {
+        if !e.file_name().to_string_lossy().starts_with("deleted-") {
+            continue;
+        }
+        let old = std::fs::read(e.path()).ok().and_then(|t| {
+            let at = u64::from_le_bytes(t.get(32..40)?.try_into().ok()?);
+            Some(now.saturating_sub(at) > TOMBSTONE_KEEP_MS)
+        });
+        if old != Some(false) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }

@@ -58,6 +58,9 @@ pub struct Config {
     /// at peers (data packs beyond it are dropped, oldest first); none:
     /// keep everything.
     pub local_cache: Option<u64>,
+    /// How often the daemon places packs that lack copies and repairs what
+    /// was lost, in seconds.
+    pub daemon_every: u64,
 }
 
 /// Where replicas go: `copies` distinct peers per pack, of which up to
@@ -168,6 +171,7 @@ impl Default for Config {
             listen: "0.0.0.0:0".into(),
             announce: Vec::new(),
             local_cache: None,
+            daemon_every: 60,
         }
     }
 }
@@ -196,6 +200,9 @@ impl Config {
             ));
         }
         self.placement.validate()?;
+        if self.daemon_every == 0 {
+            return Err("daemon_every must be at least 1 (seconds)".into());
+        }
         if self.transports.is_empty() {
             return Err("transports is empty: list at least one (quic, relay)".into());
         }

@@ -22,9 +22,10 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ed25519_dalek::SigningKey;
 use futures_util::StreamExt;
 use pluto_plugins_api::{BlobKind, BlobStore, Link, NodeId, PackId, StoreError, TransportError};
-use pluto_protocol::{ErrorCode, Message};
+use pluto_protocol::{ErrorCode, Message, RepairItem, ReplicaStatement};
 
 use crate::client::ClientError;
 use crate::crypto::SealKey;
@@ -108,28 +109,65 @@ async fn recv_msg(link: &mut dyn Link) -> Result<PeerMsg, PeerFailure> {
     Ok(m)
 }
 
-/// Sends one replica to `storer`; true when it was there already.
+/// A replica a storer keeps.
+#[derive(Clone, Copy, Debug)]
+pub struct Placed {
+    /// It was there already (nothing was sent).
+    pub already: bool,
+    /// The storer's signature of the replica's statement.
+    pub receipt: [u8; 64],
+    /// How long sending it took (0 when nothing was sent).
+    pub micros: u64,
+}
+
+/// Sends one replica to `storer`, with the owner's signature (`identity`)
+/// of its statement; the storer's receipt is checked before it counts.
 pub async fn put_replica(
     net: &Net,
+    identity: &SigningKey,
     storer: &NodeId,
     ticket: Vec<u8>,
     pack: PackId,
     replica: &[u8],
     root: [u8; 32],
-) -> Result<bool, PeerFailure> {
+) -> Result<Placed, PeerFailure> {
+    let statement = ReplicaStatement {
+        owner: NodeId(identity.verifying_key().to_bytes()),
+        storer: *storer,
+        pack,
+        size: replica.len() as u64,
+        root,
+    };
+    let checked = |receipt: [u8; 64]| {
+        if statement.signed_by(storer, &receipt) {
+            Ok(receipt)
+        } else {
+            Err(PeerFailure::Protocol(
+                "the storer's receipt does not name this replica".into(),
+            ))
+        }
+    };
     let mut link = net.connect(storer).await?;
+    let started = std::time::Instant::now();
     link.send(
         &PeerMsg::Put {
             ticket,
             pack,
             root,
-            size: replica.len() as u64,
+            size: statement.size,
+            attest: statement.sign(identity),
         }
         .encode(),
     )
     .await?;
     match recv_msg(&mut *link).await? {
-        PeerMsg::Have { size } if size == replica.len() as u64 => return Ok(true),
+        PeerMsg::Have { size, receipt } if size == statement.size => {
+            return Ok(Placed {
+                already: true,
+                receipt: checked(receipt)?,
+                micros: 0,
+            });
+        }
         PeerMsg::Ready => {}
         other => return Err(PeerFailure::Protocol(format!("{other:?} to a Put"))),
     }
@@ -137,11 +175,76 @@ pub async fn put_replica(
         link.send(frame).await?;
     }
     match recv_msg(&mut *link).await? {
-        PeerMsg::Ok => {
+        PeerMsg::Kept { receipt } => {
+            let micros = started.elapsed().as_micros().max(1) as u64;
             let _ = link.finish().await;
-            Ok(false)
+            Ok(Placed {
+                already: false,
+                receipt: checked(receipt)?,
+                micros,
+            })
         }
         other => Err(PeerFailure::Protocol(format!("{other:?} after a replica"))),
+    }
+}
+
+/// How long an owner waits for an audit's outcome (the coordinator's
+/// deadline for the storer, and the way there and back).
+pub const AUDIT_WAIT: Duration = Duration::from_secs(90);
+
+/// Has the coordinator audit this node's replica of `pack` at `storer`
+/// and waits for the outcome (asking again, slower, while it is busy).
+pub async fn audit(
+    net: &Net,
+    pack: PackId,
+    storer: NodeId,
+) -> Result<pluto_protocol::AuditOutcome, ClientError> {
+    let mut pause = Duration::from_millis(500);
+    loop {
+        let r = net
+            .client()
+            .request_patiently(&Message::Audit { pack, storer }, AUDIT_WAIT)
+            .await;
+        match r {
+            Ok(Message::Audited { outcome }) => return Ok(outcome),
+            Ok(other) => return Err(ClientError::Unexpected(format!("{other:?}"))),
+            Err(ClientError::Refused {
+                code: ErrorCode::Busy,
+                ..
+            }) if pause < Duration::from_secs(30) => {
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Asks `storer` to delete the replica `root` (signed by the owner).
+pub async fn delete_replica(
+    net: &Net,
+    identity: &SigningKey,
+    storer: &NodeId,
+    root: &[u8; 32],
+) -> Result<(), PeerFailure> {
+    use ed25519_dalek::Signer;
+    let at_ms = crate::client::now_ms();
+    let signature = identity
+        .sign(&crate::exchange::delete_message(storer, root, at_ms))
+        .to_bytes();
+    let mut link = net.connect(storer).await?;
+    link.send(
+        &PeerMsg::Delete {
+            root: *root,
+            at_ms,
+            signature,
+        }
+        .encode(),
+    )
+    .await?;
+    match recv_msg(&mut *link).await? {
+        PeerMsg::Ok => Ok(()),
+        other => Err(PeerFailure::Protocol(format!("{other:?} to a Delete"))),
     }
 }
 
@@ -226,7 +329,86 @@ pub async fn fetch_pack(
     )))
 }
 
+/// What a repair did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct RepairReport {
+    /// Replicas taken out of the placement, to be placed again elsewhere.
+    pub moved: usize,
+    /// Why, one line per replica.
+    pub reasons: Vec<String>,
+}
+
 impl Uploader<'_> {
+    /// Asks the coordinator which replicas must move (lost, or on a storer
+    /// excluded or gone past its grace period), takes them out of the
+    /// placement and out of the books (the storer's claim on space is
+    /// released) and asks their storers, best effort, to delete them. The
+    /// next [`Self::run`] places the missing copies elsewhere, from the
+    /// local pack or from another replica. Call with the upload lock held.
+    pub async fn repair(&self) -> Result<RepairReport, String> {
+        let items = match self.net.client().request(&Message::GetRepairs).await {
+            Ok(Message::Repairs(items)) => items,
+            Ok(other) => return Err(format!("unexpected answer to GetRepairs: {other:?}")),
+            Err(e) => return Err(e.to_string()),
+        };
+        let mut rep = RepairReport::default();
+        if items.is_empty() {
+            return Ok(rep);
+        }
+        let mut placement = Placement::load(&self.placement_path)?;
+        let mut gone: Vec<(RepairItem, Option<[u8; 32]>)> = Vec::new();
+        for item in items {
+            let root = placement.packs.get_mut(&item.pack).and_then(|p| {
+                let i = p.replicas.iter().position(|r| r.storer == item.storer)?;
+                Some(p.replicas.remove(i).root)
+            });
+            if root.is_some() {
+                rep.moved += 1;
+                rep.reasons.push(format!(
+                    "pack {} at {}: {}",
+                    item.pack.short(),
+                    item.storer.short(),
+                    item.reason.as_str()
+                ));
+            }
+            gone.push((item, root));
+        }
+        if rep.moved > 0 {
+            placement.version += 1;
+            placement.save(&self.placement_path)?;
+        }
+        // The books follow the placement: a replica that is not in it (any
+        // more) is released, so its storer's space and this node's quota
+        // come back.
+        for (item, root) in &gone {
+            if let Err(e) = self
+                .net
+                .client()
+                .request(&Message::DropReplica {
+                    pack: item.pack,
+                    storer: item.storer,
+                })
+                .await
+            {
+                tracing::warn!("releasing a replica at {}: {e}", item.storer.short());
+            }
+            if let Some(root) = root {
+                let del = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    delete_replica(self.net, &self.keys.identity, &item.storer, root),
+                )
+                .await;
+                if !matches!(del, Ok(Ok(()))) {
+                    tracing::info!(
+                        "could not ask {} to delete a replica it should no longer hold",
+                        item.storer.short()
+                    );
+                }
+            }
+        }
+        Ok(rep)
+    }
+
     /// Places every pack in `packs` (id, size) that lacks copies, saves the
     /// placement as it goes and publishes the manifest when anything
     /// changed. Call with the upload lock held.
@@ -375,7 +557,15 @@ impl Uploader<'_> {
                     let limit = Duration::from_secs(30 + size / (1 << 20));
                     let r = match tokio::time::timeout(
                         limit,
-                        put_replica(self.net, storer, ticket, pack, &replica, root),
+                        put_replica(
+                            self.net,
+                            &self.keys.identity,
+                            storer,
+                            ticket,
+                            pack,
+                            &replica,
+                            root,
+                        ),
                     )
                     .await
                     {
@@ -388,7 +578,7 @@ impl Uploader<'_> {
             for (storer, root, r) in futures_util::future::join_all(attempts).await {
                 avoid.push(storer);
                 match r {
-                    Ok(already) => {
+                    Ok(p) => {
                         let rec = self
                             .net
                             .client()
@@ -397,6 +587,8 @@ impl Uploader<'_> {
                                 storer,
                                 size,
                                 root,
+                                receipt: p.receipt,
+                                micros: p.micros,
                             })
                             .await;
                         if let Err(e) = rec {
@@ -404,7 +596,7 @@ impl Uploader<'_> {
                             // reports it again; keep it as placed.
                             tracing::warn!("recording a replica at {}: {e}", storer.short());
                         }
-                        if !already {
+                        if !p.already {
                             sent.0 += 1;
                             sent.1 += size;
                         }

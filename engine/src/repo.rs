@@ -301,6 +301,45 @@ impl Repo {
         Ok(Snapshot::decode(&raw)?)
     }
 
+    /// Every pack a snapshot needs: its own, its trees' and its files'.
+    pub fn snapshot_packs(
+        &self,
+        index: &Index,
+        id: &SnapshotId,
+    ) -> Result<std::collections::BTreeSet<PackId>, RepoError> {
+        let mut packs = std::collections::BTreeSet::new();
+        let locate = |kind: BlobKind, blob: &BlobId| {
+            index.get(kind, blob).map(|l| l.pack).ok_or_else(|| {
+                RepoError::Store(StoreError::Corrupt(format!(
+                    "blob {} is in no pack",
+                    blob.short()
+                )))
+            })
+        };
+        packs.insert(locate(BlobKind::Snapshot, &BlobId(id.0))?);
+        let snapshot = self.load_snapshot(index, id)?;
+        let mut todo = vec![snapshot.tree];
+        let mut seen = std::collections::HashSet::new();
+        while let Some(tree) = todo.pop() {
+            if !seen.insert(tree) {
+                continue;
+            }
+            packs.insert(locate(BlobKind::Tree, &tree)?);
+            for node in self.load_tree(index, &tree)?.nodes {
+                match node.content {
+                    crate::tree::NodeContent::Dir { tree } => todo.push(tree),
+                    crate::tree::NodeContent::File { chunks } => {
+                        for c in &chunks {
+                            packs.insert(locate(BlobKind::Data, c)?);
+                        }
+                    }
+                    crate::tree::NodeContent::Symlink { .. } => {}
+                }
+            }
+        }
+        Ok(packs)
+    }
+
     /// The in-memory index of everything in the catalog.
     pub async fn load_index(&self) -> Result<Index, RepoError> {
         Ok(Index::from_locations(self.catalog.blobs().await?))

@@ -34,14 +34,17 @@
 mod envelope;
 mod messages;
 mod private;
+pub mod proof;
 mod replay;
+mod statement;
 mod ticket;
 
 pub use envelope::{Envelope, EnvelopeError, PrivateError, MAX_ENVELOPE, SEALED_BIT};
 pub use messages::{
-    ErrorCode, HeldReport, Message, NodeAddresses, PeerReport, StatusReport, MAX_ADDRESSES,
-    MAX_HELD_REPORTS,
+    AuditOutcome, ErrorCode, HeldReport, Message, NodeAddresses, PeerReport, ProofAnswer,
+    RepairItem, RepairReason, StatusReport, MAX_ADDRESSES, MAX_HELD_REPORTS, MAX_REPAIRS,
 };
 pub use private::{exchange_public, open_sealed, seal_to, SealedError};
 pub use replay::{Refused, ReplayGuard};
+pub use statement::{delete_message, verify, ReplicaStatement};
 pub use ticket::{Ticket, TicketError, SIGNED_TICKET_LEN, TICKET_LEN};

@@ -17,7 +17,11 @@ const MAX_ADDRESS_LEN: usize = 256;
 /// Most held replicas one [`Message::ReportHeld`] carries.
 pub const MAX_HELD_REPORTS: usize = 512;
 /// Encoded size of one [`PeerReport`].
-const PEER_REPORT_LEN: usize = 32 + 1 + 8 + 2 + 4 + 8 + 4 + 8;
+const PEER_REPORT_LEN: usize = 32 + 1 + 8 + 2 + 4 + 8 + 4 + 8 + 2 * 3 + 8 * 4 + 1;
+/// Most entries in one [`Message::Repairs`].
+pub const MAX_REPAIRS: usize = 16_384;
+/// Longest proof a [`ProofAnswer::Held`] may carry.
+const MAX_PROOF: usize = 64 << 10;
 
 /// Why a request was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,6 +99,129 @@ pub struct PeerReport {
     pub replicas_stored: u32,
     /// Their bytes.
     pub bytes_stored: u64,
+    /// Its audit score (right answers), in thousandths.
+    pub audit_permille: u16,
+    /// Its score for answering audits in time, in thousandths.
+    pub timeout_permille: u16,
+    /// Its uptime score (recent time online weighs most), in thousandths.
+    pub uptime_score_permille: u16,
+    /// Its transfer speed as owners measured it, bytes per second (0: none).
+    pub speed_bps: u64,
+    /// Audits it passed.
+    pub audits_passed: u64,
+    /// Audits it failed.
+    pub audits_failed: u64,
+    /// Audits it let lapse while online.
+    pub audits_timed_out: u64,
+    /// Excluded for failing audits: it gets no new data, and what it holds
+    /// is placed elsewhere.
+    pub excluded: bool,
+    /// Below a minimum (uptime, answers in time, speed): no new data for now.
+    pub held_back: bool,
+}
+
+/// What an audit of one replica came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+#[non_exhaustive]
+pub enum AuditOutcome {
+    /// The storer proved it holds the challenged bytes.
+    Proven = 1,
+    /// The storer answered without the bytes (a wrong proof, or "not held").
+    Failed = 2,
+    /// The storer was online and did not answer in time.
+    TimedOut = 3,
+    /// The storer is offline; no challenge was sent.
+    Offline = 4,
+    /// The storer showed that the owner itself had it deleted; the replica
+    /// is forgotten.
+    Released = 5,
+}
+
+impl AuditOutcome {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Proven,
+            2 => Self::Failed,
+            3 => Self::TimedOut,
+            4 => Self::Offline,
+            5 => Self::Released,
+            _ => return None,
+        })
+    }
+
+    /// A word for people and `--json`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Proven => "proven",
+            Self::Failed => "failed",
+            Self::TimedOut => "timed out",
+            Self::Offline => "unreachable",
+            Self::Released => "released",
+        }
+    }
+}
+
+/// A storer's answer to a challenge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProofAnswer {
+    /// The range proof ([`crate::proof`]): the chaining values the path
+    /// needs, then the challenged bytes.
+    Held(Vec<u8>),
+    /// The storer does not have it.
+    NotHeld,
+    /// The owner had it deleted: its signed delete
+    /// ([`crate::delete_message`]).
+    Deleted {
+        /// When the owner asked, ms since the epoch.
+        at_ms: u64,
+        /// The owner's signature.
+        signature: [u8; 64],
+    },
+}
+
+/// Why a replica should be placed elsewhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+#[non_exhaustive]
+pub enum RepairReason {
+    /// An audit proved it is not held.
+    Lost = 1,
+    /// Its storer is excluded.
+    Excluded = 2,
+    /// Its storer has been offline longer than the grace period.
+    Offline = 3,
+}
+
+impl RepairReason {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Lost,
+            2 => Self::Excluded,
+            3 => Self::Offline,
+            _ => return None,
+        })
+    }
+
+    /// A word for people and `--json`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Lost => "lost",
+            Self::Excluded => "storer excluded",
+            Self::Offline => "storer offline",
+        }
+    }
+}
+
+/// One replica to place elsewhere, in a [`Message::Repairs`] answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RepairItem {
+    /// The pack.
+    pub pack: PackId,
+    /// The storer that held the replica.
+    pub storer: NodeId,
+    /// Why.
+    pub reason: RepairReason,
 }
 
 /// Where one node can be reached, in a [`Message::Located`] answer.
@@ -120,6 +247,9 @@ pub struct HeldReport {
     pub size: u64,
     /// The replica's BLAKE3 root.
     pub root: [u8; 32],
+    /// The owner's signature of the replica's statement
+    /// ([`crate::ReplicaStatement`]), kept with the bytes.
+    pub attest: [u8; 64],
 }
 
 /// One control message.
@@ -190,6 +320,12 @@ pub enum Message {
         size: u64,
         /// BLAKE3 root of the replica's bytes.
         root: [u8; 32],
+        /// The storer's signature of the replica's statement
+        /// ([`crate::ReplicaStatement`]): it checked and kept these bytes.
+        receipt: [u8; 64],
+        /// How long sending it took, in microseconds (0: not sent this
+        /// time); the storer's measured speed.
+        micros: u64,
     },
     /// Node: keep my manifest.
     PutManifest {
@@ -250,6 +386,56 @@ pub enum Message {
         /// Recorded (new or already there).
         taken: u32,
     },
+    /// Owner: audit my replica of `pack` at `storer` now.
+    Audit {
+        /// The pack.
+        pack: PackId,
+        /// The storer.
+        storer: NodeId,
+    },
+    /// Coordinator: what the audit came to (the answer to [`Message::Audit`]).
+    Audited {
+        /// The outcome.
+        outcome: AuditOutcome,
+    },
+    /// Coordinator to a storer: prove you hold these bytes of a replica.
+    Prove {
+        /// Fresh random bytes naming this challenge.
+        challenge: [u8; 32],
+        /// Whose replica.
+        owner: NodeId,
+        /// The pack.
+        pack: PackId,
+        /// The replica's root, as recorded.
+        root: [u8; 32],
+        /// The replica's size, as recorded.
+        size: u64,
+        /// First byte of the range (a multiple of 1024).
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// The answer must arrive before this time, ms since the epoch.
+        deadline_ms: u64,
+    },
+    /// Storer: the answer to a [`Message::Prove`].
+    Proof {
+        /// The challenge answered.
+        challenge: [u8; 32],
+        /// The answer.
+        answer: ProofAnswer,
+    },
+    /// Owner: which of my replicas should be placed elsewhere?
+    GetRepairs,
+    /// Coordinator: these (lost, or on storers excluded or gone).
+    Repairs(Vec<RepairItem>),
+    /// Owner: forget my replica of `pack` at `storer` (it was placed
+    /// elsewhere, or deleted).
+    DropReplica {
+        /// The pack.
+        pack: PackId,
+        /// The storer.
+        storer: NodeId,
+    },
     /// Coordinator: done.
     Ok,
     /// Coordinator: refused.
@@ -274,6 +460,22 @@ fn read_ids(r: &mut Reader<'_>) -> Result<Vec<NodeId>, DecodeError> {
         return Err(r.error(format!("{n} ids in one list")));
     }
     (0..n).map(|_| Ok(NodeId(r.id()?))).collect()
+}
+
+fn signature(r: &mut Reader<'_>) -> Result<[u8; 64], DecodeError> {
+    let raw = r.take(64)?;
+    let mut s = [0u8; 64];
+    s.copy_from_slice(raw);
+    Ok(s)
+}
+
+fn permille(r: &mut Reader<'_>) -> Result<u16, DecodeError> {
+    let raw = r.take(2)?;
+    let v = u16::from_le_bytes([raw[0], raw[1]]);
+    if v > 1000 {
+        return Err(r.error(format!("a score of {v} per mille")));
+    }
+    Ok(v)
 }
 
 fn strings(w: &mut Writer, list: &[String]) {
@@ -328,6 +530,13 @@ impl Message {
             Self::Relayed { .. } => 23,
             Self::ReportHeld(_) => 24,
             Self::HeldTaken { .. } => 25,
+            Self::Audit { .. } => 26,
+            Self::Audited { .. } => 27,
+            Self::Prove { .. } => 28,
+            Self::Proof { .. } => 29,
+            Self::GetRepairs => 30,
+            Self::Repairs(_) => 31,
+            Self::DropReplica { .. } => 32,
         }
     }
 
@@ -341,6 +550,7 @@ impl Message {
             | Self::GetManifest
             | Self::GetStatus
             | Self::ListPeers
+            | Self::GetRepairs
             | Self::Ok => {}
             Self::Peers(list) => {
                 w.varint(list.len() as u64);
@@ -353,6 +563,18 @@ impl Message {
                     w.u64(p.bytes_held);
                     w.u32(p.replicas_stored);
                     w.u64(p.bytes_stored);
+                    for permille in [
+                        p.audit_permille,
+                        p.timeout_permille,
+                        p.uptime_score_permille,
+                    ] {
+                        w.buf.extend_from_slice(&permille.to_le_bytes());
+                    }
+                    w.u64(p.speed_bps);
+                    w.u64(p.audits_passed);
+                    w.u64(p.audits_failed);
+                    w.u64(p.audits_timed_out);
+                    w.u8(u8::from(p.excluded) | u8::from(p.held_back) << 1);
                 }
             }
             Self::Challenge { challenge } => w.id(challenge),
@@ -400,11 +622,15 @@ impl Message {
                 storer,
                 size,
                 root,
+                receipt,
+                micros,
             } => {
                 w.id(&pack.0);
                 w.id(&storer.0);
                 w.u64(*size);
                 w.id(root);
+                w.buf.extend_from_slice(receipt);
+                w.u64(*micros);
             }
             Self::PutManifest { version, blob } | Self::Manifest { version, blob } => {
                 w.u64(*version);
@@ -441,9 +667,57 @@ impl Message {
                     w.id(&h.pack.0);
                     w.u64(h.size);
                     w.id(&h.root);
+                    w.buf.extend_from_slice(&h.attest);
                 }
             }
             Self::HeldTaken { taken } => w.u32(*taken),
+            Self::Audit { pack, storer } | Self::DropReplica { pack, storer } => {
+                w.id(&pack.0);
+                w.id(&storer.0);
+            }
+            Self::Audited { outcome } => w.u8(*outcome as u8),
+            Self::Prove {
+                challenge,
+                owner,
+                pack,
+                root,
+                size,
+                offset,
+                len,
+                deadline_ms,
+            } => {
+                w.id(challenge);
+                w.id(&owner.0);
+                w.id(&pack.0);
+                w.id(root);
+                w.u64(*size);
+                w.u64(*offset);
+                w.u64(*len);
+                w.u64(*deadline_ms);
+            }
+            Self::Proof { challenge, answer } => {
+                w.id(challenge);
+                match answer {
+                    ProofAnswer::Held(proof) => {
+                        w.u8(0);
+                        w.bytes(proof);
+                    }
+                    ProofAnswer::NotHeld => w.u8(1),
+                    ProofAnswer::Deleted { at_ms, signature } => {
+                        w.u8(2);
+                        w.u64(*at_ms);
+                        w.buf.extend_from_slice(signature);
+                    }
+                }
+            }
+            Self::Repairs(list) => {
+                w.varint(list.len() as u64);
+                for item in list {
+                    w.id(&item.pack.0);
+                    w.id(&item.storer.0);
+                    w.u8(item.reason as u8);
+                }
+            }
         }
         w.finish()
     }
@@ -496,6 +770,8 @@ impl Message {
                 storer: NodeId(r.id()?),
                 size: r.u64()?,
                 root: r.id()?,
+                receipt: signature(&mut r)?,
+                micros: r.u64()?,
             },
             10 => Self::PutManifest {
                 version: r.u64()?,
@@ -540,18 +816,41 @@ impl Message {
                     let last_seen_ms = r.u64()?;
                     let raw = r.take(2)?;
                     let uptime_permille = u16::from_le_bytes([raw[0], raw[1]]);
+                    let replicas_held = r.u32()?;
+                    let bytes_held = r.u64()?;
+                    let replicas_stored = r.u32()?;
+                    let bytes_stored = r.u64()?;
+                    let [audit_permille, timeout_permille, uptime_score_permille] =
+                        [permille(&mut r)?, permille(&mut r)?, permille(&mut r)?];
                     if uptime_permille > 1000 {
                         return Err(r.error(format!("uptime of {uptime_permille} per mille")));
+                    }
+                    let speed_bps = r.u64()?;
+                    let audits_passed = r.u64()?;
+                    let audits_failed = r.u64()?;
+                    let audits_timed_out = r.u64()?;
+                    let flags = r.u8()?;
+                    if flags > 3 {
+                        return Err(r.error(format!("peer flags {flags}")));
                     }
                     list.push(PeerReport {
                         id,
                         online,
                         last_seen_ms,
                         uptime_permille,
-                        replicas_held: r.u32()?,
-                        bytes_held: r.u64()?,
-                        replicas_stored: r.u32()?,
-                        bytes_stored: r.u64()?,
+                        replicas_held,
+                        bytes_held,
+                        replicas_stored,
+                        bytes_stored,
+                        audit_permille,
+                        timeout_permille,
+                        uptime_score_permille,
+                        speed_bps,
+                        audits_passed,
+                        audits_failed,
+                        audits_timed_out,
+                        excluded: flags & 1 != 0,
+                        held_back: flags & 2 != 0,
                     });
                 }
                 Self::Peers(list)
@@ -592,7 +891,7 @@ impl Message {
                 payload: r.bytes()?.to_vec(),
             },
             24 => {
-                let n = r.count(crate::SIGNED_TICKET_LEN + 72)?;
+                let n = r.count(crate::SIGNED_TICKET_LEN + 72 + 64)?;
                 if n > MAX_HELD_REPORTS {
                     return Err(r.error(format!("{n} held replicas in one report")));
                 }
@@ -607,11 +906,77 @@ impl Message {
                         pack: PackId(r.id()?),
                         size: r.u64()?,
                         root: r.id()?,
+                        attest: signature(&mut r)?,
                     });
                 }
                 Self::ReportHeld(list)
             }
             25 => Self::HeldTaken { taken: r.u32()? },
+            26 => Self::Audit {
+                pack: PackId(r.id()?),
+                storer: NodeId(r.id()?),
+            },
+            27 => {
+                let v = r.u8()?;
+                Self::Audited {
+                    outcome: AuditOutcome::from_u8(v)
+                        .ok_or_else(|| r.error(format!("audit outcome {v}")))?,
+                }
+            }
+            28 => Self::Prove {
+                challenge: r.id()?,
+                owner: NodeId(r.id()?),
+                pack: PackId(r.id()?),
+                root: r.id()?,
+                size: r.u64()?,
+                offset: r.u64()?,
+                len: r.u64()?,
+                deadline_ms: r.u64()?,
+            },
+            29 => {
+                let challenge = r.id()?;
+                let answer = match r.u8()? {
+                    0 => {
+                        let proof = r.bytes()?;
+                        if proof.len() > MAX_PROOF {
+                            return Err(r.error(format!("a proof of {} bytes", proof.len())));
+                        }
+                        ProofAnswer::Held(proof.to_vec())
+                    }
+                    1 => ProofAnswer::NotHeld,
+                    2 => ProofAnswer::Deleted {
+                        at_ms: r.u64()?,
+                        signature: signature(&mut r)?,
+                    },
+                    b => return Err(r.error(format!("proof answer {b}"))),
+                };
+                Self::Proof { challenge, answer }
+            }
+            30 => Self::GetRepairs,
+            31 => {
+                let n = r.count(65)?;
+                if n > MAX_REPAIRS {
+                    return Err(r.error(format!("{n} repairs in one list")));
+                }
+                let mut list = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let pack = PackId(r.id()?);
+                    let storer = NodeId(r.id()?);
+                    let v = r.u8()?;
+                    let reason = RepairReason::from_u8(v)
+                        .ok_or_else(|| r.error(format!("repair reason {v}")))?;
+                    list.push(RepairItem {
+                        pack,
+                        storer,
+                        reason,
+                    });
+                }
+                Self::Repairs(list)
+            }
+            32 => Self::DropReplica {
+                pack: PackId(r.id()?),
+                storer: NodeId(r.id()?),
+            },
             k => return Err(r.error(format!("unknown message kind {k}"))),
         };
         r.finish()?;
@@ -659,6 +1024,15 @@ mod tests {
                         bytes_held: b,
                         replicas_stored: n / 2,
                         bytes_stored: b / 3,
+                        audit_permille: up / 2,
+                        timeout_permille: up / 3,
+                        uptime_score_permille: up / 4,
+                        speed_bps: b / 5,
+                        audits_passed: seen / 7,
+                        audits_failed: u64::from(n % 5),
+                        audits_timed_out: u64::from(n % 3),
+                        excluded: online,
+                        held_back: n % 2 == 0,
                     })
                     .collect()
             )),
@@ -698,7 +1072,60 @@ mod tests {
                     storer: s,
                     size: z,
                     root: r,
+                    receipt: [r[0]; 64],
+                    micros: z / 3,
                 }
+            }),
+            (any::<[u8; 32]>(), id()).prop_map(|(p, storer)| Message::Audit {
+                pack: PackId(p),
+                storer
+            }),
+            (any::<[u8; 32]>(), id()).prop_map(|(p, storer)| Message::DropReplica {
+                pack: PackId(p),
+                storer
+            }),
+            (1u8..=5).prop_map(|v| Message::Audited {
+                outcome: AuditOutcome::from_u8(v).unwrap()
+            }),
+            (any::<[u8; 32]>(), id(), any::<u64>(), any::<u64>()).prop_map(|(c, o, z, t)| {
+                Message::Prove {
+                    challenge: c,
+                    owner: o,
+                    pack: PackId([c[1]; 32]),
+                    root: [c[2]; 32],
+                    size: z,
+                    offset: z / 2,
+                    len: 1024,
+                    deadline_ms: t,
+                }
+            }),
+            (
+                any::<[u8; 32]>(),
+                0u8..3,
+                proptest::collection::vec(any::<u8>(), 0..200)
+            )
+                .prop_map(|(c, k, proof)| Message::Proof {
+                    challenge: c,
+                    answer: match k {
+                        0 => ProofAnswer::Held(proof),
+                        1 => ProofAnswer::NotHeld,
+                        _ => ProofAnswer::Deleted {
+                            at_ms: proof.len() as u64,
+                            signature: [c[0]; 64]
+                        },
+                    },
+                }),
+            Just(Message::GetRepairs),
+            proptest::collection::vec((any::<[u8; 32]>(), id(), 1u8..=3), 0..4).prop_map(|l| {
+                Message::Repairs(
+                    l.into_iter()
+                        .map(|(p, storer, v)| RepairItem {
+                            pack: PackId(p),
+                            storer,
+                            reason: RepairReason::from_u8(v).unwrap(),
+                        })
+                        .collect(),
+                )
             }),
             (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..64))
                 .prop_map(|(version, blob)| Message::PutManifest { version, blob }),
@@ -747,7 +1174,8 @@ mod tests {
                             ticket: vec![9u8; crate::SIGNED_TICKET_LEN],
                             pack: PackId(p),
                             size,
-                            root
+                            root,
+                            attest: [root[0]; 64],
                         })
                         .collect()
                 )),

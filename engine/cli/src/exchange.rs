@@ -6,16 +6,17 @@ use std::fs::File;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use futures_util::StreamExt;
 use pluto_engine::client::{ClientError, CoordinatorClient};
 use pluto_engine::held::Held;
 use pluto_engine::manifest::Placement;
 use pluto_engine::network::Net;
-use pluto_engine::peers::{fetch_manifest, UploadReport, Uploader};
+use pluto_engine::peers::{audit, fetch_manifest, RepairReport, UploadReport, Uploader};
 use pluto_engine::remote::PeerPacks;
 use pluto_engine::{Home, LockMode, Repo};
 use pluto_plugins_api::{open_blob_store, BlobKind, PackId};
-use pluto_protocol::{Message, MAX_HELD_REPORTS};
+use pluto_protocol::{AuditOutcome, Message, MAX_HELD_REPORTS};
 
 use crate::fmt::bytes;
 use crate::node::connect_as;
@@ -24,8 +25,11 @@ use crate::Ui;
 /// `pluto backup` saved the snapshot, but some new packs do not have all
 /// their copies at peers yet (they stay local; the daemon goes on).
 pub(crate) const EXIT_NOT_PLACED: u8 = 4;
-/// How often the daemon looks for packs that lack copies.
-const UPLOAD_EVERY: Duration = Duration::from_secs(60);
+/// Audits of what this node holds answered at once (each reads a replica
+/// whole).
+const PROVING: usize = 2;
+/// Audits asked for at once by `check --remote`.
+const AUDITING: usize = 32;
 
 /// A coordinator session and the transports over it. The daemon's
 /// (`presence`) listens where the config says; a command's listens on a
@@ -74,26 +78,47 @@ fn upload_lock(home: &Home, wait: bool) -> Result<Option<File>> {
     }
 }
 
-/// Uploads what lacks copies; with `wait`, waits for another uploader to
+/// Repairs what the coordinator says was lost or sits on storers that are
+/// excluded or gone, then uploads what lacks copies (packs no longer here
+/// come from another replica); with `wait`, waits for another uploader to
 /// finish first (None when not waiting and another one runs).
-pub(crate) async fn upload(repo: &Repo, net: &Net, wait: bool) -> Result<Option<UploadReport>> {
+pub(crate) async fn upload(
+    repo: &Repo,
+    net: &Arc<Net>,
+    wait: bool,
+) -> Result<Option<(RepairReport, UploadReport)>> {
     let home = repo.home.clone();
     let Some(_lock) = tokio::task::spawn_blocking(move || upload_lock(&home, wait)).await?? else {
         return Ok(None);
     };
     let packs = repo.catalog.packs().await?;
-    let up = Uploader {
+    let mut up = Uploader {
         keys: &repo.keys,
         packs: repo.packs.clone(),
         placement: &repo.config.placement,
         placement_path: repo.home.placement_path(),
         net,
     };
+    let repaired = match up.repair().await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("asking what to repair: {e}");
+            RepairReport::default()
+        }
+    };
+    let placement = Placement::load(&up.placement_path).map_err(anyhow::Error::msg)?;
+    up.packs = Arc::new(PeerPacks::new(
+        repo.packs.clone(),
+        placement,
+        net.clone(),
+        repo.keys.replica.clone(),
+        tokio::runtime::Handle::current(),
+    ));
     let report = up.run(&packs).await.map_err(anyhow::Error::msg)?;
     if let Some(limit) = repo.config.local_cache {
         trim_cache(repo, limit).await?;
     }
-    Ok(Some(report))
+    Ok(Some((repaired, report)))
 }
 
 /// Drops local data packs that have all their copies at peers, the oldest
@@ -151,7 +176,10 @@ pub(crate) async fn upload_after_backup(
     };
     let r = upload(repo, &net, true).await;
     net.close().await;
-    let report = r?.context("the upload lock was not taken")?;
+    let (repaired, report) = r?.context("the upload lock was not taken")?;
+    for why in &repaired.reasons {
+        eprintln!("repair: {why}; placing it elsewhere");
+    }
     for p in &report.problems {
         eprintln!("warning: {p}");
     }
@@ -255,7 +283,7 @@ pub(crate) async fn recover(ui: &Ui, home: Home) -> Result<()> {
 fn open_held(repo: &Repo, coordinator: pluto_plugins_api::NodeId) -> Result<Arc<Held>> {
     let store = open_blob_store(&repo.home.resolve_url(&repo.config.held))?;
     Ok(Arc::new(Held::open(
-        repo.keys.node_id(),
+        repo.keys.identity.clone(),
         coordinator,
         store.into(),
         *repo.keys.obfuscation,
@@ -277,8 +305,140 @@ async fn report_held(client: &CoordinatorClient, held: &Held) -> Result<u32, Cli
     Ok(taken)
 }
 
-/// `pluto daemon`: stays connected, holds replicas for others, and places
-/// this node's packs that lack copies.
+/// `pluto check --remote`: has the coordinator audit every replica of the
+/// packs the latest snapshot needs, and says which are proven, failed or
+/// unreachable. Exit 1 when any replica failed, or any pack has no replica
+/// proven.
+pub(crate) async fn check_remote(ui: &Ui, home: Home) -> Result<u8> {
+    let mut repo = Repo::open(home.clone(), LockMode::Shared).await?;
+    let net = open_net(&repo, &home, false).await?;
+    let placement = Placement::load(&home.placement_path()).map_err(anyhow::Error::msg)?;
+    let snapshot = repo.find_snapshot("latest").await?;
+    // The trees may be at peers only.
+    repo.packs = Arc::new(PeerPacks::new(
+        repo.packs.clone(),
+        placement.clone(),
+        net.clone(),
+        repo.keys.replica.clone(),
+        tokio::runtime::Handle::current(),
+    ));
+    let repo = Arc::new(repo);
+    let index = repo.load_index().await?;
+    let packs = {
+        let repo = repo.clone();
+        tokio::task::spawn_blocking(move || repo.snapshot_packs(&index, &snapshot.id)).await??
+    };
+    let mut targets = Vec::new();
+    let mut unplaced = Vec::new();
+    for p in &packs {
+        match placement.packs.get(p) {
+            Some(pp) if !pp.replicas.is_empty() => {
+                targets.extend(pp.replicas.iter().map(|r| (*p, r.storer)));
+            }
+            _ => unplaced.push(*p),
+        }
+    }
+    let pb = ui.bar(
+        Some(targets.len() as u64),
+        "{bar:40} {pos}/{len} replicas {elapsed_precise}",
+    );
+    let results: Vec<(
+        PackId,
+        pluto_plugins_api::NodeId,
+        Result<AuditOutcome, String>,
+    )> = futures_util::stream::iter(targets.into_iter().map(|(pack, storer)| {
+        let net = &net;
+        let pb = &pb;
+        async move {
+            let r = audit(net, pack, storer).await.map_err(|e| e.to_string());
+            pb.inc(1);
+            (pack, storer, r)
+        }
+    }))
+    .buffer_unordered(AUDITING)
+    .collect()
+    .await;
+    pb.finish_and_clear();
+    net.close().await;
+    let count = |o: AuditOutcome| {
+        results
+            .iter()
+            .filter(|(_, _, r)| matches!(r, Ok(x) if *x == o))
+            .count()
+    };
+    let proven = count(AuditOutcome::Proven);
+    let failed = count(AuditOutcome::Failed);
+    let unreachable = results.len() - proven - failed;
+    let mut proven_packs = std::collections::HashSet::new();
+    for (p, _, r) in &results {
+        if matches!(r, Ok(AuditOutcome::Proven)) {
+            proven_packs.insert(*p);
+        }
+    }
+    let unproven: Vec<PackId> = packs
+        .iter()
+        .filter(|p| !proven_packs.contains(*p))
+        .copied()
+        .collect();
+    if ui.json {
+        let list: Vec<serde_json::Value> = results
+            .iter()
+            .map(|(p, s, r)| {
+                serde_json::json!({
+                    "pack": p.to_hex(),
+                    "storer": s.to_hex(),
+                    "outcome": match r { Ok(o) => o.as_str().to_string(), Err(e) => format!("error: {e}") },
+                })
+            })
+            .collect();
+        ui.print_json(&serde_json::json!({
+            "snapshot": snapshot.id.to_hex(),
+            "packs": packs.len(),
+            "replicas": results.len(),
+            "proven": proven,
+            "failed": failed,
+            "unreachable": unreachable,
+            "packs_without_proven_replica": unproven.len(),
+            "packs_never_placed": unplaced.len(),
+            "results": list,
+        }))?;
+    } else {
+        for (p, s, r) in &results {
+            match r {
+                Ok(AuditOutcome::Proven) => {}
+                Ok(o) => eprintln!("pack {} at {}: {}", p.short(), s.short(), o.as_str()),
+                Err(e) => eprintln!("pack {} at {}: {e}", p.short(), s.short()),
+            }
+        }
+        if !ui.quiet {
+            out!(
+                "snapshot {}: {} packs, {} replicas: {proven} proven, {failed} failed, {unreachable} unreachable",
+                snapshot.id.short(),
+                packs.len(),
+                results.len()
+            );
+            if !unplaced.is_empty() {
+                out!(
+                    "{} packs have no replica at peers yet (local only)",
+                    unplaced.len()
+                );
+            }
+        }
+    }
+    if failed > 0 || !unproven.is_empty() {
+        bail!(
+            "{failed} replica(s) failed their audit; {} pack(s) have no replica proven now",
+            unproven.len()
+        );
+    }
+    if !ui.json && !ui.quiet {
+        out!("every pack of the latest snapshot has a replica proven at a peer");
+    }
+    Ok(0)
+}
+
+/// `pluto daemon`: stays connected, holds replicas for others, answers
+/// audits of them, and places and repairs this node's packs.
 pub(crate) async fn daemon(ui: &Ui, home: Home) -> Result<u8> {
     tokio::select! {
         r = daemon_loop(ui, &home) => r.map(|()| 0),
@@ -323,7 +483,12 @@ async fn daemon_loop(ui: &Ui, home: &Home) -> Result<()> {
 }
 
 /// One connected stretch of the daemon: until the coordinator is lost.
-async fn serve_session(repo: &Repo, home: &Home, net: &Net, say: &impl Fn(String)) -> Result<()> {
+async fn serve_session(
+    repo: &Repo,
+    home: &Home,
+    net: &Arc<Net>,
+    say: &impl Fn(String),
+) -> Result<()> {
     let client = net.client();
     say(format!(
         "connected to coordinator {} as {}",
@@ -346,11 +511,23 @@ async fn serve_session(repo: &Repo, home: &Home, net: &Net, say: &impl Fn(String
         net.own_addresses().join(" ")
     ));
     let serving = net.serve(held.clone());
+    let mut challenges = client.challenges();
+    let proving = tokio::sync::Semaphore::new(PROVING);
     let work = async {
         let mut beat = tokio::time::interval(client.heartbeat);
-        let mut uploads = tokio::time::interval(UPLOAD_EVERY);
+        let mut uploads =
+            tokio::time::interval(Duration::from_secs(repo.config.daemon_every.max(1)));
+        let mut answers = futures_util::stream::FuturesUnordered::new();
         loop {
             tokio::select! {
+                Some(m) = challenges.recv() => {
+                    let (held, proving) = (&held, &proving);
+                    answers.push(async move {
+                        let _permit = proving.acquire().await;
+                        answer_audit(client, held, m).await;
+                    });
+                }
+                Some(()) = answers.next(), if !answers.is_empty() => {}
                 _ = beat.tick() => {
                     if let Err(e) = client.request(&Message::Heartbeat).await {
                         say(format!("lost the coordinator: {e}"));
@@ -361,11 +538,18 @@ async fn serve_session(repo: &Repo, home: &Home, net: &Net, say: &impl Fn(String
                     let cfg = home.load_config().unwrap_or_else(|_| repo.config.clone());
                     held.set_capacity(cfg.offer);
                     match upload(repo, net, false).await {
-                        Ok(Some(r)) if r.replicas_sent > 0 || r.short > 0 => say(format!(
-                            "upload: sent {} replicas ({}); {} of {} packs placed",
-                            r.replicas_sent, bytes(r.bytes_sent), r.complete, r.packs
-                        )),
-                        Ok(_) => {}
+                        Ok(Some((fixed, r))) => {
+                            for why in &fixed.reasons {
+                                say(format!("repair: {why}; placing it elsewhere"));
+                            }
+                            if r.replicas_sent > 0 || r.short > 0 || fixed.moved > 0 {
+                                say(format!(
+                                    "upload: sent {} replicas ({}); {} of {} packs placed",
+                                    r.replicas_sent, bytes(r.bytes_sent), r.complete, r.packs
+                                ));
+                            }
+                        }
+                        Ok(None) => {}
                         Err(e) => say(format!("upload: {e:#}")),
                     }
                 }
@@ -377,4 +561,28 @@ async fn serve_session(repo: &Repo, home: &Home, net: &Net, say: &impl Fn(String
         () = serving => say("the transports closed".into()),
     }
     Ok(())
+}
+
+/// Answers one audit of a replica held here.
+async fn answer_audit(client: &CoordinatorClient, held: &Held, m: Message) {
+    let Message::Prove {
+        challenge,
+        owner,
+        pack,
+        root,
+        size,
+        offset,
+        len,
+        deadline_ms,
+    } = m
+    else {
+        return;
+    };
+    if pluto_engine::client::now_ms() > deadline_ms {
+        return;
+    }
+    let answer = held.prove(&owner, &pack, root, size, offset, len).await;
+    if let Err(e) = client.notify(&Message::Proof { challenge, answer }).await {
+        tracing::warn!("answering an audit: {e}");
+    }
 }

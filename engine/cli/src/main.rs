@@ -158,9 +158,14 @@ enum Command {
     },
     /// Verify packs, index and snapshots.
     Check {
-        /// Also read and verify every blob.
+        /// Also read and verify every blob (fetching from peers what is not here).
         #[arg(long)]
         read_data: bool,
+        /// Instead: have the coordinator audit every replica at peers of the
+        /// latest snapshot's packs, and say which are proven, failed or
+        /// unreachable (fast: nothing is downloaded).
+        #[arg(long, conflicts_with = "read_data")]
+        remote: bool,
     },
     /// Rebuild the catalog from the packs alone.
     RebuildCatalog,
@@ -310,7 +315,8 @@ async fn run(cli: Cli) -> Result<u8> {
             target,
             include,
         } => restore_cmd(&ui, home, &snapshot, target, include).await,
-        Command::Check { read_data } => check_cmd(&ui, home, read_data).await,
+        Command::Check { remote: true, .. } => exchange::check_remote(&ui, home).await,
+        Command::Check { read_data, .. } => check_cmd(&ui, home, read_data).await,
         Command::RebuildCatalog => {
             let repo = Repo::open(home, LockMode::Exclusive).await?;
             let report = repo.rebuild_catalog().await?;

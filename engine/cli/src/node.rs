@@ -104,6 +104,32 @@ struct Peer {
     bytes_stored: u64,
     /// The transport that reached it last (none yet: never reached).
     transport: Option<String>,
+    /// Its reputation per track (0..1): right answers to audits, answers
+    /// in time, and recent time online.
+    scores: Scores,
+    /// Its transfer speed as owners measured it, bytes per second (0: none).
+    speed_bps: u64,
+    /// Audits it passed, failed, and let lapse.
+    audits: Audits,
+    /// Excluded for failing audits: no new data, and what it holds is
+    /// placed elsewhere.
+    excluded: bool,
+    /// Below a minimum (uptime, answers in time, speed): no new data for now.
+    held_back: bool,
+}
+
+#[derive(serde::Serialize)]
+struct Scores {
+    audit: f64,
+    timeout: f64,
+    uptime: f64,
+}
+
+#[derive(serde::Serialize)]
+struct Audits {
+    passed: u64,
+    failed: u64,
+    timed_out: u64,
 }
 
 pub(crate) async fn peers(ui: &Ui, home: Home) -> Result<u8> {
@@ -128,6 +154,19 @@ pub(crate) async fn peers(ui: &Ui, home: Home) -> Result<u8> {
             bytes_held: p.bytes_held,
             replicas_stored: p.replicas_stored,
             bytes_stored: p.bytes_stored,
+            scores: Scores {
+                audit: f64::from(p.audit_permille) / 1000.0,
+                timeout: f64::from(p.timeout_permille) / 1000.0,
+                uptime: f64::from(p.uptime_score_permille) / 1000.0,
+            },
+            speed_bps: p.speed_bps,
+            audits: Audits {
+                passed: p.audits_passed,
+                failed: p.audits_failed,
+                timed_out: p.audits_timed_out,
+            },
+            excluded: p.excluded,
+            held_back: p.held_back,
         })
         .collect();
     if ui.json {
@@ -139,19 +178,36 @@ pub(crate) async fn peers(ui: &Ui, home: Home) -> Result<u8> {
         return Ok(0);
     }
     out!(
-        "{:<16} {:<8} {:>7} {:>22} {:>22}  via",
+        "{:<16} {:<9} {:>7} {:>6} {:>11} {:>20} {:>20}  via",
         "peer",
         "state",
         "uptime",
+        "audit",
+        "speed",
         "holds for you",
         "you hold for it"
     );
     for p in &peers {
+        let state = if p.excluded {
+            "excluded"
+        } else if p.held_back {
+            "held back"
+        } else if p.online {
+            "online"
+        } else {
+            "offline"
+        };
         out!(
-            "{:<16} {:<8} {:>6.1}% {:>22} {:>22}  {}",
+            "{:<16} {:<9} {:>6.1}% {:>6.3} {:>11} {:>20} {:>20}  {}",
             &p.id[..16],
-            if p.online { "online" } else { "offline" },
+            state,
             p.uptime * 100.0,
+            p.scores.audit,
+            if p.speed_bps == 0 {
+                "-".to_string()
+            } else {
+                format!("{}/s", bytes(p.speed_bps))
+            },
             format!("{} ({})", p.replicas_held, bytes(p.bytes_held)),
             format!("{} ({})", p.replicas_stored, bytes(p.bytes_stored)),
             p.transport.as_deref().unwrap_or("-"),

@@ -9,7 +9,7 @@ use pluto_engine::exchange::{delete_message, PeerError, PeerMsg, MAX_FRAME};
 use pluto_engine::held::Held;
 use pluto_engine::keys::{Keys, MasterKey};
 use pluto_plugins_api::{open_transport, Link, NodeId, PackId, Transport, TransportOptions};
-use pluto_protocol::Ticket;
+use pluto_protocol::{proof, ProofAnswer, ReplicaStatement, Ticket};
 use pluto_store_fs::FsBlobStore;
 // Linked for its plugin registration.
 use pluto_transport_quic as _;
@@ -95,7 +95,7 @@ impl World {
 
 fn open_held(dir: &std::path::Path, storer: &Keys, c: &SigningKey, capacity: u64) -> Held {
     Held::open(
-        storer.node_id(),
+        storer.identity.clone(),
         NodeId(c.verifying_key().to_bytes()),
         Arc::new(FsBlobStore::open(dir.join("held")).unwrap()),
         *storer.obfuscation,
@@ -131,6 +131,40 @@ async fn put(
     size: u64,
     frames: &[&[u8]],
 ) -> PeerMsg {
+    let attest = statement(w, owner, pack, size, root).sign(&owner.identity);
+    put_attested(w, owner, ticket, pack, root, size, attest, frames).await
+}
+
+/// What owner and storer sign about a replica.
+fn statement(w: &World, owner: &Keys, pack: PackId, size: u64, root: [u8; 32]) -> ReplicaStatement {
+    ReplicaStatement {
+        owner: owner.node_id(),
+        storer: w.storer.node_id(),
+        pack,
+        size,
+        root,
+    }
+}
+
+/// The storer's answer when it kept a replica: its receipt.
+fn kept(w: &World, owner: &Keys, pack: PackId, size: u64, root: [u8; 32]) -> PeerMsg {
+    PeerMsg::Kept {
+        receipt: statement(w, owner, pack, size, root).sign(&w.storer.identity),
+    }
+}
+
+/// Put with the owner's signature `attest`.
+#[allow(clippy::too_many_arguments)]
+async fn put_attested(
+    w: &World,
+    owner: &Keys,
+    ticket: Vec<u8>,
+    pack: PackId,
+    root: [u8; 32],
+    size: u64,
+    attest: [u8; 64],
+    frames: &[&[u8]],
+) -> PeerMsg {
     let mut l = w.link(owner).await;
     l.send(
         &PeerMsg::Put {
@@ -138,6 +172,7 @@ async fn put(
             pack,
             root,
             size,
+            attest,
         }
         .encode(),
     )
@@ -278,6 +313,39 @@ async fn stores_checks_serves_and_deletes_only_for_the_owner() {
         PeerError::Ticket,
     );
 
+    // A statement the owner did not sign, or signed for other bytes.
+    let bad_attest =
+        statement(&w, &owner, pack, replica.len() as u64, [7; 32]).sign(&owner.identity);
+    refused(
+        put_attested(
+            &w,
+            &owner,
+            t.clone(),
+            pack,
+            r,
+            replica.len() as u64,
+            bad_attest,
+            &chunks,
+        )
+        .await,
+        PeerError::Unauthorized,
+    );
+    let by_stranger = statement(&w, &owner, pack, replica.len() as u64, r).sign(&stranger.identity);
+    refused(
+        put_attested(
+            &w,
+            &owner,
+            t.clone(),
+            pack,
+            r,
+            replica.len() as u64,
+            by_stranger,
+            &chunks,
+        )
+        .await,
+        PeerError::Unauthorized,
+    );
+
     // The real thing.
     assert_eq!(
         put(
@@ -290,14 +358,15 @@ async fn stores_checks_serves_and_deletes_only_for_the_owner() {
             &chunks
         )
         .await,
-        PeerMsg::Ok
+        kept(&w, &owner, pack, replica.len() as u64, r)
     );
     assert_eq!(w.held.usage(), (replica.len() as u64, 1));
     // Again: already held, nothing sent.
     assert_eq!(
         put(&w, &owner, t.clone(), pack, r, replica.len() as u64, &[]).await,
         PeerMsg::Have {
-            size: replica.len() as u64
+            size: replica.len() as u64,
+            receipt: statement(&w, &owner, pack, replica.len() as u64, r).sign(&w.storer.identity),
         }
     );
     // The same ticket for other bytes: used already.
@@ -360,14 +429,67 @@ async fn stores_checks_serves_and_deletes_only_for_the_owner() {
     assert_eq!(reopened.entries(), w.held.entries());
     assert_eq!(reopened.reports().len(), 1);
 
+    // Audits: a proof over the replica's bytes for any range; nothing for
+    // a replica named with another owner, pack or size.
+    let size = replica.len() as u64;
+    for (offset, len) in [
+        (0, 1024),
+        (1 << 20, 16 << 10),
+        (size - size % 1024, size % 1024),
+    ] {
+        let ProofAnswer::Held(p) = w
+            .held
+            .prove(&owner.node_id(), &pack, r, size, offset, len)
+            .await
+        else {
+            panic!("no proof for {offset}+{len}")
+        };
+        let got = proof::verify(&r, size, offset, len, &p).unwrap();
+        assert_eq!(got, &replica[offset as usize..(offset + len) as usize]);
+    }
+    for (who, p, z) in [
+        (stranger.node_id(), pack, size),
+        (owner.node_id(), PackId([2; 32]), size),
+        (owner.node_id(), pack, size - 1),
+    ] {
+        assert_eq!(
+            w.held.prove(&who, &p, r, z, 0, 1024).await,
+            ProofAnswer::NotHeld
+        );
+    }
+
     // The owner's delete.
     let mut l = w.link(&owner).await;
-    l.send(&del(&owner, now_ms()).encode()).await.unwrap();
+    let asked = now_ms();
+    l.send(&del(&owner, asked).encode()).await.unwrap();
     assert_eq!(recv(&mut l).await, PeerMsg::Ok);
     assert_eq!(w.held.usage(), (0, 0));
     refused(
         get(&w, &owner, r, 0, 10).await.unwrap_err(),
         PeerError::NotFound,
+    );
+    // An audit of it now gets the owner's own signed request, which the
+    // coordinator checks; to anyone else's name it is simply not held.
+    match w
+        .held
+        .prove(&owner.node_id(), &pack, r, size, 0, 1024)
+        .await
+    {
+        ProofAnswer::Deleted { at_ms, signature } => {
+            assert_eq!(at_ms, asked);
+            assert!(pluto_protocol::verify(
+                &owner.node_id(),
+                &delete_message(&w.storer.node_id(), &r, at_ms),
+                &signature
+            ));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        w.held
+            .prove(&stranger.node_id(), &pack, r, size, 0, 1024)
+            .await,
+        ProofAnswer::NotHeld
     );
 }
 
@@ -428,6 +550,6 @@ async fn over_quota_floods_and_garbage_are_refused() {
     let t2 = w.ticket(&owner, p2, 1000, later);
     assert_eq!(
         put(&w, &owner, t2, p2, root(&small), 1000, &[&small]).await,
-        PeerMsg::Ok
+        kept(&w, &owner, p2, 1000, root(&small))
     );
 }
