@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use super::common::*;
-use super::network::{free_port, Coordinator, Proc};
+use super::network::{coordinator_bin, free_port, Coordinator, Proc};
 
 /// A small network: a coordinator and storers with daemons running.
 struct Net {
@@ -49,11 +49,20 @@ fn daemon(home: &Path) -> Proc {
 
 impl Net {
     fn start(storers: usize, storer_config: &[(&str, &str)]) -> Self {
+        Self::start_with(storers, storer_config, "")
+    }
+
+    /// With more coordinator settings (TOML lines).
+    fn start_with(storers: usize, storer_config: &[(&str, &str)], coordinator: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let url = format!("mqtt://127.0.0.1:{port}");
         let config = dir.path().join("coordinator.toml");
-        std::fs::write(&config, "heartbeat_ms = 1000\nsweep_ms = 500\n").unwrap();
+        std::fs::write(
+            &config,
+            format!("heartbeat_ms = 1000\nsweep_ms = 500\n{coordinator}"),
+        )
+        .unwrap();
         let coordinator = Coordinator {
             home: dir.path().join("coordinator"),
             args: vec![
@@ -315,4 +324,178 @@ fn too_few_storers_exit_4_and_the_daemon_finishes() {
     d.wait_for("packs placed", Duration::from_secs(60));
     let placed = json(&ok(pluto(&home).args(["--json", "backup"]).arg(&data)));
     assert_eq!(placed["upload"]["short"], 0, "{placed}");
+}
+
+/// The coordinator's view of every node (`pluto-coordinator status --json`).
+fn standings(net: &Net) -> Vec<serde_json::Value> {
+    let r = ok(Command::new(coordinator_bin())
+        .arg("--home")
+        .arg(&net.coordinator.home)
+        .args(["status", "--json"]));
+    serde_json::from_str(&r.stdout).unwrap()
+}
+
+/// Files under a storer's held store (one per replica).
+fn held_objects(home: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![home.join("held")];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if p.file_name().is_some_and(|n| n.len() == 64) {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn a_cheating_storer_is_caught_excluded_and_repaired() {
+    // Audits on a short clock: every storer at least twice a second.
+    let mut net = Net::start_with(
+        4,
+        &[],
+        "audit_tick_ms = 100\nstorer_audit_every_ms = 500\naudit_every_ms = 20000\n\
+         proof_deadline_ms = 5000\nstanding_every_ms = 1000\n",
+    );
+    let (home, _) = net.owner("owner");
+    // Many small packs: a hundred replicas or so per storer.
+    for (k, v) in [
+        ("pack_size", "65536"),
+        ("min", "8192"),
+        ("avg", "16384"),
+        ("max", "32768"),
+        ("daemon_every", "1"),
+    ] {
+        set(&home, k, v);
+    }
+    let data = net.path("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for i in 0..12 {
+        std::fs::write(data.join(format!("f{i}.bin")), noise(100 + i, 1_000_000)).unwrap();
+    }
+    backup_placed(&home, &data);
+    // Every replica of the snapshot proven, from the command line.
+    let proven = json(&ok(pluto(&home).args(["--json", "check", "--remote"])));
+    assert_eq!(proven["failed"], 0, "{proven}");
+    assert_eq!(proven["proven"], proven["replicas"], "{proven}");
+    assert!(proven["replicas"].as_u64().unwrap() >= 300, "{proven}");
+
+    // The storer holding most deletes 1% of it behind everyone's back, and
+    // carries on (restarted, so nothing it had open keeps the bytes).
+    let (i, held) = net
+        .storers
+        .iter()
+        .map(|(h, _)| held_objects(h))
+        .enumerate()
+        .max_by_key(|(_, v)| v.len())
+        .unwrap();
+    let cheater_home = net.storers[i].0.clone();
+    let gone = held.len().div_ceil(100);
+    net.storers[i].1.kill();
+    for p in held.iter().step_by(held.len() / gone).take(gone) {
+        std::fs::remove_file(p).unwrap();
+    }
+    net.storers[i].1 = daemon(&cheater_home);
+    let cheater = json(&ok(pluto(&cheater_home).args(["--json", "status"])))["node_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // The owner's audit finds it at once; the coordinator's schedule would too.
+    let r = run(pluto(&home).args(["--json", "check", "--remote"]));
+    assert_eq!(r.code, 1, "{} {}", r.stdout, r.stderr);
+    let found = json(&r);
+    assert!(found["failed"].as_u64().unwrap() >= gone as u64, "{found}");
+    let failed_at: Vec<&str> = found["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["outcome"] == "failed")
+        .map(|x| x["storer"].as_str().unwrap())
+        .collect();
+    assert!(failed_at.iter().all(|s| *s == cheater), "{failed_at:?}");
+    let excluded = |net: &Net| {
+        standings(net)
+            .into_iter()
+            .find(|n| n["id"] == cheater.as_str())
+            .is_some_and(|n| n["excluded"] == true)
+    };
+    wait_until("the cheater's exclusion", Duration::from_secs(30), || {
+        excluded(&net)
+    });
+    let peers = json(&ok(pluto(&home).args(["--json", "peers"])));
+    let seen = peers["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == cheater.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(seen["excluded"], true, "{seen}");
+    assert!(seen["audits"]["failed"].as_u64().unwrap() >= 1, "{seen}");
+    // Honest storers are untouched.
+    for n in standings(&net) {
+        if n["id"] != cheater.as_str() {
+            assert_eq!(
+                (n["excluded"].clone(), n["audits_failed"].clone()),
+                (false.into(), 0.into()),
+                "{n}"
+            );
+        }
+    }
+
+    // The owner's daemon moves everything off the cheater, from the
+    // local packs or the other replica, and releases its claim.
+    drop_local_packs(&home);
+    std::fs::create_dir_all(home.join("packs")).unwrap();
+    let d = daemon(&home);
+    d.wait_for("repair: ", Duration::from_secs(30));
+    wait_until(
+        "the cheater holding nothing",
+        Duration::from_secs(120),
+        || {
+            standings(&net)
+                .into_iter()
+                .find(|n| n["id"] == cheater.as_str())
+                .is_some_and(|n| n["held"] == 0)
+        },
+    );
+    wait_until(
+        "every pack with its copies again",
+        Duration::from_secs(120),
+        || {
+            let s = json(&ok(pluto(&home).args(["--json", "status"])));
+            s["packs_placed"] == s["packs"]
+        },
+    );
+    let fine = json(&ok(pluto(&home).args(["--json", "check", "--remote"])));
+    assert_eq!(fine["failed"], 0, "{fine}");
+    assert!(
+        fine["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x["storer"] != cheater.as_str() && x["outcome"] == "proven"),
+        "{fine}"
+    );
+    drop(d);
+    // Nothing was lost: the snapshot restores from the honest peers alone.
+    drop_local_packs(&home);
+    restore_same(&home, &data, &net.path("restore"));
 }
