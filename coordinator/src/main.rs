@@ -274,7 +274,7 @@ async fn status(
         return Ok(());
     }
     println!(
-        "{:<16} {:>7} {:>10} {:>10} {:>6} {:>6} {:>6} {:>10} {:>14}  state",
+        "{:<16} {:>7} {:>10} {:>10} {:>6} {:>6} {:>6} {:>12} {:>14}  state",
         "node", "online", "held", "offer", "audit", "time", "uptime", "speed", "pass/fail/late"
     );
     for (n, row) in nodes.iter().zip(&rows) {
@@ -287,7 +287,7 @@ async fn status(
             "ok"
         };
         println!(
-            "{:<16} {:>7} {:>10} {:>10} {:>6.3} {:>6.3} {:>6.3} {:>8}/s {:>14}  {state}",
+            "{:<16} {:>7} {:>10} {:>10} {:>6.3} {:>6.3} {:>6.3} {:>12} {:>14}  {state}",
             n.id.short(),
             if n.online { "yes" } else { "no" },
             n.held,
@@ -295,7 +295,10 @@ async fn status(
             st.audit.score(),
             st.timeout.score(),
             st.uptime.score(),
-            row["speed_bps"],
+            match row["speed_bps"].as_u64() {
+                Some(0) | None => "-".to_string(),
+                Some(b) => format!("{} KB/s", b / 1000),
+            },
             format!("{}/{}/{}", st.passed, st.failed, st.timed_out),
         );
     }
