@@ -603,6 +603,16 @@ impl Coordinator {
         if replica.size == 0 {
             return Ok(Issued::Unknown);
         }
+        // Proven lost already: counted once, not again until its owner
+        // has placed it elsewhere.
+        if self
+            .books
+            .lost_replicas(owner)
+            .await?
+            .contains(&(pack, storer))
+        {
+            return Ok(Issued::Done(AuditOutcome::Failed));
+        }
         let node = match self.books.node(&storer).await? {
             Some(n) if n.online => n,
             _ => return Ok(Issued::Done(AuditOutcome::Offline)),
@@ -823,15 +833,20 @@ impl Coordinator {
         }
         for storer in due {
             let held = self.books.replicas_held_by(&storer).await?;
-            let Some(r) = held.choose(&mut RngAdapter(rng)) else {
-                continue;
-            };
-            if let Issued::Sent(out) = self
-                .issue(&r.owner, r.pack, storer, None, now_ms, rng)
-                .await?
-            {
-                tick.outgoing.push(out);
-                tick.scheduled += 1;
+            // A few tries: a replica already proven lost is skipped.
+            for r in held.choose_multiple(&mut RngAdapter(rng), 4) {
+                match self
+                    .issue(&r.owner, r.pack, storer, None, now_ms, rng)
+                    .await?
+                {
+                    Issued::Sent(out) => {
+                        tick.outgoing.push(out);
+                        tick.scheduled += 1;
+                        break;
+                    }
+                    Issued::Done(AuditOutcome::Failed) => continue,
+                    _ => break,
+                }
             }
         }
         Ok(tick)

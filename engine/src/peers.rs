@@ -25,7 +25,7 @@ use std::time::Duration;
 use ed25519_dalek::SigningKey;
 use futures_util::StreamExt;
 use pluto_plugins_api::{BlobKind, BlobStore, Link, NodeId, PackId, StoreError, TransportError};
-use pluto_protocol::{ErrorCode, Message, RepairItem, ReplicaStatement};
+use pluto_protocol::{ErrorCode, Message, RepairItem, RepairReason, ReplicaStatement};
 
 use crate::client::ClientError;
 use crate::crypto::SealKey;
@@ -356,8 +356,30 @@ impl Uploader<'_> {
             return Ok(rep);
         }
         let mut placement = Placement::load(&self.placement_path)?;
+        let bad: HashSet<(PackId, NodeId)> = items.iter().map(|i| (i.pack, i.storer)).collect();
         let mut gone: Vec<(RepairItem, Option<[u8; 32]>)> = Vec::new();
         for item in items {
+            // A replica that may still be read (its storer is excluded or
+            // away, not proven to have lost it) stays the pack's source
+            // until another one exists: with no local pack and no other
+            // good replica, it is kept for now.
+            if item.reason != RepairReason::Lost {
+                let other = placement.packs.get(&item.pack).is_some_and(|p| {
+                    p.replicas
+                        .iter()
+                        .any(|r| !bad.contains(&(item.pack, r.storer)))
+                });
+                let local = matches!(self.packs.size(&item.pack), Ok(Some(_)));
+                if !other && !local {
+                    tracing::warn!(
+                        "pack {}: its only replica is at {} ({}); kept until another copy can be made",
+                        item.pack.short(),
+                        item.storer.short(),
+                        item.reason.as_str()
+                    );
+                    continue;
+                }
+            }
             let root = placement.packs.get_mut(&item.pack).and_then(|p| {
                 let i = p.replicas.iter().position(|r| r.storer == item.storer)?;
                 Some(p.replicas.remove(i).root)
@@ -379,8 +401,8 @@ impl Uploader<'_> {
         }
         // The books follow the placement: a replica that is not in it (any
         // more) is released, so its storer's space and this node's quota
-        // come back.
-        for (item, root) in &gone {
+        // come back; its storer is asked to delete it (best effort).
+        futures_util::stream::iter(gone.iter().map(|(item, root)| async move {
             if let Err(e) = self
                 .net
                 .client()
@@ -405,7 +427,10 @@ impl Uploader<'_> {
                     );
                 }
             }
-        }
+        }))
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
         Ok(rep)
     }
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A cheating storer caught, excluded and repaired around, all on this
-# machine: a coordinator auditing on a short clock, four storers and alice.
+# machine: a coordinator auditing on a short clock, three storers and alice.
 # alice backs up a folder (two copies of every pack); every replica is
 # proven with `pluto check --remote`; then dave, the storer holding most,
 # deletes 1% of what he holds. The next audit catches him, the coordinator
@@ -10,8 +10,8 @@
 #
 #   examples/audit-demo/run.sh [FOLDER]
 #
-# Without FOLDER, 12 MB of random files (incompressible, so they make ~190
-# packs and ~95 replicas per storer).
+# Without FOLDER, 26 MB of random files (incompressible, so they make ~340
+# packs and ~230 replicas per storer).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 cargo build -q --profile test -p pluto-cli -p pluto-coordinator
@@ -22,7 +22,7 @@ if [[ -n ${1:-} ]]; then
 else
   src=$work/data
   mkdir -p "$src"
-  for i in $(seq 12); do head -c 1000000 /dev/urandom > "$src/f$i.bin"; done
+  for i in $(seq 26); do head -c 1000000 /dev/urandom > "$src/f$i.bin"; done
 fi
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
@@ -51,7 +51,7 @@ pids+=($!)
 wait_log "$work/coordinator.out" '^pluto-coordinator ' 20
 echo "== $(head -1 "$work/coordinator.out")"
 
-storers=(bob carol dave erin)
+storers=(bob carol dave)
 for n in alice "${storers[@]}"; do
   pluto --home "$work/$n" -q init --offer 1G --coordinator "$url" > /dev/null
 done
@@ -78,7 +78,7 @@ pluto --home "$work/alice" check --remote
 cheat=$(for n in "${storers[@]}"; do echo "$(find "$work/$n/held" -type f -name '????????????????????????????????????????????????????????????????' | wc -l) $n"; done | sort -n | tail -1 | cut -d' ' -f2)
 held=$(find "$work/$cheat/held" -type f -name '????????????????????????????????????????????????????????????????' | sort)
 total=$(echo "$held" | wc -l)
-gone=$(( (total + 99) / 100 ))
+gone=$(( total / 100 > 0 ? total / 100 : 1 ))
 cheat_id=$(pluto --home "$work/$cheat" --json status | field '["node_id"]')
 echo "== $cheat (${cheat_id:0:16}) deletes $gone of the $total replicas he holds, and restarts"
 eval "kill \$pid_$cheat; wait \$pid_$cheat" 2>/dev/null || true

@@ -241,8 +241,12 @@ async fn storers_without_the_bytes_fail_and_are_excluded() {
             );
         }
         let st = standing(&net, s).await;
-        assert_eq!((st.passed, st.failed), (20, 2));
-        assert!(st.excluded_ms != 0, "excluded after two losses");
+        assert_eq!(
+            (st.passed, st.failed),
+            (20, 1),
+            "a lost replica counts once"
+        );
+        assert!(st.excluded_ms != 0, "a short record and a loss: excluded");
         assert!(!st.eligible());
     }
     // Excluded storers get nothing new.
@@ -304,6 +308,15 @@ async fn one_loss_in_a_long_clean_record_is_forgiven_once() {
     );
     let st = standing(&net, &s).await;
     assert_eq!(st.excluded_ms, 0, "{:.3}", st.audit.score());
+    // Audited again before its owner moved it: the same loss, not a new one.
+    for i in 0..5 {
+        assert_eq!(
+            audit(&net, &owner, &s, 2, T + 401 + i, &not_held).await,
+            Ok(AuditOutcome::Failed)
+        );
+    }
+    let again = standing(&net, &s).await;
+    assert_eq!((again.failed, again.excluded_ms), (1, 0));
     // The lost replica is to be placed elsewhere, the rest stays.
     let Message::Repairs(list) = ask(&net, &owner, T + 400, &Message::GetRepairs).await else {
         panic!()
@@ -466,12 +479,13 @@ async fn replayed_misdirected_malformed_and_late_answers() {
     }
     let r = blob(40_000, 4);
     place(&net, &owner, &s, 1, &r, T).await;
-    let ask_audit = |now: u64| {
+    place(&net, &owner, &s, 2, &r, T).await;
+    let ask_audit = |now: u64, pack: u8| {
         owner.envelope(
             net.c.id(),
             now,
             &Message::Audit {
-                pack: PackId([1; 32]),
+                pack: PackId([pack; 32]),
                 storer: s.id(),
             },
         )
@@ -491,7 +505,7 @@ async fn replayed_misdirected_malformed_and_late_answers() {
         .await
         .unwrap()
         .is_none());
-    let (bytes, nonce) = ask_audit(T);
+    let (bytes, nonce) = ask_audit(T, 1);
     let out = net
         .c
         .handle(Some(owner.id()), &bytes, T, &mut OsRng)
@@ -555,7 +569,7 @@ async fn replayed_misdirected_malformed_and_late_answers() {
         .unwrap()
         .is_none());
     // An answer after the deadline counts as none.
-    let (bytes, nonce) = ask_audit(T + 1);
+    let (bytes, nonce) = ask_audit(T + 1, 2);
     let out = net
         .c
         .handle(Some(owner.id()), &bytes, T + 1, &mut OsRng)
