@@ -20,8 +20,6 @@ pub const MAX_HELD_REPORTS: usize = 512;
 const PEER_REPORT_LEN: usize = 32 + 1 + 8 + 2 + 4 + 8 + 4 + 8 + 2 * 3 + 8 * 4 + 1;
 /// Most entries in one [`Message::Repairs`].
 pub const MAX_REPAIRS: usize = 16_384;
-/// Longest proof a [`ProofAnswer::Held`] may carry.
-const MAX_PROOF: usize = 64 << 10;
 
 /// Why a request was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -938,7 +936,7 @@ impl Message {
                 let answer = match r.u8()? {
                     0 => {
                         let proof = r.bytes()?;
-                        if proof.len() > MAX_PROOF {
+                        if proof.len() > crate::proof::MAX_PROOF {
                             return Err(r.error(format!("a proof of {} bytes", proof.len())));
                         }
                         ProofAnswer::Held(proof.to_vec())
