@@ -866,9 +866,15 @@ impl Coordinator {
             let Some(mut node) = self.books.node(&n.id).await? else {
                 continue;
             };
-            node.standing.uptime = uptime;
+            // Written when it moved enough to show (a thousandth), not at
+            // every refresh of every node.
+            let moved = (uptime.score() - node.standing.uptime.score()).abs() >= 1e-3;
+            let before = node.standing.held_back;
+            if moved {
+                node.standing.uptime = uptime;
+            }
             node.standing.held_back = audit::held_back(&node.standing, &self.config, now_ms);
-            if node.standing != n.standing {
+            if moved || node.standing.held_back != before {
                 self.books.set_standing(&n.id, &node.standing).await?;
                 changed += 1;
             }
