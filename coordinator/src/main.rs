@@ -133,10 +133,8 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PLUTO_LOG").unwrap_or_else(|_| {
-                // rumqttd logs every dropped client as an error.
-                tracing_subscriber::EnvFilter::new("info,rumqttd=off,rumqttc=warn")
-            }),
+            tracing_subscriber::EnvFilter::try_from_env("PLUTO_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttc=warn")),
         )
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

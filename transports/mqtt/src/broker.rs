@@ -1,14 +1,47 @@
-//! An MQTT broker inside the process (rumqttd), so the coordinator runs on
-//! one command with no external service.
+//! An MQTT 3.1.1 broker inside the process, so the coordinator runs on one
+//! command with no external service.
 //!
-//! rumqttd runs its router and listener on threads of their own and has no
-//! shutdown: the broker lives as long as the process.
+//! It serves what pluto's own client uses and no more: clean sessions,
+//! QoS 0 and 1, exact and wildcard filters, shared subscriptions
+//! (`$share/GROUP/FILTER`, each publish to one member in turn), keep-alive,
+//! last wills and client-id takeover. Routing a publish to an exact topic is
+//! one map lookup, whatever the number of clients (rumqttd 0.20, used
+//! before, matched the first publish on each new topic against every
+//! filter, which made the join of N nodes quadratic).
+//!
+//! What it does not do, on purpose:
+//! - no persistence and no sessions across connections: a CONNECT that asks
+//!   to keep its session gets a clean one (CONNACK says "no session");
+//! - no retained messages: the retain flag is ignored;
+//! - no QoS 2: a QoS 2 publish ends the connection, a QoS 2 subscription or
+//!   will is served at QoS 1;
+//! - no authentication: user names and passwords are ignored (see the crate
+//!   doc for why that is harmless here).
+//!
+//! Bounds: at most `max_connections` sockets (more are closed on accept);
+//! packets up to `max_payload` + 1 KiB (a larger one ends its connection);
+//! CONNECT within 5 s of accepting; 1.5 × the keep-alive between packets
+//! (then the will is published); a byte bound on each connection's queue
+//! of deliveries, beyond which deliveries to it are *dropped* (a slow
+//! subscriber loses messages, the others are not held up), and one on all
+//! queues together; 64 filters per connection and 1,024 distinct wildcard
+//! or shared filters in all. Malformed input ends only its own connection.
+//!
+//! It runs on a tokio runtime of its own, on a thread of its own, so it
+//! starts from async and plain code alike; it has no shutdown: the broker
+//! lives as long as the process. `connection` draws a connection's tasks;
+//! `router` holds subscriptions and sessions.
 
-use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+mod connection;
+mod router;
 
-use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings, Strategy};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use connection::{Limits, Shared};
+use tokio::net::{TcpListener, TcpSocket};
 
 /// Why the broker did not start.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +53,9 @@ pub enum BrokerError {
     /// The broker did not start accepting connections.
     #[error("the embedded broker did not start on {0}")]
     NotReady(SocketAddr),
+    /// Its thread or runtime could not be started.
+    #[error("cannot start the embedded broker: {0}")]
+    Runtime(std::io::Error),
 }
 
 /// A running embedded broker.
@@ -32,71 +68,106 @@ pub struct EmbeddedBroker {
 impl EmbeddedBroker {
     /// Starts a broker on `listen` (port 0 picks a free port) for up to
     /// `max_connections` clients and payloads up to `max_payload` bytes,
-    /// and waits until it accepts connections.
+    /// and returns once it accepts connections.
     pub fn start(
         listen: SocketAddr,
         max_connections: usize,
         max_payload: usize,
     ) -> Result<Self, BrokerError> {
-        // rumqttd only logs a failed bind, so bind once here to report it
-        // (and to learn the port when 0 was asked for).
-        let addr = TcpListener::bind(listen)
-            .and_then(|l| l.local_addr())
-            .map_err(|e| BrokerError::Bind(listen, e))?;
-        let connections = ConnectionSettings {
-            connection_timeout_ms: 10_000,
-            max_payload_size: max_payload + 1024,
-            max_inflight_count: 100,
-            auth: None,
-            external_auth: None,
-            dynamic_filters: true,
-        };
-        let mut v4 = HashMap::new();
-        v4.insert(
-            "pluto".to_string(),
-            ServerSettings {
-                name: "pluto".into(),
-                listen: addr,
-                tls: None,
-                next_connection_delay_ms: 0,
-                connections,
-            },
-        );
-        let config = Config {
-            id: 0,
-            router: RouterConfig {
-                max_connections,
-                max_outgoing_packet_count: 200,
-                max_segment_size: 1 << 20,
-                max_segment_count: 4,
-                custom_segment: None,
-                initialized_filters: None,
-                shared_subscriptions_strategy: Strategy::RoundRobin,
-            },
-            v4: Some(v4),
-            ..Default::default()
-        };
-        let mut broker = Broker::new(config);
+        let limits = Limits::new(max_connections, max_payload);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get().clamp(1, 4))
+            .unwrap_or(2);
         std::thread::Builder::new()
             .name("pluto-mqtt-broker".into())
             .spawn(move || {
-                if let Err(e) = broker.start() {
-                    tracing::error!("embedded MQTT broker stopped: {e}");
-                }
+                let rt = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(workers)
+                    .thread_name("pluto-mqtt-broker")
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(BrokerError::Runtime(e)));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let bound = bind(listen).and_then(|l| Ok((l.local_addr()?, l)));
+                    match bound {
+                        Ok((addr, listener)) => {
+                            let _ = ready_tx.send(Ok(addr));
+                            accept(listener, Arc::new(Shared::new(limits))).await;
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(BrokerError::Bind(listen, e)));
+                        }
+                    }
+                });
             })
-            .map_err(|e| BrokerError::Bind(addr, e))?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return Ok(Self { addr });
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            .map_err(BrokerError::Runtime)?;
+        match ready_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(addr)) => Ok(Self { addr }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(BrokerError::NotReady(listen)),
         }
-        Err(BrokerError::NotReady(addr))
     }
 
     /// The URL clients connect to.
     pub fn url(&self) -> String {
         format!("mqtt://{}", self.addr)
+    }
+}
+
+/// A listener with a backlog deep enough for thousands of clients
+/// connecting at once.
+fn bind(listen: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if listen.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(listen)?;
+    socket.listen(4096)
+}
+
+/// Accepts clients for ever, each on a task of its own.
+async fn accept(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, most likely: wait for some to
+                // be freed rather than spin.
+                tracing::warn!("mqtt broker: accepting: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let open = shared.connections.fetch_add(1, Ordering::Relaxed);
+        if open >= shared.limits.max_connections {
+            shared.connections.fetch_sub(1, Ordering::Relaxed);
+            tracing::debug!("mqtt broker: refusing a client: {open} connections open");
+            drop(stream);
+            continue;
+        }
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let slot = Slot(&shared);
+            connection::serve(stream, shared.clone()).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Frees a connection's place when its task ends, however it ends.
+struct Slot<'a>(&'a Shared);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
     }
 }

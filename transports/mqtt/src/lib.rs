@@ -19,8 +19,9 @@
 //! The control protocol (signed, addressed, replay-checked and, where
 //! private, sealed envelopes) is what makes that harmless.
 //!
-//! With the `broker` feature, [`broker::EmbeddedBroker`] runs rumqttd inside
-//! the process, which is how the coordinator runs on one command.
+//! With the `broker` feature, [`broker::EmbeddedBroker`] runs a small MQTT
+//! 3.1.1 broker of this crate's own inside the process, which is how the
+//! coordinator runs on one command.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

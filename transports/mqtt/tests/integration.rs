@@ -1,7 +1,12 @@
-//! The MQTT channel against real brokers: the embedded one (rumqttd) and
-//! the machine's Mosquitto (`PLUTO_TEST_MQTT_URL`, default
-//! `mqtt://127.0.0.1:1883`; the test fails when it is not reachable).
+//! The MQTT channel against real brokers: the embedded one and the
+//! machine's Mosquitto (`PLUTO_TEST_MQTT_URL`, default
+//! `mqtt://127.0.0.1:1883`; the test fails when it is not reachable); and
+//! the embedded broker on its own, against raw (and hostile) clients.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod integration {
+    mod broker;
+}
 
 use std::time::Duration;
 
@@ -168,43 +173,55 @@ async fn exchange_and_presence_on_mosquitto() {
 }
 
 /// Shared subscriptions: each message reaches one replica of the group.
-/// Replicas need an external broker: rumqttd 0.20 drops the first message
-/// of each topic to a shared subscription, so this runs on Mosquitto.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn coordinator_replicas_share_the_load() {
-    {
-        let url = mosquitto();
-        let url = isolated(&url);
-        let group = |g: &str| ChannelOptions {
-            role: ChannelRole::Coordinator {
-                group: Some(g.into()),
-            },
-            max_payload: MAX,
-        };
-        let c1 = connect_channel(&url, group("coord")).await.unwrap();
-        let c2 = connect_channel(&url, group("coord")).await.unwrap();
-        connected(&*c1).await;
-        connected(&*c2).await;
-        let n = node(&url, NodeId([3; 32])).await;
-        connected(&*n).await;
-        for i in 0..20u8 {
-            n.send(None, &[i]).await.unwrap();
-        }
-        let mut got = Vec::new();
-        for ch in [&c1, &c2] {
-            while let Ok(Some(ev)) = timeout(Duration::from_millis(700), ch.next_event()).await {
-                if let ChannelEvent::Message { payload, .. } = ev {
-                    got.push(payload[0]);
-                }
+async fn coordinator_replicas_share_the_load(url: String) {
+    let url = isolated(&url);
+    let group = |g: &str| ChannelOptions {
+        role: ChannelRole::Coordinator {
+            group: Some(g.into()),
+        },
+        max_payload: MAX,
+    };
+    let c1 = connect_channel(&url, group("coord")).await.unwrap();
+    let c2 = connect_channel(&url, group("coord")).await.unwrap();
+    connected(&*c1).await;
+    connected(&*c2).await;
+    let n = node(&url, NodeId([3; 32])).await;
+    connected(&*n).await;
+    for i in 0..20u8 {
+        n.send(None, &[i]).await.unwrap();
+    }
+    let mut got = Vec::new();
+    let mut per_replica = Vec::new();
+    for ch in [&c1, &c2] {
+        let mut mine = 0;
+        while let Ok(Some(ev)) = timeout(Duration::from_millis(700), ch.next_event()).await {
+            if let ChannelEvent::Message { payload, .. } = ev {
+                got.push(payload[0]);
+                mine += 1;
             }
         }
-        got.sort_unstable();
-        assert_eq!(
-            got,
-            (0..20).collect::<Vec<u8>>(),
-            "{url}: each message exactly once"
-        );
+        per_replica.push(mine);
     }
+    got.sort_unstable();
+    assert_eq!(
+        got,
+        (0..20).collect::<Vec<u8>>(),
+        "{url}: each message exactly once"
+    );
+    assert!(
+        per_replica.iter().all(|n| *n > 0),
+        "{url}: both replicas take a share: {per_replica:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_replicas_share_the_load_on_the_embedded_broker() {
+    coordinator_replicas_share_the_load(embedded()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_replicas_share_the_load_on_mosquitto() {
+    coordinator_replicas_share_the_load(mosquitto()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -121,7 +121,7 @@ impl Coordinator {
                 .arg("--home")
                 .arg(&self.home)
                 .args(&self.args)
-                .env("PLUTO_LOG", "info,rumqttd=off"),
+                .env("PLUTO_LOG", "info"),
             &self.home.join(format!("log-{}", now_ms())),
         );
         let line = p.wait_for("pluto-coordinator ", Duration::from_secs(30));
