@@ -605,12 +605,7 @@ impl Coordinator {
         }
         // Proven lost already: counted once, not again until its owner
         // has placed it elsewhere.
-        if self
-            .books
-            .lost_replicas(owner)
-            .await?
-            .contains(&(pack, storer))
-        {
+        if self.books.is_lost(owner, &pack, &storer).await? {
             return Ok(Issued::Done(AuditOutcome::Failed));
         }
         let node = match self.books.node(&storer).await? {

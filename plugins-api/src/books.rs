@@ -350,6 +350,16 @@ pub trait BooksStore: Send + Sync {
     ) -> Result<bool, StoreError>;
     /// `owner`'s replicas marked lost, as (pack, storer).
     async fn lost_replicas(&self, owner: &NodeId) -> Result<Vec<(PackId, NodeId)>, StoreError>;
+    /// Whether one replica is marked lost (false when not recorded). The
+    /// default reads [`Self::lost_replicas`]; stores answer from the row.
+    async fn is_lost(
+        &self,
+        owner: &NodeId,
+        pack: &PackId,
+        storer: &NodeId,
+    ) -> Result<bool, StoreError> {
+        Ok(self.lost_replicas(owner).await?.contains(&(*pack, *storer)))
+    }
     /// Every node that holds replicas, with how many.
     async fn storers(&self) -> Result<Vec<(NodeId, u64)>, StoreError>;
 }

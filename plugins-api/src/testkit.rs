@@ -484,6 +484,10 @@ async fn replicas_are_found_lost_and_dropped(b: &dyn BooksStore) {
     assert_eq!(b.lost_replicas(&a).await.unwrap(), vec![(p1, s)]);
     assert_eq!(b.lost_replicas(&o).await.unwrap(), vec![(p3, s)]);
     assert!(b.lost_replicas(&t).await.unwrap().is_empty());
+    assert!(b.is_lost(&a, &p1, &s).await.unwrap());
+    assert!(b.is_lost(&o, &p3, &s).await.unwrap());
+    assert!(!b.is_lost(&a, &p3, &s).await.unwrap(), "not recorded");
+    assert!(!b.is_lost(&o, &p1, &s).await.unwrap(), "another owner's");
     // A lost replica stays counted until its owner drops it.
     assert_eq!(b.replica(&a, &p1, &s).await.unwrap(), Some(r1.clone()));
     assert_eq!(b.replicas_of(&a).await.unwrap().len(), 2);
@@ -494,6 +498,7 @@ async fn replicas_are_found_lost_and_dropped(b: &dyn BooksStore) {
     assert_eq!(b.node(&s).await.unwrap().unwrap().held, 50);
     assert_eq!(b.node(&a).await.unwrap().unwrap().placed, 100);
     assert_eq!(b.replica(&a, &p1, &s).await.unwrap(), None);
+    assert!(!b.is_lost(&a, &p1, &s).await.unwrap());
     assert!(
         b.lost_replicas(&a).await.unwrap().is_empty(),
         "a dropped replica is no longer lost"

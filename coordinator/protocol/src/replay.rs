@@ -7,7 +7,8 @@
 //! times the window; past `capacity` remembered nonces, new messages are
 //! refused rather than remembered less.
 
-use std::collections::{HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashSet};
 
 use pluto_plugins_api::NodeId;
 
@@ -37,7 +38,9 @@ pub struct ReplayGuard {
     window_ms: u64,
     capacity: usize,
     seen: HashSet<(NodeId, [u8; 16])>,
-    by_expiry: VecDeque<(u64, NodeId, [u8; 16])>,
+    /// Remembered nonces, soonest to expire first (a heap: a message
+    /// stamped early costs a logarithm, not a walk over newer ones).
+    by_expiry: BinaryHeap<Reverse<(u64, NodeId, [u8; 16])>>,
 }
 
 impl ReplayGuard {
@@ -48,7 +51,7 @@ impl ReplayGuard {
             window_ms,
             capacity,
             seen: HashSet::new(),
-            by_expiry: VecDeque::new(),
+            by_expiry: BinaryHeap::new(),
         }
     }
 
@@ -60,11 +63,11 @@ impl ReplayGuard {
         if env.time_ms > now_ms + self.window_ms {
             return Err(Refused::Future(env.time_ms - now_ms));
         }
-        while let Some(&(expiry, from, nonce)) = self.by_expiry.front() {
+        while let Some(&Reverse((expiry, from, nonce))) = self.by_expiry.peek() {
             if expiry >= now_ms {
                 break;
             }
-            self.by_expiry.pop_front();
+            self.by_expiry.pop();
             self.seen.remove(&(from, nonce));
         }
         let key = (env.from, env.nonce);
@@ -75,14 +78,8 @@ impl ReplayGuard {
             return Err(Refused::Busy);
         }
         self.seen.insert(key);
-        let expiry = env.time_ms + self.window_ms;
-        // Keep the queue ordered by expiry (timestamps arrive nearly in order).
-        let at = self
-            .by_expiry
-            .iter()
-            .rposition(|(e, _, _)| *e <= expiry)
-            .map_or(0, |i| i + 1);
-        self.by_expiry.insert(at, (expiry, env.from, env.nonce));
+        self.by_expiry
+            .push(Reverse((env.time_ms + self.window_ms, env.from, env.nonce)));
         Ok(())
     }
 
@@ -135,6 +132,27 @@ mod tests {
         );
         assert_eq!(g.check(&env(3, 3, 11_001), 11_001), Ok(()));
         assert_eq!(g.len(), 1, "expired nonces are dropped");
+    }
+
+    #[test]
+    fn out_of_order_timestamps_expire_in_order() {
+        let mut g = ReplayGuard::new(1000, 100_000);
+        // Many recent messages, then old-stamped ones: each is cheap, and
+        // each is forgotten when its own time leaves the window.
+        for n in 0..50_000u32 {
+            let mut e = env(1, 0, 10_000);
+            e.nonce[..4].copy_from_slice(&n.to_le_bytes());
+            g.check(&e, 10_000).unwrap();
+        }
+        let started = std::time::Instant::now();
+        for n in 0..50_000u32 {
+            let mut e = env(2, 0, 9_100);
+            e.nonce[..4].copy_from_slice(&n.to_le_bytes());
+            g.check(&e, 10_000).unwrap();
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        assert_eq!(g.check(&env(3, 3, 10_101), 10_101), Ok(()));
+        assert_eq!(g.len(), 50_001, "the old-stamped ones left first");
     }
 
     #[test]

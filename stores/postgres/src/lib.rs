@@ -718,6 +718,24 @@ impl BooksStore for PgBooks {
         .collect()
     }
 
+    async fn is_lost(
+        &self,
+        owner: &NodeId,
+        pack: &PackId,
+        storer: &NodeId,
+    ) -> Result<bool, StoreError> {
+        Ok(sqlx::query(
+            "SELECT 1 FROM replicas WHERE owner = $1 AND pack = $2 AND storer = $3 AND lost_ms > 0",
+        )
+        .bind(&owner.0[..])
+        .bind(&pack.0[..])
+        .bind(&storer.0[..])
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err("reading a replica"))?
+        .is_some())
+    }
+
     async fn storers(&self) -> Result<Vec<(NodeId, u64)>, StoreError> {
         sqlx::query("SELECT storer, COUNT(*) FROM replicas GROUP BY storer")
             .fetch_all(&self.pool)
