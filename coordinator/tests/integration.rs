@@ -66,6 +66,11 @@ struct Net {
 }
 
 async fn net() -> Net {
+    net_with(CoordinatorConfig::default()).await
+}
+
+/// A coordinator with `config` on fresh SQLite books.
+async fn net_with(config: CoordinatorConfig) -> Net {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite:{}", dir.path().join("books.db").display());
     let books: Arc<dyn BooksStore> = pluto_store_sqlite::SqliteBooks::open(&url)
@@ -76,7 +81,7 @@ async fn net() -> Net {
         SigningKey::generate(&mut OsRng),
         StaticSecret::random_from_rng(OsRng),
         books.clone(),
-        CoordinatorConfig::default(),
+        config,
     );
     Net {
         _dir: dir,

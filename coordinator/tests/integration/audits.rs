@@ -430,25 +430,12 @@ async fn a_lying_owner_changes_nothing() {
 
 #[tokio::test]
 async fn audits_are_rate_limited_per_owner() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite:{}", dir.path().join("books.db").display());
-    let books: Arc<dyn BooksStore> =
-        Arc::new(pluto_store_sqlite::SqliteBooks::open(&url).await.unwrap());
-    let config = CoordinatorConfig {
+    let net = net_with(CoordinatorConfig {
         owner_audits_per_s: 1,
         owner_audit_burst: 5,
         ..CoordinatorConfig::default()
-    };
-    let net = Net {
-        c: Coordinator::new(
-            SigningKey::generate(&mut OsRng),
-            StaticSecret::random_from_rng(OsRng),
-            books.clone(),
-            config,
-        ),
-        books,
-        _dir: dir,
-    };
+    })
+    .await;
     let (owner, s) = (Node::new(), Node::new());
     authenticate(&net, &owner, 1 << 20, T).await;
     authenticate(&net, &s, 1 << 20, T).await;
@@ -683,26 +670,13 @@ async fn offline_storers_lose_on_uptime_and_silent_ones_on_time_not_on_audits() 
 
 #[tokio::test]
 async fn the_schedule_audits_every_storer() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite:{}", dir.path().join("books.db").display());
-    let books: Arc<dyn BooksStore> =
-        Arc::new(pluto_store_sqlite::SqliteBooks::open(&url).await.unwrap());
-    let config = CoordinatorConfig {
+    let net = net_with(CoordinatorConfig {
         audit_tick_ms: 1_000,
         audit_every_ms: 100_000,
         storer_audit_every_ms: 10_000,
         ..CoordinatorConfig::default()
-    };
-    let net = Net {
-        c: Coordinator::new(
-            SigningKey::generate(&mut OsRng),
-            StaticSecret::random_from_rng(OsRng),
-            books.clone(),
-            config,
-        ),
-        books,
-        _dir: dir,
-    };
+    })
+    .await;
     let owner = Node::new();
     let storers: Vec<Node> = (0..3).map(|_| Node::new()).collect();
     authenticate(&net, &owner, 10 << 20, T).await;
@@ -763,25 +737,12 @@ async fn the_schedule_audits_every_storer() {
 
 #[tokio::test]
 async fn new_nodes_are_vetted_with_little_data() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite:{}", dir.path().join("books.db").display());
-    let books: Arc<dyn BooksStore> =
-        Arc::new(pluto_store_sqlite::SqliteBooks::open(&url).await.unwrap());
-    let config = CoordinatorConfig {
+    let net = net_with(CoordinatorConfig {
         vetting_audits: 3,
         vetting_bytes: 10_000,
         ..CoordinatorConfig::default()
-    };
-    let net = Net {
-        c: Coordinator::new(
-            SigningKey::generate(&mut OsRng),
-            StaticSecret::random_from_rng(OsRng),
-            books.clone(),
-            config,
-        ),
-        books,
-        _dir: dir,
-    };
+    })
+    .await;
     let (owner, s) = (Node::new(), Node::new());
     authenticate(&net, &owner, 10 << 20, T).await;
     authenticate(&net, &s, 10 << 20, T).await;
