@@ -891,12 +891,14 @@ impl Coordinator {
                 reason: RepairReason::Lost,
             })
             .collect();
+        let lost: std::collections::HashSet<(PackId, NodeId)> =
+            out.iter().map(|i| (i.pack, i.storer)).collect();
         let mut verdicts: HashMap<NodeId, Option<RepairReason>> = HashMap::new();
         for r in self.books.replicas_of(owner).await? {
             if out.len() >= MAX_REPAIRS {
                 break;
             }
-            if out.iter().any(|i| i.pack == r.pack && i.storer == r.storer) {
+            if lost.contains(&(r.pack, r.storer)) {
                 continue;
             }
             let verdict = match verdicts.get(&r.storer) {
