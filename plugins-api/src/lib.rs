@@ -53,7 +53,7 @@ pub use registry::{
 };
 pub use store::{BlobLocation, BlobStore, MetaStore, PackRecord, SnapshotRecord, StoreError};
 pub use transport::{
-    open_transport, Link, RelayCarrier, Transport, TransportDescriptor, TransportError,
+    open_transport, Link, Reach, RelayCarrier, Transport, TransportDescriptor, TransportError,
     TransportFuture, TransportOptions,
 };
 

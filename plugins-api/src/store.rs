@@ -70,6 +70,20 @@ pub trait BlobStore: Send + Sync {
     fn list(&self) -> Result<Vec<(PackId, u64)>, StoreError>;
     /// Removes an object; removing an absent one succeeds.
     fn delete(&self, id: &PackId) -> Result<(), StoreError>;
+    /// Stores what `src` yields until its end under `id`, with the same
+    /// promise as [`put`](BlobStore::put): when `src` fails, or anything
+    /// else does, nothing is stored under `id` and the error is returned.
+    ///
+    /// A store that can write as the bytes come (a temporary file renamed
+    /// at the end, a multipart upload) should: a storer receives replicas
+    /// of up to a GiB through this, many at once. The default reads `src`
+    /// whole into memory and calls `put`, so older plugins keep working.
+    fn put_stream(&self, id: &PackId, src: &mut dyn std::io::Read) -> Result<(), StoreError> {
+        let mut bytes = Vec::new();
+        src.read_to_end(&mut bytes)
+            .map_err(|e| StoreError::io(format!("reading object {id}"), e))?;
+        self.put(id, &bytes)
+    }
 }
 
 /// Where one blob lives.

@@ -1,4 +1,4 @@
-//! The tests every [`BooksStore`] must pass, for store plugins to run in
+//! The tests every [`BooksStore`] and every [`BlobStore`](crate::BlobStore) must pass, for store plugins to run in
 //! their own test suites (feature `testkit`):
 //!
 //! ```ignore
@@ -13,6 +13,11 @@
 //! message naming what broke.
 
 #![allow(clippy::unwrap_used)] // a test kit: a failure is a panic naming what broke
+
+mod blob;
+mod link;
+pub use blob::{blob_store_conformance, CountingStore};
+pub use link::memory_link_pair;
 
 use std::future::Future;
 

@@ -87,6 +87,11 @@ impl std::fmt::Debug for TransportOptions {
 pub trait Transport: Send + Sync {
     /// Its name, as config files spell it (`quic`, `relay`).
     fn name(&self) -> &'static str;
+    /// What reaching a peer through it takes. The default suits a direct
+    /// transport: announced addresses, and a few seconds to connect.
+    fn reach(&self) -> Reach {
+        Reach::default()
+    }
     /// Where peers can reach this node through it, for the coordinator to
     /// pass on (QUIC: `IP:PORT` strings).
     fn addresses(&self) -> Vec<String>;
@@ -100,6 +105,42 @@ pub trait Transport: Send + Sync {
     async fn accept(&self) -> Option<Box<dyn Link>>;
     /// Stops listening and closes every link.
     async fn close(&self);
+}
+
+/// What a transport needs to reach a peer, so the engine can try each
+/// without knowing it by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Reach {
+    /// Whether it needs the peer's announced addresses (a relay through the
+    /// coordinator does not).
+    pub addresses: bool,
+    /// How long a connect may take before the next transport is tried.
+    pub connect_timeout: std::time::Duration,
+}
+
+impl Reach {
+    /// A transport that needs addresses and connects within `timeout`.
+    pub fn direct(timeout: std::time::Duration) -> Self {
+        Self {
+            addresses: true,
+            connect_timeout: timeout,
+        }
+    }
+
+    /// A transport that finds peers by itself and connects within `timeout`.
+    pub fn addressless(timeout: std::time::Duration) -> Self {
+        Self {
+            addresses: false,
+            connect_timeout: timeout,
+        }
+    }
+}
+
+impl Default for Reach {
+    fn default() -> Self {
+        Self::direct(std::time::Duration::from_secs(5))
+    }
 }
 
 /// An ordered, reliable stream of frames with one authenticated peer.

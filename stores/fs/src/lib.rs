@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -24,6 +24,8 @@ use pluto_plugins_api::{BlobStore, BlobStoreDescriptor, PackId, StoreError, PLUG
 
 /// Temporary files older than this are left-overs of a killed writer.
 const STALE_TMP: Duration = Duration::from_secs(3600);
+/// What a stream is gathered into before each write.
+const WRITE_BUFFER: usize = 256 << 10;
 /// How many pack files are kept open for reading.
 const OPEN_FILES: usize = 128;
 
@@ -102,22 +104,32 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 
 impl BlobStore for FsBlobStore {
     fn put(&self, id: &PackId, bytes: &[u8]) -> Result<(), StoreError> {
+        self.put_stream(id, &mut &bytes[..])
+    }
+
+    fn put_stream(&self, id: &PackId, src: &mut dyn Read) -> Result<(), StoreError> {
         let dest = self.path(id);
         if dest.exists() {
-            return Ok(());
+            // Immutable objects: the one there is the one asked for. The
+            // source is still read to its end, so a writer feeding it from
+            // another thread is not left blocked.
+            return std::io::copy(src, &mut std::io::sink())
+                .map(drop)
+                .map_err(|e| StoreError::io(format!("reading object {id}"), e));
         }
         let tmp = self.root.join("tmp").join(format!(
             "{}.{:016x}.tmp",
             id.short(),
             rand::random::<u64>()
         ));
-        let write = || -> std::io::Result<()> {
-            let mut f = fs::OpenOptions::new()
+        let mut write = || -> std::io::Result<()> {
+            let f = fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .open(&tmp)?;
-            f.write_all(bytes)?;
-            f.sync_all()
+            let mut w = std::io::BufWriter::with_capacity(WRITE_BUFFER, f);
+            std::io::copy(src, &mut w)?;
+            w.into_inner().map_err(|e| e.into_error())?.sync_all()
         };
         if let Err(e) = write() {
             let _ = fs::remove_file(&tmp);
@@ -252,6 +264,15 @@ mod tests {
         assert!(matches!(s.get(&id), Err(StoreError::NotFound(_))));
         assert_eq!(s.size(&id).unwrap(), None);
         assert!(s.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FsBlobStore::open(dir.path()).unwrap();
+        pluto_plugins_api::testkit::blob_store_conformance(&s);
+        let left: Vec<_> = fs::read_dir(dir.path().join("tmp")).unwrap().collect();
+        assert!(left.is_empty(), "a failed stream leaves no temporary file");
     }
 
     #[test]
