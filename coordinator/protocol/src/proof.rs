@@ -43,6 +43,8 @@ use blake3::hazmat::{self, ChainingValue, HasherExt, Mode};
 use blake3::Hasher;
 use rand_core::RngCore;
 
+pub mod outboard;
+
 /// BLAKE3's chunk: the smallest part of a blob with a CV of its own, and
 /// the unit a challenge's range is aligned to.
 pub const CHUNK: u64 = 1024;
@@ -101,6 +103,10 @@ pub enum ProofError {
     /// The proof does not hash to the root: the bytes are not the blob's.
     #[error("the proof does not hash to the blob's root")]
     Mismatch,
+    /// What a proof is made from (the blob's bytes, its outboard) could not
+    /// be read.
+    #[error("reading the blob: {0}")]
+    Unreadable(String),
 }
 
 /// Checks that a range is one a challenge may name for a blob of `size` bytes.
@@ -152,8 +158,9 @@ fn below(rng: &mut impl RngCore, n: u64) -> u64 {
     }
 }
 
-/// The proof for `offset..offset+len` of `blob` (the whole blob is needed to
-/// compute the hashes of the parts outside the range).
+/// The proof for `offset..offset+len` of `blob` (the whole blob is needed
+/// to compute the hashes of the parts outside the range;
+/// [`outboard::prove`] needs only the range and a few stored hashes).
 pub fn prove(blob: &[u8], offset: u64, len: u64) -> Result<Vec<u8>, ProofError> {
     let size = blob.len() as u64;
     let want = proof_len(size, offset, len)?;
