@@ -1,12 +1,16 @@
 //! The storer's side: replicas this node keeps for others, in a blob store
 //! of their own (`HOME/held`, `fs` by default), and the links it serves.
 //!
-//! Each replica is one object named by its BLAKE3 root:
+//! Each replica is one object named by its BLAKE3 root, with its outboard
+//! (the replica's BLAKE3 tree, [`pluto_protocol::proof::outboard`]) beside
+//! it as a second object:
 //!
 //! ```text
 //! held object = "PLUTOHD2" || signed ticket (176) || pack id (32)
 //!               || owner's signature of the replica's statement (64)
 //!               || replica bytes XOR ChaCha20(obfuscation key of the root)
+//! outboard    = object named BLAKE3-derive-key("pluto v1 held outboard", root):
+//!               "PLUTOOB1" || root || size || the tree's chaining values
 //! tombstone   = HOME/held-manifests/deleted-<root hex>:
 //!               owner (32) || at_ms (u64 LE) || owner's signed delete (64)
 //! ```
@@ -17,13 +21,23 @@
 //! that lost its books. A replica deleted at its owner's request leaves a
 //! tombstone: the owner's signed request, which answers an audit of it.
 //!
-//! Audits ([`Held::prove`]) read the replica whole, undo the obfuscation
-//! and answer with a BLAKE3 range proof ([`pluto_protocol::proof`]). Objects are
-//! written through [`BlobStore::put`], which is atomic and durable (the `fs`
-//! store: temporary file, fsync, rename, fsync of the directory): a replica
-//! is there whole, with its root checked, or not at all.
+//! Receiving streams: the link's frames go through a small bounded queue
+//! to a worker thread that hashes them, builds the outboard, obfuscates
+//! them and writes them through [`BlobStore::put_stream`] (the `fs` store:
+//! temporary file, fsync, rename, fsync of the directory). The object
+//! becomes visible only once the bytes hashed to the announced root, so a
+//! replica is there whole, with its root checked, or not at all. Memory
+//! per link is a frame or two, and all links together have at most
+//! [`RECEIVE_BUDGET`] bytes queued.
+//!
+//! Audits ([`Held::prove`]) read the range, the 16 KiB group around it and
+//! a few dozen stored hashes, and check their own proof before answering:
+//! an outboard missing (an object written before outboards, or a crash
+//! between the two writes) or damaged is rebuilt from the replica once.
 //!
 //! Manifests of owners are kept beside, one per owner (`HOME/held/manifests`).
+//! No file is touched on the async executor: every store and file call
+//! runs on a blocking thread.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -31,7 +45,9 @@ use std::sync::{Arc, Mutex};
 
 use ed25519_dalek::SigningKey;
 use pluto_plugins_api::{BlobStore, Link, NodeId, PackId, StoreError, TransportError};
-use pluto_protocol::{proof, HeldReport, ProofAnswer, ReplicaStatement, Ticket, SIGNED_TICKET_LEN};
+use pluto_protocol::proof::{self, outboard, ProofError};
+use pluto_protocol::{HeldReport, ProofAnswer, ReplicaStatement, Ticket, SIGNED_TICKET_LEN};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::client::now_ms;
 use crate::exchange::{delete_message, PeerError, PeerMsg, DATA_FRAME, MAX_CONTROL};
@@ -51,6 +67,13 @@ pub const MAX_REPLICA: u64 = 1 << 30;
 /// Links one peer may have open at once, and all peers together.
 const LINKS_PER_PEER: usize = 16;
 const LINKS_TOTAL: usize = 256;
+/// Bytes of replicas received but not yet written, all links together: a
+/// link whose peer sends faster than the disk writes waits for room.
+pub const RECEIVE_BUDGET: usize = 64 << 20;
+/// Frames queued per link between the link and the writer.
+const QUEUED_FRAMES: usize = 2;
+/// What is read at a time to rebuild an outboard.
+const REBUILD_WINDOW: u64 = 1 << 20;
 /// How long a peer may keep a link open without sending (a slot held by a
 /// silent peer is a slot nobody else gets).
 const IDLE_LINK: std::time::Duration = std::time::Duration::from_secs(30);
@@ -129,6 +152,8 @@ pub struct Held {
     /// Most bytes held (the node's offer).
     capacity: Mutex<u64>,
     ledger: Mutex<Ledger>,
+    /// Room for received bytes not yet written ([`RECEIVE_BUDGET`]).
+    receiving: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Held {
@@ -170,7 +195,8 @@ fn refuse<T>(code: PeerError, why: impl Into<String>) -> Result<T, ServeError> {
 impl Held {
     /// Opens the held replicas in `store` and rebuilds the ledger from
     /// their headers. Objects whose header does not parse are left alone
-    /// and reported.
+    /// and reported; outboards of replicas no longer held are removed.
+    /// Blocking: call it from a worker thread.
     pub fn open(
         identity: SigningKey,
         coordinator: NodeId,
@@ -182,13 +208,14 @@ impl Held {
         std::fs::create_dir_all(&manifests)
             .map_err(|e| StoreError::io(format!("creating {}", manifests.display()), e))?;
         let mut ledger = Ledger::default();
+        let mut outboards = Vec::new();
         for (id, size) in store.list()? {
-            let parsed = if size >= HEADER_LEN as u64 {
-                parse_header(&store.get_range(&id, 0, HEADER_LEN as u64)?)
-            } else {
-                None
-            };
-            let Some((ticket, t, pack, attest)) = parsed else {
+            let head = store.get_range(&id, 0, size.min(HEADER_LEN as u64))?;
+            if outboard::is_outboard(&head) {
+                outboards.push((id, outboard::header(&head).map(|h| h.0)));
+                continue;
+            }
+            let Some((ticket, t, pack, attest)) = parse_header(&head) else {
                 tracing::warn!("held object {} has no valid header; ignored", id.short());
                 continue;
             };
@@ -205,6 +232,12 @@ impl Held {
                 },
             );
         }
+        for (id, root) in outboards {
+            let kept = root.is_some_and(|r| ledger.held.contains_key(&r) && outboard_id(&r) == id);
+            if !kept {
+                store.delete(&id)?;
+            }
+        }
         prune_tombstones(&manifests);
         Ok(Self {
             me: NodeId(identity.verifying_key().to_bytes()),
@@ -215,6 +248,7 @@ impl Held {
             manifests,
             capacity: Mutex::new(capacity),
             ledger: Mutex::new(ledger),
+            receiving: Arc::new(Semaphore::new(RECEIVE_BUDGET)),
         })
     }
 
@@ -283,27 +317,27 @@ impl Held {
             Some(e) if e.owner == *owner && e.pack == *pack && e.size == size
         );
         if !held {
-            return match self.tombstone(owner, &root) {
+            let path = self.tombstone_path(&root);
+            let owner = *owner;
+            let found = tokio::task::spawn_blocking(move || read_tombstone(&path, &owner))
+                .await
+                .ok()
+                .flatten();
+            return match found {
                 Some((at_ms, signature)) => ProofAnswer::Deleted { at_ms, signature },
                 None => ProofAnswer::NotHeld,
             };
         }
-        let store = self.store.clone();
-        let key = StreamKey::obfuscation(&self.obfuscation, &root);
-        let r = tokio::task::spawn_blocking(move || {
-            let mut bytes = store.get_range(&PackId(root), HEADER_LEN as u64, size)?;
-            key.apply(0, &mut bytes);
-            Ok::<_, StoreError>(proof::prove(&bytes, offset, len))
-        })
-        .await;
-        match r {
-            Ok(Ok(Ok(p))) => ProofAnswer::Held(p),
-            Ok(Ok(Err(e))) => {
-                tracing::warn!("an audit names a range it may not: {e}");
-                ProofAnswer::NotHeld
-            }
+        let replica = StoredReplica {
+            store: self.store.clone(),
+            root,
+            size,
+            key: StreamKey::obfuscation(&self.obfuscation, &root),
+        };
+        match tokio::task::spawn_blocking(move || replica.prove(offset, len)).await {
+            Ok(Ok(p)) => ProofAnswer::Held(p),
             Ok(Err(e)) => {
-                tracing::warn!("reading a replica for an audit: {e}");
+                tracing::warn!("answering an audit: {e}");
                 ProofAnswer::NotHeld
             }
             Err(e) => {
@@ -316,17 +350,6 @@ impl Held {
     fn tombstone_path(&self, root: &[u8; 32]) -> PathBuf {
         self.manifests
             .join(format!("deleted-{}", PackId(*root).to_hex()))
-    }
-
-    /// The owner's signed delete of `root`, if it had it deleted here.
-    fn tombstone(&self, owner: &NodeId, root: &[u8; 32]) -> Option<(u64, [u8; 64])> {
-        let t = std::fs::read(self.tombstone_path(root)).ok()?;
-        if t.len() != 32 + 8 + 64 || t[..32] != owner.0 {
-            return None;
-        }
-        let at_ms = u64::from_le_bytes(t[32..40].try_into().ok()?);
-        let signature: [u8; 64] = t[40..].try_into().ok()?;
-        Some((at_ms, signature))
     }
 
     /// Serves one link a peer opened: one request, answered. Refusals are
@@ -397,20 +420,20 @@ impl Held {
                 at_ms,
                 signature,
             } => {
-                self.delete(peer, &root, at_ms, &signature)?;
+                self.delete(peer, &root, at_ms, &signature).await?;
                 link.send(&PeerMsg::Ok.encode()).await?;
                 Ok(())
             }
             PeerMsg::PutManifest { blob } => {
-                self.put_manifest(peer, &blob)?;
+                self.put_manifest(peer, blob).await?;
                 link.send(&PeerMsg::Ok.encode()).await?;
                 Ok(())
             }
             PeerMsg::GetManifest => {
                 let path = self.manifests.join(peer.to_hex());
-                match std::fs::read(&path) {
-                    Ok(blob) => link.send(&PeerMsg::Manifest { blob }.encode()).await?,
-                    Err(_) => return refuse(PeerError::NotFound, "no manifest of yours here"),
+                match tokio::task::spawn_blocking(move || std::fs::read(path)).await {
+                    Ok(Ok(blob)) => link.send(&PeerMsg::Manifest { blob }.encode()).await?,
+                    _ => return refuse(PeerError::NotFound, "no manifest of yours here"),
                 }
                 Ok(())
             }
@@ -459,39 +482,20 @@ impl Held {
             Admit::Receive => Incoming(self, root, size),
         };
         link.send(&PeerMsg::Ready.encode()).await?;
-        let len = usize::try_from(size).unwrap_or(usize::MAX);
-        // Grown as bytes arrive: an announced size is not an allocation.
-        let mut object = Vec::with_capacity(HEADER_LEN + len.min(16 << 20));
-        object.extend_from_slice(MAGIC);
-        object.extend_from_slice(&ticket);
-        object.extend_from_slice(&pack.0);
-        object.extend_from_slice(&attest);
-        let mut hasher = blake3::Hasher::new();
-        while object.len() < HEADER_LEN + len {
-            let Some(frame) = recv_within(link).await? else {
-                return refuse(
-                    PeerError::Malformed,
-                    format!(
-                        "the stream ended after {} of {size} bytes",
-                        object.len() - HEADER_LEN
-                    ),
-                );
-            };
-            if object.len() + frame.len() > HEADER_LEN + len {
-                return refuse(PeerError::Malformed, "more bytes than announced");
-            }
-            hasher.update(&frame);
-            object.extend_from_slice(&frame);
+        let mut header = Vec::with_capacity(HEADER_LEN);
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&ticket);
+        header.extend_from_slice(&pack.0);
+        header.extend_from_slice(&attest);
+        let ob = self.receive(link, root, size, header).await?;
+        let (store, id) = (self.store.clone(), outboard_id(&root));
+        // Without its outboard the replica is still whole: the first audit
+        // rebuilds it.
+        match tokio::task::spawn_blocking(move || store.put(&id, &ob)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("writing an outboard: {e}"),
+            Err(e) => tracing::warn!("writing an outboard: {e}"),
         }
-        if *hasher.finalize().as_bytes() != root {
-            return refuse(PeerError::BadRoot, "the bytes do not match their root");
-        }
-        StreamKey::obfuscation(&self.obfuscation, &root).apply(0, &mut object[HEADER_LEN..]);
-        let store = self.store.clone();
-        let id = PackId(root);
-        tokio::task::spawn_blocking(move || store.put(&id, &object))
-            .await
-            .map_err(|e| StoreError::Corrupt(format!("writing a replica: {e}")))??;
         {
             let mut l = lock(&self.ledger);
             l.tickets.insert(t.id(), root);
@@ -586,7 +590,77 @@ impl Held {
         Ok(())
     }
 
-    fn delete(
+    /// Receives a replica's `size` bytes from `link` and stores them behind
+    /// `header` under `root`, streaming (see the module doc). Returns the
+    /// replica's outboard; nothing is stored unless the bytes hash to
+    /// `root`.
+    async fn receive(
+        &self,
+        link: &mut dyn Link,
+        root: [u8; 32],
+        size: u64,
+        header: Vec<u8>,
+    ) -> Result<Vec<u8>, ServeError> {
+        let (tx, rx) = mpsc::channel(QUEUED_FRAMES);
+        let mut writer = Receiving {
+            rx,
+            pending: header,
+            pos: 0,
+            permit: None,
+            key: StreamKey::obfuscation(&self.obfuscation, &root),
+            at: 0,
+            builder: Some(outboard::Builder::new()),
+            root,
+            outcome: None,
+        };
+        let store = self.store.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let r = store.put_stream(&PackId(root), &mut writer);
+            (r, writer.outcome)
+        });
+        let mut got = 0u64;
+        while got < size {
+            let Some(frame) = recv_within(link).await? else {
+                return refuse(
+                    PeerError::Malformed,
+                    format!("the stream ended after {got} of {size} bytes"),
+                );
+            };
+            let n = frame.len() as u64;
+            if got + n > size {
+                return refuse(PeerError::Malformed, "more bytes than announced");
+            }
+            let permit = u32::try_from(frame.len())
+                .ok()
+                .filter(|n| *n as usize <= RECEIVE_BUDGET);
+            let Some(permits) = permit else {
+                return refuse(PeerError::Malformed, "a frame larger than allowed");
+            };
+            let Ok(permit) = self.receiving.clone().acquire_many_owned(permits).await else {
+                return refuse(PeerError::Internal, "the storer is stopping");
+            };
+            got += n;
+            if tx.send(Received::Data(frame, permit)).await.is_err() {
+                // The writer stopped: its error is told below.
+                break;
+            }
+        }
+        if got == size {
+            let _ = tx.send(Received::End).await;
+        }
+        drop(tx);
+        let (r, outcome) = written
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("writing a replica: {e}")))?;
+        match (r, outcome) {
+            (_, Some(Err(()))) => refuse(PeerError::BadRoot, "the bytes do not match their root"),
+            (Ok(()), Some(Ok(ob))) => Ok(ob),
+            (Err(e), _) => Err(e.into()),
+            (Ok(()), None) => refuse(PeerError::Internal, "the replica was not written whole"),
+        }
+    }
+
+    async fn delete(
         &self,
         peer: &NodeId,
         root: &[u8; 32],
@@ -607,9 +681,15 @@ impl Held {
         tomb.extend_from_slice(&at_ms.to_le_bytes());
         tomb.extend_from_slice(signature);
         let path = self.tombstone_path(root);
-        crate::home::write_atomic(&path, &tomb)
-            .map_err(|e| StoreError::io(format!("writing {}", path.display()), e))?;
-        self.store.delete(&PackId(*root))?;
+        let (store, root_id, ob) = (self.store.clone(), PackId(*root), outboard_id(root));
+        tokio::task::spawn_blocking(move || {
+            crate::home::write_atomic(&path, &tomb)
+                .map_err(|e| StoreError::io(format!("writing {}", path.display()), e))?;
+            store.delete(&root_id)?;
+            store.delete(&ob)
+        })
+        .await
+        .map_err(|e| StoreError::Corrupt(format!("deleting a replica: {e}")))??;
         let mut l = lock(&self.ledger);
         if let Some(e) = l.held.remove(root) {
             l.bytes = l.bytes.saturating_sub(e.size);
@@ -623,23 +703,260 @@ impl Held {
 
     /// Keeps an owner's manifest: only for owners whose replicas are held,
     /// signed by the owner, newer than the one kept.
-    fn put_manifest(&self, peer: &NodeId, blob: &[u8]) -> Result<(), ServeError> {
+    async fn put_manifest(&self, peer: &NodeId, blob: Vec<u8>) -> Result<(), ServeError> {
         if !lock(&self.ledger).held.values().any(|e| e.owner == *peer) {
             return refuse(PeerError::NotFound, "no replica of yours is held here");
         }
-        let Some(version) = manifest::verify(peer, blob) else {
-            return refuse(PeerError::Unauthorized, "the manifest is not signed by you");
-        };
-        let path = self.manifests.join(peer.to_hex());
-        if let Ok(old) = std::fs::read(&path) {
-            if manifest::verify(peer, &old).is_some_and(|v| v >= version) {
-                return refuse(PeerError::Malformed, "a newer manifest is kept");
+        let (peer, path) = (*peer, self.manifests.join(peer.to_hex()));
+        tokio::task::spawn_blocking(move || {
+            let Some(version) = manifest::verify(&peer, &blob) else {
+                return refuse(PeerError::Unauthorized, "the manifest is not signed by you");
+            };
+            if let Ok(old) = std::fs::read(&path) {
+                if manifest::verify(&peer, &old).is_some_and(|v| v >= version) {
+                    return refuse(PeerError::Malformed, "a newer manifest is kept");
+                }
+            }
+            crate::home::write_atomic(&path, &blob)
+                .map_err(|e| StoreError::io(format!("writing {}", path.display()), e).into())
+        })
+        .await
+        .map_err(|e| StoreError::Corrupt(format!("keeping a manifest: {e}")))?
+    }
+}
+
+/// The name of the outboard of the replica with BLAKE3 root `root`.
+pub fn outboard_id(root: &[u8; 32]) -> PackId {
+    PackId(blake3::derive_key("pluto v1 held outboard", root))
+}
+
+/// What goes from a link to the thread that writes its replica.
+enum Received {
+    /// Replica bytes, with their room in [`RECEIVE_BUDGET`].
+    Data(Vec<u8>, OwnedSemaphorePermit),
+    /// Every byte came.
+    End,
+}
+
+/// The object being written, as [`BlobStore::put_stream`] reads it: the
+/// header, then the frames as they arrive, hashed and obfuscated. It ends
+/// cleanly only at [`Received::End`] with the bytes hashing to the root;
+/// anything else is a read error, so the store keeps nothing.
+struct Receiving {
+    rx: mpsc::Receiver<Received>,
+    pending: Vec<u8>,
+    pos: usize,
+    /// The room `pending` takes, given back once it is written.
+    permit: Option<OwnedSemaphorePermit>,
+    key: StreamKey,
+    at: u64,
+    builder: Option<outboard::Builder>,
+    root: [u8; 32],
+    /// The outboard when the bytes hashed to the root; `Err` when not.
+    outcome: Option<Result<Vec<u8>, ()>>,
+}
+
+impl std::io::Read for Receiving {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            if self.pos < self.pending.len() {
+                let n = buf.len().min(self.pending.len() - self.pos);
+                buf[..n].copy_from_slice(&self.pending[self.pos..self.pos + n]);
+                self.pos += n;
+                return Ok(n);
+            }
+            self.permit = None;
+            let Some(builder) = self.builder.as_mut() else {
+                return Ok(0);
+            };
+            match self.rx.blocking_recv() {
+                Some(Received::Data(mut frame, permit)) => {
+                    builder.update(&frame);
+                    self.key.apply(self.at, &mut frame);
+                    self.at += frame.len() as u64;
+                    (self.pending, self.pos, self.permit) = (frame, 0, Some(permit));
+                }
+                Some(Received::End) => {
+                    let (root, ob) = self.builder.take().map(|b| b.finish()).unwrap_or_default();
+                    if root != self.root {
+                        self.outcome = Some(Err(()));
+                        return Err(std::io::Error::other("the bytes do not match their root"));
+                    }
+                    self.outcome = Some(Ok(ob));
+                    return Ok(0);
+                }
+                None => return Err(std::io::Error::other("the transfer stopped")),
             }
         }
-        crate::home::write_atomic(&path, blob)
-            .map_err(|e| StoreError::io(format!("writing {}", path.display()), e))?;
-        Ok(())
     }
+}
+
+/// A replica in the store, as an audit reads it.
+struct StoredReplica {
+    store: Arc<dyn BlobStore>,
+    root: [u8; 32],
+    size: u64,
+    key: StreamKey,
+}
+
+impl StoredReplica {
+    /// The proof for `offset..offset + len`, from the outboard; one that
+    /// does not verify (the outboard missing or damaged) is made again
+    /// from an outboard rebuilt from the replica.
+    fn prove(&self, offset: u64, len: u64) -> Result<Vec<u8>, ProofError> {
+        let unreadable = |e: StoreError| ProofError::Unreadable(e.to_string());
+        let id = outboard_id(&self.root);
+        let layout = outboard::Layout::new(self.size);
+        let stored = self.store.size(&id).map_err(unreadable)? == Some(layout.len())
+            && self
+                .store
+                .get_range(&id, 0, outboard::HEADER as u64)
+                .ok()
+                .and_then(|h| outboard::header(&h))
+                == Some((self.root, self.size));
+        if stored {
+            let mut src = Source::new(self, OutboardAt::Store(id));
+            let p = outboard::prove(self.size, offset, len, &mut src)?;
+            if proof::verify(&self.root, self.size, offset, len, &p).is_ok() {
+                return Ok(p);
+            }
+            tracing::warn!(
+                "the outboard of {} does not give a proof that holds; rebuilding it",
+                PackId(self.root).short()
+            );
+        }
+        let (root, ob) = self.rebuild().map_err(unreadable)?;
+        if root == self.root {
+            // Replaced, not added to: `put` keeps an object already there.
+            self.store.delete(&id).map_err(unreadable)?;
+            self.store.put(&id, &ob).map_err(unreadable)?;
+        } else {
+            tracing::warn!(
+                "the replica {} no longer hashes to its root",
+                PackId(self.root).short()
+            );
+        }
+        outboard::prove(
+            self.size,
+            offset,
+            len,
+            &mut Source::new(self, OutboardAt::Memory(ob)),
+        )
+    }
+
+    /// Hashes the whole replica again: its root and outboard as they are now.
+    fn rebuild(&self) -> Result<([u8; 32], Vec<u8>), StoreError> {
+        let mut b = outboard::Builder::new();
+        let mut at = 0;
+        while at < self.size {
+            let n = (self.size - at).min(REBUILD_WINDOW);
+            let mut buf = self
+                .store
+                .get_range(&PackId(self.root), HEADER_LEN as u64 + at, n)?;
+            self.key.apply(at, &mut buf);
+            b.update(&buf);
+            at += n;
+        }
+        Ok(b.finish())
+    }
+}
+
+/// Where an audit finds the outboard.
+enum OutboardAt {
+    Store(PackId),
+    Memory(Vec<u8>),
+}
+
+/// An audit's reads: stored hashes, and whole 16 KiB groups of the replica,
+/// each read once.
+struct Source<'a> {
+    replica: &'a StoredReplica,
+    outboard: OutboardAt,
+    layout: outboard::Layout,
+    groups: HashMap<u64, Vec<u8>>,
+}
+
+impl<'a> Source<'a> {
+    fn new(replica: &'a StoredReplica, outboard: OutboardAt) -> Self {
+        Self {
+            replica,
+            outboard,
+            layout: outboard::Layout::new(replica.size),
+            groups: HashMap::new(),
+        }
+    }
+
+    fn group(&mut self, g: u64) -> Result<&[u8], ProofError> {
+        let r = self.replica;
+        match self.groups.entry(g) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let start = g * outboard::GROUP;
+                let n = outboard::GROUP.min(r.size.saturating_sub(start));
+                let mut bytes = r
+                    .store
+                    .get_range(&PackId(r.root), HEADER_LEN as u64 + start, n)
+                    .map_err(|e| ProofError::Unreadable(e.to_string()))?;
+                r.key.apply(start, &mut bytes);
+                Ok(e.insert(bytes))
+            }
+        }
+    }
+}
+
+impl outboard::Source for Source<'_> {
+    fn cv(&mut self, level: u32, index: u64) -> Result<[u8; 32], ProofError> {
+        let at = self
+            .layout
+            .position(level, index)
+            .ok_or_else(|| ProofError::Unreadable(format!("no hash {index} at level {level}")))?;
+        let bytes = match &self.outboard {
+            OutboardAt::Store(id) => self
+                .replica
+                .store
+                .get_range(id, at, proof::CV_LEN as u64)
+                .map_err(|e| ProofError::Unreadable(e.to_string()))?,
+            OutboardAt::Memory(ob) => usize::try_from(at)
+                .ok()
+                .and_then(|at| ob.get(at..at + proof::CV_LEN))
+                .unwrap_or_default()
+                .to_vec(),
+        };
+        bytes
+            .try_into()
+            .map_err(|_| ProofError::Unreadable("the outboard is short".into()))
+    }
+
+    fn bytes(&mut self, start: u64, n: u64) -> Result<Vec<u8>, ProofError> {
+        let mut out = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+        let end = start + n;
+        let mut at = start;
+        while at < end {
+            let g = at / outboard::GROUP;
+            let g_start = g * outboard::GROUP;
+            let group = self.group(g)?;
+            let from = usize::try_from(at - g_start).unwrap_or(usize::MAX);
+            let to = usize::try_from((end - g_start).min(group.len() as u64)).unwrap_or(0);
+            let part = group
+                .get(from..to)
+                .filter(|p| !p.is_empty())
+                .ok_or_else(|| ProofError::Unreadable("the replica is short".into()))?;
+            out.extend_from_slice(part);
+            at += part.len() as u64;
+        }
+        Ok(out)
+    }
+}
+
+/// The owner's signed delete kept at `path`, if it is `owner`'s.
+fn read_tombstone(path: &std::path::Path, owner: &NodeId) -> Option<(u64, [u8; 64])> {
+    let t = std::fs::read(path).ok()?;
+    if t.len() != 32 + 8 + 64 || t[..32] != owner.0 {
+        return None;
+    }
+    let at_ms = u64::from_le_bytes(t[32..40].try_into().ok()?);
+    let signature: [u8; 64] = t[40..].try_into().ok()?;
+    Some((at_ms, signature))
 }
 
 fn parse_header(h: &[u8]) -> Option<(Vec<u8>, Ticket, PackId, [u8; 64])> {

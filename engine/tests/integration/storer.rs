@@ -8,7 +8,9 @@ use ed25519_dalek::{Signer, SigningKey};
 use pluto_engine::exchange::{delete_message, PeerError, PeerMsg, MAX_FRAME};
 use pluto_engine::held::Held;
 use pluto_engine::keys::{Keys, MasterKey};
-use pluto_plugins_api::{open_transport, Link, NodeId, PackId, Transport, TransportOptions};
+use pluto_plugins_api::{
+    open_transport, BlobStore, Link, NodeId, PackId, Transport, TransportOptions,
+};
 use pluto_protocol::{proof, ProofAnswer, ReplicaStatement, Ticket};
 use pluto_store_fs::FsBlobStore;
 // Linked for its plugin registration.
@@ -47,11 +49,29 @@ struct World {
 
 impl World {
     async fn new(capacity: u64) -> Self {
+        Self::with_store(capacity, |dir| {
+            Arc::new(FsBlobStore::open(dir.join("held")).unwrap())
+        })
+        .await
+    }
+
+    /// A storer whose held replicas live in the store `open` makes in its
+    /// folder.
+    async fn with_store(
+        capacity: u64,
+        open: impl FnOnce(&std::path::Path) -> Arc<dyn BlobStore>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().to_path_buf();
         let coordinator = SigningKey::from_bytes(&[7; 32]);
         let storer = MasterKey::generate().keys();
-        let held = Arc::new(open_held(&path, &storer, &coordinator, capacity));
+        let held = Arc::new(open_held_in(
+            open(&path),
+            &path,
+            &storer,
+            &coordinator,
+            capacity,
+        ));
         let t = quic(&storer).await;
         let storer_addrs = t.addresses();
         let h = held.clone();
@@ -94,10 +114,21 @@ impl World {
 }
 
 fn open_held(dir: &std::path::Path, storer: &Keys, c: &SigningKey, capacity: u64) -> Held {
+    let store = Arc::new(FsBlobStore::open(dir.join("held")).unwrap());
+    open_held_in(store, dir, storer, c, capacity)
+}
+
+fn open_held_in(
+    store: Arc<dyn BlobStore>,
+    dir: &std::path::Path,
+    storer: &Keys,
+    c: &SigningKey,
+    capacity: u64,
+) -> Held {
     Held::open(
         storer.identity.clone(),
         NodeId(c.verifying_key().to_bytes()),
-        Arc::new(FsBlobStore::open(dir.join("held")).unwrap()),
+        store,
         *storer.obfuscation,
         dir.join("manifests"),
         capacity,
@@ -551,5 +582,338 @@ async fn over_quota_floods_and_garbage_are_refused() {
     assert_eq!(
         put(&w, &owner, t2, p2, root(&small), 1000, &[&small]).await,
         kept(&w, &owner, p2, 1000, root(&small))
+    );
+}
+
+type Counting = pluto_plugins_api::testkit::CountingStore<FsBlobStore>;
+
+/// Bytes that look random, quickly: a keystream.
+fn noise(n: usize, seed: u8) -> Vec<u8> {
+    let mut b = vec![0; n];
+    pluto_engine::keystream::StreamKey::obfuscation(&[seed; 32], &[seed; 32]).apply(0, &mut b);
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_reads_kilobytes_and_a_missing_or_damaged_outboard_is_rebuilt() {
+    let counting = Arc::new(std::sync::OnceLock::<Arc<Counting>>::new());
+    let slot = counting.clone();
+    let w = World::with_store(64 << 20, move |dir| {
+        let c = Arc::new(Counting::new(FsBlobStore::open(dir.join("held")).unwrap()));
+        let _ = slot.set(c.clone());
+        c
+    })
+    .await;
+    let store = counting.get().unwrap().clone();
+    let owner = MasterKey::generate().keys();
+    let replica = noise(16 << 20, 1);
+    let (pack, r, size) = (PackId([9; 32]), root(&replica), replica.len() as u64);
+    let t = w.ticket(&owner, pack, size, now_ms() + 60_000);
+    let frames: Vec<&[u8]> = replica.chunks(1 << 20).collect();
+    assert_eq!(
+        put(&w, &owner, t, pack, r, size, &frames).await,
+        kept(&w, &owner, pack, size, r)
+    );
+    let ob = pluto_engine::held::outboard_id(&r);
+    assert!(store.size(&ob).unwrap().is_some(), "the outboard is kept");
+
+    let audit = |offset: u64| {
+        let (w, owner, replica) = (&w, &owner, &replica);
+        async move {
+            let ProofAnswer::Held(p) = w
+                .held
+                .prove(&owner.node_id(), &pack, r, size, offset, 1024)
+                .await
+            else {
+                panic!("no proof at {offset}")
+            };
+            let got = proof::verify(&r, size, offset, 1024, &p).unwrap();
+            assert_eq!(got, &replica[offset as usize..offset as usize + 1024]);
+        }
+    };
+    store.take();
+    let mut most = 0;
+    for i in 0..64u64 {
+        let offset = (i * 7_919 * 1024 + (i % 3) * 15 * 1024) % size;
+        audit(offset - offset % 1024).await;
+        most = most.max(store.take());
+    }
+    assert!(most <= 64 << 10, "an audit read {most} bytes");
+
+    // An object written before outboards, or a crash between the two
+    // writes: the first audit rebuilds the outboard (reading the replica
+    // once), the next reads kilobytes again.
+    store.delete(&ob).unwrap();
+    audit(5 << 20).await;
+    assert!(store.take() >= size, "the rebuild read the replica");
+    assert!(store.size(&ob).unwrap().is_some(), "the outboard is back");
+    audit(9 << 20).await;
+    assert!(store.take() <= 64 << 10);
+
+    // A damaged outboard gives a proof that does not hold: the storer
+    // notices before answering, rebuilds and answers right.
+    let mut damaged = store.get(&ob).unwrap();
+    for b in &mut damaged[48..] {
+        *b ^= 0xa5;
+    }
+    store.delete(&ob).unwrap();
+    store.put(&ob, &damaged).unwrap();
+    audit(3 << 20).await;
+    assert_ne!(store.get(&ob).unwrap(), damaged, "the outboard was rebuilt");
+    store.take();
+    audit(12 << 20).await;
+    assert!(store.take() <= 64 << 10);
+
+    // Across a restart the outboard is kept, and the ledger ignores it.
+    let reopened = open_held(&w.dir, &w.storer, &w.coordinator, 64 << 20);
+    assert_eq!(reopened.usage(), (size, 1));
+    assert!(store.size(&ob).unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_does_not_match_its_root_or_stops_short_leaves_nothing() {
+    let w = World::new(64 << 20).await;
+    let owner = MasterKey::generate().keys();
+    let replica = noise(3 << 20, 2);
+    let (pack, r, size) = (PackId([8; 32]), root(&replica), replica.len() as u64);
+    let later = now_ms() + 60_000;
+    // The bytes of another replica under this root.
+    let other = noise(3 << 20, 3);
+    let frames: Vec<&[u8]> = other.chunks(1 << 20).collect();
+    let t = w.ticket(&owner, pack, size, later);
+    refused(
+        put(&w, &owner, t, pack, r, size, &frames).await,
+        PeerError::BadRoot,
+    );
+    // Two of three frames, then the link closes.
+    let frames: Vec<&[u8]> = replica.chunks(1 << 20).take(2).collect();
+    let t = w.ticket(&owner, pack, size, later);
+    let mut l = w.link(&owner).await;
+    let attest = statement(&w, &owner, pack, size, r).sign(&owner.identity);
+    l.send(
+        &PeerMsg::Put {
+            ticket: t,
+            pack,
+            root: r,
+            size,
+            attest,
+        }
+        .encode(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(recv(&mut l).await, PeerMsg::Ready);
+    for f in frames {
+        l.send(f).await.unwrap();
+    }
+    let _ = l.finish().await;
+    drop(l);
+    // Nothing is held, listed or left in the store's temporary files once
+    // the storer has given up on the link.
+    let store = FsBlobStore::open(w.dir.join("held")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(45);
+    loop {
+        let tmp = std::fs::read_dir(w.dir.join("held/tmp")).unwrap().count();
+        if tmp == 0 || std::time::Instant::now() > deadline {
+            assert_eq!(tmp, 0, "a temporary file is left");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(w.held.usage(), (0, 0));
+    assert!(store.list().unwrap().is_empty());
+    // The whole replica still goes in afterwards.
+    let frames: Vec<&[u8]> = replica.chunks(1 << 20).collect();
+    let t = w.ticket(&owner, pack, size, later);
+    assert_eq!(
+        put(&w, &owner, t, pack, r, size, &frames).await,
+        kept(&w, &owner, pack, size, r)
+    );
+}
+
+/// Replica size for the memory test, MiB (`PLUTO_TEST_RSS_REPLICA_MIB`).
+fn rss_replica_mib() -> u64 {
+    std::env::var("PLUTO_TEST_RSS_REPLICA_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256)
+}
+
+/// This process's peak resident memory, bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .expect("VmHWM in /proc/self/status");
+    let kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// The frames of replica `i`, made as they are sent: nothing holds a
+/// whole replica in memory, on either side.
+fn replica_frame(i: u8, frame: u64) -> Vec<u8> {
+    let mut b = vec![0; 1 << 20];
+    pluto_engine::keystream::StreamKey::obfuscation(&[i; 32], &[i; 32]).apply(frame << 20, &mut b);
+    b
+}
+
+/// Replicas sent at once in the memory test.
+const AT_ONCE: u8 = 16;
+
+/// The storer of the memory test, in a process of its own so that its
+/// peak memory is its alone: it says who and where it is, holds what comes
+/// and, once it holds every replica, says its peak.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run in a process of its own by receiving_sixteen_large_replicas_at_once_stays_small"]
+async fn sixteen_large_replicas_storer() {
+    let size = rss_replica_mib() << 20;
+    let w = World::new(u64::from(AT_ONCE) * size + (1 << 20)).await;
+    println!(
+        "STORER {} {}",
+        w.storer.node_id().to_hex(),
+        w.storer_addrs.join(" ")
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    while w.held.usage().1 < usize::from(AT_ONCE) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replicas never came"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("PEAK {}", peak_rss());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiving_sixteen_large_replicas_at_once_stays_small() {
+    use std::io::BufRead;
+    let frames = rss_replica_mib();
+    let size = frames << 20;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "integration::storer::sixteen_large_replicas_storer",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    // However this test ends, the storer process ends with it.
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Reap(child);
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let line = loop {
+        let l = tokio::time::timeout(Duration::from_secs(60), lines.recv())
+            .await
+            .unwrap()
+            .expect("the storer says where it is");
+        // The harness may have begun the line with the test's name.
+        if let Some(at) = l.find("STORER ") {
+            break l[at..].to_string();
+        }
+    };
+    let mut words = line.split_whitespace().skip(1);
+    let storer: NodeId = words.next().unwrap().parse().unwrap();
+    let addrs: Vec<String> = words.map(str::to_string).collect();
+    let coordinator = SigningKey::from_bytes(&[7; 32]);
+    let owner = Arc::new(MasterKey::generate().keys());
+    let started = std::time::Instant::now();
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..AT_ONCE {
+        let (owner, addrs, coordinator) = (owner.clone(), addrs.clone(), coordinator.clone());
+        sends.spawn(async move {
+            let root = tokio::task::spawn_blocking(move || {
+                let mut h = blake3::Hasher::new();
+                for f in 0..frames {
+                    h.update(&replica_frame(i, f));
+                }
+                *h.finalize().as_bytes()
+            })
+            .await
+            .unwrap();
+            let pack = PackId([i; 32]);
+            let ticket = Ticket {
+                owner: owner.node_id(),
+                storer,
+                size,
+                expires_ms: now_ms() + 600_000,
+                pack,
+            }
+            .sign(&coordinator);
+            let statement = ReplicaStatement {
+                owner: owner.node_id(),
+                storer,
+                pack,
+                size,
+                root,
+            };
+            let mut l = quic(&owner).await.connect(&storer, &addrs).await.unwrap();
+            let put = PeerMsg::Put {
+                ticket,
+                pack,
+                root,
+                size,
+                attest: statement.sign(&owner.identity),
+            };
+            l.send(&put.encode()).await.unwrap();
+            assert_eq!(recv(&mut l).await, PeerMsg::Ready);
+            for f in 0..frames {
+                l.send(&replica_frame(i, f)).await.unwrap();
+            }
+            let answer = tokio::time::timeout(Duration::from_secs(300), l.recv())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            match PeerMsg::decode(&answer).unwrap() {
+                PeerMsg::Kept { receipt } => assert!(statement.signed_by(&storer, &receipt)),
+                other => panic!("{other:?}"),
+            }
+        });
+    }
+    while let Some(r) = sends.join_next().await {
+        r.unwrap();
+    }
+    let peak: u64 = loop {
+        let l = tokio::time::timeout(Duration::from_secs(60), lines.recv())
+            .await
+            .unwrap()
+            .expect("the storer says its peak");
+        if let Some(at) = l.find("PEAK ") {
+            break l[at + 5..].trim().parse().unwrap();
+        }
+    };
+    assert!(child.0.wait().unwrap().success());
+    println!(
+        "the storer received {AT_ONCE} replicas of {frames} MiB at once in {:.1?}; its peak RSS {} MiB",
+        started.elapsed(),
+        peak >> 20
+    );
+    assert!(
+        peak < 200 << 20,
+        "the storer's peak RSS is {} MiB",
+        peak >> 20
     );
 }
