@@ -61,6 +61,9 @@ pub struct Config {
     /// How often the daemon places packs that lack copies and repairs what
     /// was lost, in seconds.
     pub daemon_every: u64,
+    /// Most bytes a second sent to peers, all uploads together; none: as
+    /// fast as the link goes.
+    pub upload_limit: Option<u64>,
 }
 
 /// Where replicas go: `copies` distinct peers per pack, of which up to
@@ -172,6 +175,7 @@ impl Default for Config {
             announce: Vec::new(),
             local_cache: None,
             daemon_every: 60,
+            upload_limit: None,
         }
     }
 }
@@ -202,6 +206,9 @@ impl Config {
         self.placement.validate()?;
         if self.daemon_every == 0 {
             return Err("daemon_every must be at least 1 (seconds)".into());
+        }
+        if self.upload_limit.is_some_and(|l| l < 1024) {
+            return Err("upload_limit must be at least 1024 (bytes a second)".into());
         }
         if self.transports.is_empty() {
             return Err("transports is empty: list at least one (quic, relay)".into());

@@ -23,6 +23,7 @@ pub mod backup;
 pub mod check;
 pub mod client;
 pub mod crypto;
+pub mod daemon;
 pub mod exchange;
 pub mod held;
 pub mod home;

@@ -27,13 +27,6 @@ use crate::home::{Config, Home};
 use crate::keys::Keys;
 use crate::repo::lock;
 
-/// How long a direct transport may take to reach a peer before the next
-/// is tried.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// The same through the coordinator, whose round trips are longer under
-/// load (the relay's own handshake gives up after 10 s).
-pub const RELAY_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-
 /// Why a peer could not be reached.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -63,6 +56,38 @@ pub struct Net {
     addresses: Mutex<HashMap<NodeId, Vec<String>>>,
     remembered: Mutex<HashMap<NodeId, String>>,
     peers_path: PathBuf,
+    pacer: Option<Pacer>,
+    /// Upload speed as last measured, bytes a second (0: not yet).
+    upload_rate: std::sync::atomic::AtomicU64,
+}
+
+/// Spreads sends so that together they average at most `rate` bytes a
+/// second: each send books the next stretch of the line and waits for it.
+#[derive(Debug)]
+pub struct Pacer {
+    rate: u64,
+    next: tokio::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Pacer {
+    /// At most `rate` (> 0) bytes a second.
+    pub fn new(rate: u64) -> Self {
+        Self {
+            rate: rate.max(1),
+            next: tokio::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    /// Waits until `bytes` may be sent.
+    pub async fn wait(&self, bytes: usize) {
+        let start = {
+            let mut next = self.next.lock().await;
+            let start = (*next).max(tokio::time::Instant::now());
+            *next = start + Duration::from_secs_f64(bytes as f64 / self.rate as f64);
+            start
+        };
+        tokio::time::sleep_until(start).await;
+    }
 }
 
 impl std::fmt::Debug for Net {
@@ -114,7 +139,29 @@ impl Net {
             addresses: Mutex::new(HashMap::new()),
             remembered: Mutex::new(remembered_transports(home)),
             peers_path: home.peers_path(),
+            pacer: config.upload_limit.map(Pacer::new),
+            upload_rate: 0.into(),
         })
+    }
+
+    /// The pace uploads keep to (`upload_limit`), if any.
+    pub fn pacer(&self) -> Option<&Pacer> {
+        self.pacer.as_ref()
+    }
+
+    /// Notes that `bytes` went to a peer in `micros`: the upload speed
+    /// becomes a moving average that follows the line.
+    pub fn note_upload(&self, bytes: u64, micros: u64) {
+        use std::sync::atomic::Ordering;
+        let now = bytes.saturating_mul(1_000_000) / micros.max(1);
+        let old = self.upload_rate.load(Ordering::Relaxed);
+        let new = if old == 0 { now } else { (old * 3 + now) / 4 };
+        self.upload_rate.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// The upload speed last measured, bytes a second (0: not yet).
+    pub fn upload_rate(&self) -> u64 {
+        self.upload_rate.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The coordinator session.
@@ -210,15 +257,12 @@ impl Net {
                 fresh = true;
                 addrs = wanted(self.addresses_of(peer, true).await);
             }
-            if addrs.is_empty() && t.name() != "relay" {
+            let reach = t.reach();
+            if addrs.is_empty() && reach.addresses {
                 why.push(format!("{}: no address announced", t.name()));
                 continue;
             }
-            let limit = if t.name() == "relay" {
-                RELAY_CONNECT_TIMEOUT
-            } else {
-                CONNECT_TIMEOUT
-            };
+            let limit = reach.connect_timeout;
             match tokio::time::timeout(limit, t.connect(peer, &addrs)).await {
                 Ok(Ok(link)) => {
                     self.remember(peer, t.name());
@@ -253,24 +297,54 @@ impl Net {
     }
 
     /// Serves every transport's incoming links with `held` until the
-    /// transports close. Each link runs on a task of its own.
-    pub async fn serve(&self, held: Arc<Held>) {
-        let mut tasks = tokio::task::JoinSet::new();
+    /// transports close or `stop` is cancelled. Each link runs on a task of
+    /// its own; on `stop` no new link is taken, and those being served get
+    /// `grace` to finish (a replica being received is then written whole,
+    /// or dropped and never seen) before they are cut.
+    pub async fn serve(
+        &self,
+        held: Arc<Held>,
+        stop: tokio_util::sync::CancellationToken,
+        grace: Duration,
+    ) {
+        let mut accepting = tokio::task::JoinSet::new();
+        let (tx, mut incoming) = tokio::sync::mpsc::channel(16);
         for t in &self.transports {
-            let (t, held) = (t.clone(), held.clone());
-            tasks.spawn(async move {
+            let (t, tx) = (t.clone(), tx.clone());
+            accepting.spawn(async move {
                 while let Some(link) = t.accept().await {
+                    if tx.send(link).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let mut links = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                link = incoming.recv() => {
+                    let Some(link) = link else { break };
                     let held = held.clone();
-                    tokio::spawn(async move {
+                    links.spawn(async move {
                         let peer = link.peer();
                         if let Err(e) = held.serve(link).await {
                             tracing::info!("a request of {}: {e}", peer.short());
                         }
                     });
                 }
-            });
+                Some(_) = links.join_next(), if !links.is_empty() => {}
+            }
         }
-        while tasks.join_next().await.is_some() {}
+        accepting.abort_all();
+        let finished =
+            tokio::time::timeout(grace, async { while links.join_next().await.is_some() {} }).await;
+        if finished.is_err() {
+            tracing::info!("cutting {} links still open after {grace:?}", links.len());
+            links.abort_all();
+            while links.join_next().await.is_some() {}
+        }
     }
 
     /// Closes every transport.

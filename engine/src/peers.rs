@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use pluto_plugins_api::{BlobKind, BlobStore, Link, NodeId, PackId, StoreError, TransportError};
 use pluto_protocol::{ErrorCode, Message, RepairItem, RepairReason, ReplicaStatement};
 
@@ -35,8 +35,42 @@ use crate::keystream::StreamKey;
 use crate::manifest::{PackPlacement, Placement, Replica};
 use crate::network::{Net, NetError};
 
-/// Packs uploaded at once.
+/// Packs uploaded at once, at most: on a slow uplink fewer (see
+/// [`uploads_at_once`]).
 const PARALLEL_PACKS: usize = 4;
+/// How long an upload may make no progress (a frame not taken, no answer)
+/// before its storer counts as failed. There is no limit on the whole: a
+/// slow line that moves is not a failure.
+pub const STALL: Duration = Duration::from_secs(60);
+/// About how long one round of uploads at once should keep the line busy,
+/// which sets how many go at once on a slow line.
+const ROUND: Duration = Duration::from_secs(30);
+
+/// How many packs of about `size` bytes, `copies` each, to send at once at
+/// `rate` bytes a second (0: not measured yet): as many as the line moves
+/// in [`ROUND`], between 1 and [`PARALLEL_PACKS`]. On a slow line, packs
+/// then finish one after another instead of all crawling together, so
+/// each one is safe sooner and an interruption costs less.
+pub fn uploads_at_once(rate: u64, size: u64, copies: usize) -> usize {
+    if rate == 0 {
+        return PARALLEL_PACKS;
+    }
+    let per_pack = size.max(1).saturating_mul(copies.max(1) as u64);
+    let fits = rate.saturating_mul(ROUND.as_secs()) / per_pack;
+    usize::try_from(fits)
+        .unwrap_or(PARALLEL_PACKS)
+        .clamp(1, PARALLEL_PACKS)
+}
+
+/// `f`, or a protocol failure when it makes no progress within [`STALL`].
+async fn progress<T>(
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, PeerFailure>>,
+) -> Result<T, PeerFailure> {
+    tokio::time::timeout(STALL, f)
+        .await
+        .map_err(|_| PeerFailure::Protocol(format!("{what}: no progress for {STALL:?}")))?
+}
 /// Rounds of matching per pack before it is left for later.
 const MATCH_ROUNDS: usize = 3;
 
@@ -147,20 +181,20 @@ pub async fn put_replica(
             ))
         }
     };
-    let mut link = net.connect(storer).await?;
+    let mut link = progress("connecting", async { Ok(net.connect(storer).await?) }).await?;
     let started = std::time::Instant::now();
-    link.send(
-        &PeerMsg::Put {
-            ticket,
-            pack,
-            root,
-            size: statement.size,
-            attest: statement.sign(identity),
-        }
-        .encode(),
-    )
+    let put = PeerMsg::Put {
+        ticket,
+        pack,
+        root,
+        size: statement.size,
+        attest: statement.sign(identity),
+    };
+    progress("asking to store", async {
+        Ok(link.send(&put.encode()).await?)
+    })
     .await?;
-    match recv_msg(&mut *link).await? {
+    match progress("waiting for the storer", recv_msg(&mut *link)).await? {
         PeerMsg::Have { size, receipt } if size == statement.size => {
             return Ok(Placed {
                 already: true,
@@ -172,11 +206,15 @@ pub async fn put_replica(
         other => return Err(PeerFailure::Protocol(format!("{other:?} to a Put"))),
     }
     for frame in replica.chunks(DATA_FRAME) {
-        link.send(frame).await?;
+        if let Some(p) = net.pacer() {
+            p.wait(frame.len()).await;
+        }
+        progress("sending", async { Ok(link.send(frame).await?) }).await?;
     }
-    match recv_msg(&mut *link).await? {
+    match progress("waiting for the receipt", recv_msg(&mut *link)).await? {
         PeerMsg::Kept { receipt } => {
             let micros = started.elapsed().as_micros().max(1) as u64;
+            net.note_upload(statement.size, micros);
             let _ = link.finish().await;
             Ok(Placed {
                 already: false,
@@ -402,33 +440,37 @@ impl Uploader<'_> {
         // The books follow the placement: a replica that is not in it (any
         // more) is released, so its storer's space and this node's quota
         // come back; its storer is asked to delete it (best effort).
-        futures_util::stream::iter(gone.iter().map(|(item, root)| async move {
-            if let Err(e) = self
-                .net
-                .client()
-                .request(&Message::DropReplica {
-                    pack: item.pack,
-                    storer: item.storer,
-                })
-                .await
-            {
-                tracing::warn!("releasing a replica at {}: {e}", item.storer.short());
-            }
-            if let Some(root) = root {
-                let del = tokio::time::timeout(
-                    Duration::from_secs(10),
-                    delete_replica(self.net, &self.keys.identity, &item.storer, root),
-                )
-                .await;
-                if !matches!(del, Ok(Ok(()))) {
-                    tracing::info!(
-                        "could not ask {} to delete a replica it should no longer hold",
-                        item.storer.short()
-                    );
+        futures_util::stream::iter(gone.iter().map(|(item, root)| {
+            async move {
+                if let Err(e) = self
+                    .net
+                    .client()
+                    .request(&Message::DropReplica {
+                        pack: item.pack,
+                        storer: item.storer,
+                    })
+                    .await
+                {
+                    tracing::warn!("releasing a replica at {}: {e}", item.storer.short());
+                }
+                if let Some(root) = root {
+                    let del = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        delete_replica(self.net, &self.keys.identity, &item.storer, root),
+                    )
+                    .await;
+                    if !matches!(del, Ok(Ok(()))) {
+                        tracing::info!(
+                            "could not ask {} to delete a replica it should no longer hold",
+                            item.storer.short()
+                        );
+                    }
                 }
             }
+            .boxed()
         }))
         .buffer_unordered(16)
+        .boxed()
         .collect::<Vec<()>>()
         .await;
         Ok(rep)
@@ -456,14 +498,19 @@ impl Uploader<'_> {
             .collect();
         // The placements come back on this task: plain state suffices.
         let changed = !todo.is_empty();
+        let typical = todo.iter().map(|t| t.1).max().unwrap_or(0);
+        let at_once = uploads_at_once(self.net.upload_rate(), typical, copies);
         let mut rep = UploadReport::default();
         let mut problems = BTreeMap::<String, usize>::new();
         let mut saved_at = std::time::Instant::now();
         let mut stream = futures_util::stream::iter(todo.into_iter().map(|(pack, size, have)| {
             let friends = &friends;
-            async move { (pack, self.place(pack, size, have, copies, friends).await) }
+            // Boxed: the stream's future must be Send for every lifetime,
+            // which the compiler cannot see through an unboxed closure.
+            async move { (pack, self.place(pack, size, have, copies, friends).await) }.boxed()
         }))
-        .buffer_unordered(PARALLEL_PACKS);
+        .buffer_unordered(at_once)
+        .boxed();
         while let Some((pack, (placed, sent, errs))) = stream.next().await {
             if let Some(p) = placement.packs.get_mut(&pack) {
                 for r in placed {
@@ -574,31 +621,35 @@ impl Uploader<'_> {
             };
             let attempts = storers.iter().zip(tickets).map(|(storer, ticket)| {
                 let bytes = bytes.clone();
+                let key = StreamKey::replica(&self.keys.replica, &pack, storer);
                 async move {
-                    let mut replica = bytes.to_vec();
-                    StreamKey::replica(&self.keys.replica, &pack, storer).apply(0, &mut replica);
-                    let root = *blake3::hash(&replica).as_bytes();
-                    // A storer that stalls is a storer that failed.
-                    let limit = Duration::from_secs(30 + size / (1 << 20));
-                    let r = match tokio::time::timeout(
-                        limit,
-                        put_replica(
-                            self.net,
-                            &self.keys.identity,
-                            storer,
-                            ticket,
-                            pack,
-                            &replica,
-                            root,
-                        ),
-                    )
-                    .await
-                    {
-                        Ok(r) => r,
-                        Err(_) => Err(PeerFailure::Protocol(format!("no answer within {limit:?}"))),
+                    // A whole pack's keystream and hash: a worker thread's job.
+                    let prepared = tokio::task::spawn_blocking(move || {
+                        let mut replica = bytes.to_vec();
+                        key.apply(0, &mut replica);
+                        let root = *blake3::hash(&replica).as_bytes();
+                        (replica, root)
+                    })
+                    .await;
+                    let Ok((replica, root)) = prepared else {
+                        let failed = PeerFailure::Protocol("preparing the replica failed".into());
+                        return (*storer, [0; 32], Err(failed));
                     };
+                    // A storer that stalls fails (`STALL`); a slow one that
+                    // moves is waited for.
+                    let r = put_replica(
+                        self.net,
+                        &self.keys.identity,
+                        storer,
+                        ticket,
+                        pack,
+                        &replica,
+                        root,
+                    )
+                    .await;
                     (*storer, root, r)
                 }
+                .boxed()
             });
             for (storer, root, r) in futures_util::future::join_all(attempts).await {
                 avoid.push(storer);
@@ -670,6 +721,7 @@ impl Uploader<'_> {
                     tracing::info!("keeping the manifest at {}: {e}", s.short());
                 }
             }
+            .boxed()
         });
         futures_util::future::join_all(sends).await;
     }
@@ -742,4 +794,40 @@ pub async fn fetch_manifest(net: &Net, keys: &Keys) -> Result<Option<Placement>,
 /// Whether a pack holds file data only (the kind a local cache may drop).
 pub fn data_only(kinds: &[BlobKind]) -> bool {
     kinds.iter().all(|k| *k == BlobKind::Data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_line_sends_fewer_packs_at_once() {
+        // Not measured yet: the most.
+        assert_eq!(uploads_at_once(0, 16 << 20, 2), PARALLEL_PACKS);
+        // 2 Mbit/s moves 7.5 MB in 30 s: less than one pack of 16 MiB, twice.
+        assert_eq!(uploads_at_once(250_000, 16 << 20, 2), 1);
+        // 20 Mbit/s: two packs' copies fit a round.
+        assert_eq!(uploads_at_once(2_500_000, 16 << 20, 2), 2);
+        // A fast line, or small packs: the most.
+        assert_eq!(uploads_at_once(100 << 20, 16 << 20, 2), PARALLEL_PACKS);
+        assert_eq!(uploads_at_once(250_000, 256 << 10, 2), PARALLEL_PACKS);
+        // Nothing divides by zero or overflows.
+        assert_eq!(uploads_at_once(1, 0, 0), PARALLEL_PACKS);
+        assert_eq!(uploads_at_once(u64::MAX, u64::MAX, usize::MAX), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_pacer_keeps_to_its_rate() {
+        let p = crate::network::Pacer::new(1 << 20);
+        let start = tokio::time::Instant::now();
+        for _ in 0..8 {
+            p.wait(512 << 10).await;
+        }
+        // Eight half-MiB sends at 1 MiB/s: the last may start after 3.5 s.
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(3_500) && took < Duration::from_millis(3_600),
+            "{took:?}"
+        );
+    }
 }

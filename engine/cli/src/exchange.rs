@@ -2,158 +2,33 @@
 //! through the peers, recovery on a new machine, and the daemon that holds
 //! replicas for others and finishes uploads.
 
-use std::fs::File;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use futures_util::StreamExt;
-use pluto_engine::client::{ClientError, CoordinatorClient};
-use pluto_engine::held::Held;
+use pluto_engine::daemon::{self, Event};
 use pluto_engine::manifest::Placement;
 use pluto_engine::network::Net;
-use pluto_engine::peers::{audit, fetch_manifest, RepairReport, UploadReport, Uploader};
+use pluto_engine::peers::{audit, fetch_manifest, UploadReport};
 use pluto_engine::remote::PeerPacks;
 use pluto_engine::{Home, LockMode, Repo};
-use pluto_plugins_api::{open_blob_store, BlobKind, PackId};
-use pluto_protocol::{AuditOutcome, Message, MAX_HELD_REPORTS};
+use pluto_plugins_api::PackId;
+use pluto_protocol::AuditOutcome;
+use tokio_util::sync::CancellationToken;
 
 use crate::fmt::bytes;
-use crate::node::connect_as;
 use crate::Ui;
 
 /// `pluto backup` saved the snapshot, but some new packs do not have all
 /// their copies at peers yet (they stay local; the daemon goes on).
 pub(crate) const EXIT_NOT_PLACED: u8 = 4;
-/// Audits of what this node holds answered at once (each reads a replica
-/// whole).
-const PROVING: usize = 2;
 /// Audits asked for at once by `check --remote`.
 const AUDITING: usize = 32;
 
-/// A coordinator session and the transports over it. The daemon's
-/// (`presence`) listens where the config says; a command's listens on a
-/// port of its own, as it only reaches out.
+/// A coordinator session and the transports over it (see
+/// [`daemon::open_net`]).
 pub(crate) async fn open_net(repo: &Repo, home: &Home, presence: bool) -> Result<Arc<Net>> {
-    let url = repo
-        .config
-        .coordinator
-        .clone()
-        .context("no coordinator configured (pluto init --coordinator URL)")?;
-    let client = Arc::new(connect_as(repo, home, &url, presence).await?);
-    let mut config = repo.config.clone();
-    if !presence {
-        config.listen = if config.listen.starts_with('[') {
-            "[::]:0".into()
-        } else {
-            "0.0.0.0:0".into()
-        };
-    }
-    Ok(Arc::new(
-        Net::open(&repo.keys, &config, home, client).await?,
-    ))
-}
-
-/// Holds `HOME/upload.lock`: one uploader at a time (a backup or the
-/// daemon). `wait` blocks until the other one is done.
-fn upload_lock(home: &Home, wait: bool) -> Result<Option<File>> {
-    let path = home.upload_lock_path();
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    if wait {
-        f.lock()
-            .with_context(|| format!("locking {}", path.display()))?;
-        return Ok(Some(f));
-    }
-    match f.try_lock() {
-        Ok(()) => Ok(Some(f)),
-        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("locking {}", path.display()))
-        }
-    }
-}
-
-/// Repairs what the coordinator says was lost or sits on storers that are
-/// excluded or gone, then uploads what lacks copies (packs no longer here
-/// come from another replica); with `wait`, waits for another uploader to
-/// finish first (None when not waiting and another one runs).
-pub(crate) async fn upload(
-    repo: &Repo,
-    net: &Arc<Net>,
-    wait: bool,
-) -> Result<Option<(RepairReport, UploadReport)>> {
-    let home = repo.home.clone();
-    let Some(_lock) = tokio::task::spawn_blocking(move || upload_lock(&home, wait)).await?? else {
-        return Ok(None);
-    };
-    let packs = repo.catalog.packs().await?;
-    let mut up = Uploader {
-        keys: &repo.keys,
-        packs: repo.packs.clone(),
-        placement: &repo.config.placement,
-        placement_path: repo.home.placement_path(),
-        net,
-    };
-    let repaired = match up.repair().await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!("asking what to repair: {e}");
-            RepairReport::default()
-        }
-    };
-    let placement = Placement::load(&up.placement_path).map_err(anyhow::Error::msg)?;
-    up.packs = Arc::new(PeerPacks::new(
-        repo.packs.clone(),
-        placement,
-        net.clone(),
-        repo.keys.replica.clone(),
-        tokio::runtime::Handle::current(),
-    ));
-    let report = up.run(&packs).await.map_err(anyhow::Error::msg)?;
-    if let Some(limit) = repo.config.local_cache {
-        trim_cache(repo, limit).await?;
-    }
-    Ok(Some((repaired, report)))
-}
-
-/// Drops local data packs that have all their copies at peers, the oldest
-/// first... by id order (packs carry no time), until the local store is
-/// within `limit` bytes. Packs with trees or snapshots stay: the next
-/// backup reads them.
-async fn trim_cache(repo: &Repo, limit: u64) -> Result<()> {
-    let placement = Placement::load(&repo.home.placement_path()).map_err(anyhow::Error::msg)?;
-    let copies = usize::from(repo.config.placement.copies);
-    let local = repo.packs.list()?;
-    let mut total: u64 = local.iter().map(|p| p.1).sum();
-    if total <= limit {
-        return Ok(());
-    }
-    let mut kinds: std::collections::HashMap<PackId, Vec<BlobKind>> = Default::default();
-    for b in repo.catalog.blobs().await? {
-        kinds.entry(b.pack).or_default().push(b.kind);
-    }
-    for (id, size) in local {
-        if total <= limit {
-            break;
-        }
-        let placed = placement
-            .packs
-            .get(&id)
-            .is_some_and(|p| p.replicas.len() >= copies);
-        let data = kinds
-            .get(&id)
-            .is_some_and(|k| pluto_engine::peers::data_only(k));
-        if placed && data {
-            repo.packs.delete(&id)?;
-            total -= size;
-        }
-    }
-    Ok(())
+    Ok(daemon::open_net(repo, home, presence).await?)
 }
 
 /// After a backup: place the new packs. Returns the exit code it adds and
@@ -174,7 +49,7 @@ pub(crate) async fn upload_after_backup(
             return Ok((EXIT_NOT_PLACED, None));
         }
     };
-    let r = upload(repo, &net, true).await;
+    let r = daemon::upload(repo, &net, true).await;
     net.close().await;
     let (repaired, report) = r?.context("the upload lock was not taken")?;
     for why in &repaired.reasons {
@@ -277,32 +152,6 @@ pub(crate) async fn recover(ui: &Ui, home: Home) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Opens the store of replicas held for others.
-fn open_held(repo: &Repo, coordinator: pluto_plugins_api::NodeId) -> Result<Arc<Held>> {
-    let store = open_blob_store(&repo.home.resolve_url(&repo.config.held))?;
-    Ok(Arc::new(Held::open(
-        repo.keys.identity.clone(),
-        coordinator,
-        store.into(),
-        *repo.keys.obfuscation,
-        repo.home.held_manifests(),
-        repo.config.offer,
-    )?))
-}
-
-/// Tells the coordinator again what this node holds, in batches.
-async fn report_held(client: &CoordinatorClient, held: &Held) -> Result<u32, ClientError> {
-    let mut taken = 0;
-    for batch in held.reports().chunks(MAX_HELD_REPORTS) {
-        if let Message::HeldTaken { taken: n } =
-            client.request(&Message::ReportHeld(batch.to_vec())).await?
-        {
-            taken += n;
-        }
-    }
-    Ok(taken)
 }
 
 /// `pluto check --remote`: has the coordinator audit every replica of the
@@ -438,151 +287,69 @@ pub(crate) async fn check_remote(ui: &Ui, home: Home) -> Result<u8> {
 }
 
 /// `pluto daemon`: stays connected, holds replicas for others, answers
-/// audits of them, and places and repairs this node's packs.
+/// audits of them, and places and repairs this node's packs
+/// ([`pluto_engine::daemon`]) until SIGINT or SIGTERM; links being served
+/// then get a few seconds to finish.
 pub(crate) async fn daemon(ui: &Ui, home: Home) -> Result<u8> {
+    let (json, quiet) = (ui.json, ui.quiet);
+    let on_event = Arc::new(move |e: Event| {
+        if json {
+            let mut v = serde_json::to_value(&e).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.insert("message".into(), e.to_string().into());
+            }
+            out!("{v}");
+        } else if !quiet {
+            out!("{}", human(&e));
+        }
+    });
+    let stop = CancellationToken::new();
+    let mut run = tokio::spawn(daemon::run(home, stop.clone(), on_event));
     tokio::select! {
-        r = daemon_loop(ui, &home) => r.map(|()| 0),
-        r = tokio::signal::ctrl_c() => { r?; Ok(0) }
+        r = &mut run => return Ok(r??).map(|()| 0),
+        r = stop_signal() => r?,
     }
+    stop.cancel();
+    // The daemon ends its links within its grace; past that and a margin,
+    // it is not waited for.
+    match tokio::time::timeout(daemon::GRACE * 2, run).await {
+        Ok(r) => r??,
+        Err(_) => tracing::warn!("the daemon did not stop in time"),
+    }
+    Ok(0)
 }
 
-async fn daemon_loop(ui: &Ui, home: &Home) -> Result<()> {
-    let say = |what: String| {
-        if ui.json {
-            out!("{}", serde_json::json!({ "event": what }));
-        } else if !ui.quiet {
-            out!("{what}");
-        }
-    };
-    let mut backoff = Duration::from_secs(1);
-    loop {
-        // The home is not locked: backups run beside the daemon.
-        let repo = Repo::open(home.clone(), LockMode::Unlocked).await?;
-        match open_net(&repo, home, true).await {
-            Ok(net) => {
-                backoff = Duration::from_secs(1);
-                serve_session(&repo, home, &net, &say).await?;
-                net.close().await;
-            }
-            // A changed key is not something retrying fixes.
-            Err(e)
-                if e.downcast_ref::<ClientError>()
-                    .is_some_and(|c| matches!(c, ClientError::KeyChanged { .. })) =>
-            {
-                return Err(e);
-            }
-            Err(e) => say(format!(
-                "cannot reach the coordinator: {e:#}; retrying in {}s",
-                backoff.as_secs()
-            )),
-        }
-        repo.catalog.close().await;
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(60));
-    }
-}
-
-/// One connected stretch of the daemon: until the coordinator is lost.
-async fn serve_session(
-    repo: &Repo,
-    home: &Home,
-    net: &Arc<Net>,
-    say: &impl Fn(String),
-) -> Result<()> {
-    let client = net.client();
-    say(format!(
-        "connected to coordinator {} as {}",
-        client.coordinator().short(),
-        repo.keys.node_id().short()
-    ));
-    let held = open_held(repo, client.coordinator())?;
-    if let Err(e) = net.announce().await {
-        say(format!("announcing addresses: {e}"));
-    }
-    match report_held(client, &held).await {
-        Ok(n) if n > 0 => say(format!("reported {n} held replicas")),
-        Ok(_) => {}
-        Err(e) => say(format!("reporting held replicas: {e}")),
-    }
-    let (used, count) = held.usage();
-    say(format!(
-        "holding {count} replicas ({}) for others; addresses {}",
-        bytes(used),
-        net.own_addresses().join(" ")
-    ));
-    let serving = net.serve(held.clone());
-    let mut challenges = client.challenges();
-    let proving = tokio::sync::Semaphore::new(PROVING);
-    let work = async {
-        let mut beat = tokio::time::interval(client.heartbeat);
-        let mut uploads =
-            tokio::time::interval(Duration::from_secs(repo.config.daemon_every.max(1)));
-        let mut answers = futures_util::stream::FuturesUnordered::new();
-        loop {
-            tokio::select! {
-                Some(m) = challenges.recv() => {
-                    let (held, proving) = (&held, &proving);
-                    answers.push(async move {
-                        let _permit = proving.acquire().await;
-                        answer_audit(client, held, m).await;
-                    });
-                }
-                Some(()) = answers.next(), if !answers.is_empty() => {}
-                _ = beat.tick() => {
-                    if let Err(e) = client.request(&Message::Heartbeat).await {
-                        say(format!("lost the coordinator: {e}"));
-                        return;
-                    }
-                }
-                _ = uploads.tick() => {
-                    let cfg = home.load_config().unwrap_or_else(|_| repo.config.clone());
-                    held.set_capacity(cfg.offer);
-                    match upload(repo, net, false).await {
-                        Ok(Some((fixed, r))) => {
-                            for why in &fixed.reasons {
-                                say(format!("repair: {why}; placing it elsewhere"));
-                            }
-                            if r.replicas_sent > 0 || r.short > 0 || fixed.moved > 0 {
-                                say(format!(
-                                    "upload: sent {} replicas ({}); {} of {} packs placed",
-                                    r.replicas_sent, bytes(r.bytes_sent), r.complete, r.packs
-                                ));
-                            }
-                        }
-                        Ok(None) => {}
-                        Err(e) => say(format!("upload: {e:#}")),
-                    }
-                }
-            }
-        }
-    };
+/// Resolves at the first SIGINT or SIGTERM.
+async fn stop_signal() -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        () = work => {}
-        () = serving => say("the transports closed".into()),
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
     }
     Ok(())
 }
 
-/// Answers one audit of a replica held here.
-async fn answer_audit(client: &CoordinatorClient, held: &Held, m: Message) {
-    let Message::Prove {
-        challenge,
-        owner,
-        pack,
-        root,
-        size,
-        offset,
-        len,
-        deadline_ms,
-    } = m
-    else {
-        return;
-    };
-    if pluto_engine::client::now_ms() > deadline_ms {
-        return;
-    }
-    let answer = held.prove(&owner, &pack, root, size, offset, len).await;
-    if let Err(e) = client.notify(&Message::Proof { challenge, answer }).await {
-        tracing::warn!("answering an audit: {e}");
+/// An event as a person reads it.
+fn human(e: &Event) -> String {
+    match e {
+        Event::Holding {
+            replicas,
+            bytes: b,
+            addresses,
+        } => format!(
+            "holding {replicas} replicas ({}) for others; addresses {}",
+            bytes(*b),
+            addresses.join(" ")
+        ),
+        Event::Uploaded {
+            replicas,
+            bytes: b,
+            complete,
+            packs,
+        } => format!(
+            "upload: sent {replicas} replicas ({}); {complete} of {packs} packs placed",
+            bytes(*b)
+        ),
+        other => other.to_string(),
     }
 }

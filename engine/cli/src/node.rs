@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use pluto_engine::client::{ClientError, CoordinatorClient};
 use pluto_engine::{Home, LockMode, Repo};
-use pluto_plugins_api::{NodeId, PackId};
+use pluto_plugins_api::PackId;
 use pluto_protocol::Message;
 use serde::Serialize;
 
@@ -43,42 +43,10 @@ struct Status {
     coordinator: Option<CoordinatorState>,
 }
 
-fn pinned(config: &pluto_engine::Config) -> Result<Option<NodeId>> {
-    config
-        .coordinator_key
-        .as_deref()
-        .map(|k| {
-            k.parse::<NodeId>()
-                .context("coordinator_key in config.toml")
-        })
-        .transpose()
-}
-
-/// Connects and authenticates; pins the coordinator's key on first contact.
-/// The config is read afresh, so a long-running daemon picks up an offer
-/// changed meanwhile (`pluto offer`) when it reconnects.
+/// Connects and authenticates for one command (see
+/// [`pluto_engine::daemon::connect`]).
 async fn connect(repo: &Repo, home: &Home, url: &str) -> Result<CoordinatorClient, ClientError> {
-    connect_as(repo, home, url, false).await
-}
-
-/// [`connect`], saying whether this is the node's long-lived connection.
-pub(crate) async fn connect_as(
-    repo: &Repo,
-    home: &Home,
-    url: &str,
-    presence: bool,
-) -> Result<CoordinatorClient, ClientError> {
-    let config = home.load_config().unwrap_or_else(|_| repo.config.clone());
-    let pin = pinned(&config).map_err(|e| ClientError::Unexpected(e.to_string()))?;
-    let client = CoordinatorClient::connect(url, &repo.keys, pin, config.offer, presence).await?;
-    if pin.is_none() {
-        let mut cfg = config;
-        cfg.coordinator_key = Some(client.coordinator().to_hex());
-        if let Err(e) = home.save_config(&cfg) {
-            tracing::warn!("could not pin the coordinator's key: {e}");
-        }
-    }
-    Ok(client)
+    pluto_engine::daemon::connect(repo, home, url, false).await
 }
 
 /// The configured coordinator's URL, or a clear error.

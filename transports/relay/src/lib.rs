@@ -52,8 +52,8 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use pluto_plugins_api::{
-    Link, NodeId, RelayCarrier, Transport, TransportDescriptor, TransportError, TransportFuture,
-    TransportOptions, PLUGIN_ABI_VERSION,
+    Link, NodeId, Reach, RelayCarrier, Transport, TransportDescriptor, TransportError,
+    TransportFuture, TransportOptions, PLUGIN_ABI_VERSION,
 };
 use rand_core::{OsRng, RngCore};
 use tokio::sync::{mpsc, watch};
@@ -526,6 +526,13 @@ impl RelayTransport {
 impl Transport for RelayTransport {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    /// Through the coordinator: no addresses, and longer to connect, as
+    /// its round trips are longer under load (the relay's own handshake
+    /// gives up after 10 s).
+    fn reach(&self) -> Reach {
+        Reach::addressless(std::time::Duration::from_secs(15))
     }
 
     fn addresses(&self) -> Vec<String> {

@@ -344,13 +344,23 @@ fn held_objects(home: &Path) -> Vec<PathBuf> {
             let p = e.path();
             if p.is_dir() {
                 todo.push(p);
-            } else if p.file_name().is_some_and(|n| n.len() == 64) {
+            } else if p.file_name().is_some_and(|n| n.len() == 64) && !is_outboard(&p) {
                 out.push(p);
             }
         }
     }
     out.sort();
     out
+}
+
+/// Whether a held object is a replica's outboard (its tree of hashes)
+/// rather than a replica.
+fn is_outboard(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0; 8];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok_and(|()| &magic == b"PLUTOOB1")
 }
 
 fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
@@ -503,4 +513,173 @@ fn a_cheating_storer_is_caught_excluded_and_repaired() {
     // Nothing was lost: the snapshot restores from the honest peers alone.
     drop_local_packs(&home);
     restore_same(&home, &data, &net.path("restore"));
+}
+
+/// A node's line in the coordinator's books.
+fn standing(net: &Net, id: &str) -> serde_json::Value {
+    standings(net)
+        .into_iter()
+        .find(|n| n["id"] == id)
+        .unwrap_or_else(|| panic!("{id} is not in the books"))
+}
+
+fn node_id(home: &Path) -> String {
+    json(&ok(pluto(home).args(["--json", "status"])))["node_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn a_daemon_busy_uploading_stays_online_and_proves_what_it_holds() {
+    // Audits on a short clock; a node is offline after 3 heartbeats (3 s)
+    // without one.
+    let net = Net::start_with(
+        2,
+        &[],
+        "audit_tick_ms = 100\nstorer_audit_every_ms = 1000\naudit_every_ms = 20000\n\
+         proof_deadline_ms = 5000\nstanding_every_ms = 1000\n",
+    );
+    // A node that saved a snapshot before it joined, and has a slow
+    // uplink: its daemon spends most of a minute placing it.
+    let busy = net.path("busy");
+    ok(pluto(&busy).args(["init", "--offer", "256M"]));
+    set(&busy, "pack_size", "1048576");
+    set(&busy, "daemon_every", "1");
+    let mine = net.path("busy-data");
+    std::fs::create_dir_all(&mine).unwrap();
+    std::fs::write(mine.join("big.bin"), noise(7, 6_000_000)).unwrap();
+    ok(pluto(&busy).arg("backup").arg(&mine));
+    {
+        let text = std::fs::read_to_string(busy.join("config.toml")).unwrap();
+        let joined = format!(
+            "coordinator = \"{}\"\nupload_limit = 262144\n{text}",
+            net.url
+        );
+        std::fs::write(busy.join("config.toml"), joined).unwrap();
+    }
+    let busy_id = node_id(&busy);
+    let d = daemon(&busy);
+
+    // Another owner keeps a copy of everything with the busy node.
+    let (home, _) = net.owner("owner");
+    set(&home, "friends", &format!("[\"{busy_id}\"]"));
+    set(&home, "friend_copies", "1");
+    let data = net.path("data");
+    corpus(&data);
+    let started = std::time::Instant::now();
+    backup_placed(&home, &data);
+    let held_for_owner = held_objects(&busy).len();
+    assert!(held_for_owner >= 3, "{held_for_owner} replicas held");
+
+    // While the busy node uploads, it stays online in the books, and every
+    // audit of what it holds is proven.
+    let mut rounds = 0;
+    loop {
+        let st = json(&ok(pluto(&busy).args(["--json", "status"])));
+        let uploading = st["packs_placed"] != st["packs"];
+        let n = standing(&net, &busy_id);
+        assert_eq!(n["online"], true, "offline while uploading: {n}");
+        if !uploading {
+            break;
+        }
+        let audited = json(&ok(pluto(&home).args(["--json", "check", "--remote"])));
+        assert_eq!(audited["failed"], 0, "{audited}");
+        assert_eq!(audited["proven"], audited["replicas"], "{audited}");
+        rounds += 1;
+        assert!(
+            started.elapsed() < Duration::from_secs(240),
+            "the upload never finished"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The upload took longer than three heartbeat intervals, and audits
+    // ran through it.
+    assert!(rounds >= 3, "only {rounds} rounds: the upload was not slow");
+    let n = standing(&net, &busy_id);
+    assert_eq!(n["audits_timed_out"], 0, "{n}");
+    assert!(n["audits_passed"].as_u64().unwrap() >= 3, "{n}");
+    drop(d);
+}
+
+#[test]
+fn sigterm_mid_receive_leaves_nothing_half_written() {
+    let mut net = Net::start(2, &[]);
+    let (home, _) = net.owner("owner");
+    // Packs of 2 MiB sent at 256 KiB/s: each replica takes seconds.
+    set(&home, "pack_size", "2097152");
+    let text = std::fs::read_to_string(home.join("config.toml")).unwrap();
+    std::fs::write(
+        home.join("config.toml"),
+        format!("upload_limit = 262144\n{text}"),
+    )
+    .unwrap();
+    let data = net.path("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("a.bin"), noise(3, 3_000_000)).unwrap();
+    let backup = Command::new(env!("CARGO_BIN_EXE_pluto"))
+        .arg("--home")
+        .arg(&home)
+        .args(["--json", "backup"])
+        .arg(&data)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A storer in the middle of receiving a replica: a temporary object
+    // with some bytes in it.
+    let receiving = |h: &Path| {
+        std::fs::read_dir(h.join("held/tmp"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.metadata().is_ok_and(|m| m.len() > 0))
+    };
+    let mut victim = None;
+    wait_until("a storer receiving", Duration::from_secs(60), || {
+        victim = net.storers.iter().position(|(h, _)| receiving(h));
+        victim.is_some()
+    });
+    let i = victim.unwrap();
+    let storer_home = net.storers[i].0.clone();
+    let pid = net.storers[i].1.child.id();
+    ok(Command::new("kill").args(["-TERM", &pid.to_string()]));
+    let stopped = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = net.storers[i].1.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(30),
+            "the daemon did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "SIGTERM is a clean stop: {status}");
+    // Nothing half-written: no temporary object left, and every object in
+    // the store is a whole replica the restarted daemon holds.
+    assert!(!receiving(&storer_home), "a partial object is left");
+    let objects = held_objects(&storer_home).len();
+    let out = backup.wait_with_output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let restarted = Proc::spawn(
+        pluto(&storer_home).arg("daemon").env("PLUTO_LOG", "info"),
+        &storer_home.with_extension("restarted.log"),
+    );
+    let line = restarted.wait_for("holding ", Duration::from_secs(30));
+    assert!(
+        line.contains(&format!("holding {objects} replicas")),
+        "{line}, {objects} objects"
+    );
+    net.storers[i].1 = restarted;
+    // The owner's next placement completes, and every replica is proven.
+    let again = json(&ok(pluto(&home).args(["--json", "backup"]).arg(&data)));
+    assert_eq!(again["upload"]["short"], 0, "{again}");
+    let audited = json(&ok(pluto(&home).args(["--json", "check", "--remote"])));
+    assert_eq!(audited["proven"], audited["replicas"], "{audited}");
+    assert!(held_objects(&storer_home).len() >= objects);
 }
