@@ -22,12 +22,12 @@
 
 mod audit;
 mod service;
+mod settings;
 
 pub use audit::decayed_speed;
 
-pub use service::{
-    AuditTick, Coordinator, CoordinatorConfig, Outgoing, Rejected, Sweep, ANY_COORDINATOR,
-};
+pub use service::{AuditTick, Coordinator, Outgoing, Rejected, Sweep, ANY_COORDINATOR};
+pub use settings::{CoordinatorConfig, SettingsError, MAX_DURATION_MS};
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -3,6 +3,8 @@
 
 #[path = "integration/audits.rs"]
 mod audits;
+#[path = "integration/settings.rs"]
+mod settings;
 
 use std::sync::Arc;
 
