@@ -83,6 +83,9 @@ pub(crate) fn uptime_track(
     c: &CoordinatorConfig,
 ) -> Beta {
     let mut b = Beta::default();
+    // A window that ends before it starts (a clock that stepped back) is
+    // an empty one.
+    let from_ms = from_ms.min(now_ms);
     let sample = c.uptime_sample_ms.max(1) as f64;
     let mut state = false;
     let mut since = from_ms;
@@ -195,6 +198,13 @@ mod tests {
         let log: Vec<(u64, bool)> = (0..200).map(|i| (i * h, i % 2 == 0)).collect();
         let alt = uptime_track(&log, 0, 200 * h, &c).score();
         assert!((alt - 0.5).abs() < 0.05, "{alt}");
+    }
+
+    #[test]
+    fn a_window_that_ends_before_it_starts_is_empty() {
+        let c = cfg();
+        let log = [(1_000, true), (5_000, false)];
+        assert_eq!(uptime_track(&log, 10_000, 2_000, &c), Beta::default());
     }
 
     #[test]

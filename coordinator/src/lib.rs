@@ -83,7 +83,8 @@ pub fn spawn_auditor(
         loop {
             tick.tick().await;
             let now = now_ms();
-            if now.saturating_sub(standing_at) >= c.standing_every_ms {
+            // (A clock that stepped back does not wait to catch up.)
+            if now < standing_at || now - standing_at >= c.standing_every_ms {
                 standing_at = now;
                 if let Err(e) = coordinator.refresh_standing(now).await {
                     tracing::warn!("working out standings: {e}");

@@ -161,6 +161,14 @@ pub struct AuditTick {
     pub lapsed: usize,
 }
 
+/// When each storer is next audited, and the clock at the last tick (to
+/// notice a clock that stepped back).
+#[derive(Default)]
+struct NextAudits {
+    at: HashMap<NodeId, u64>,
+    last_tick_ms: Option<u64>,
+}
+
 /// The coordinator.
 pub struct Coordinator {
     identity: SigningKey,
@@ -173,7 +181,7 @@ pub struct Coordinator {
     relay_buckets: Mutex<Buckets>,
     audits: Mutex<HashMap<[u8; 32], PendingAudit>>,
     audit_buckets: Mutex<Buckets>,
-    next_audit: Mutex<HashMap<NodeId, u64>>,
+    next_audit: Mutex<NextAudits>,
     /// Standing is read, changed and written back under this lock.
     standing: tokio::sync::Mutex<()>,
 }
@@ -196,7 +204,9 @@ impl Buckets {
         let (tokens, at) = self.map.entry(*node).or_insert((burst as f64, now_ms));
         let elapsed = now_ms.saturating_sub(*at) as f64 / 1000.0;
         *tokens = (*tokens + elapsed * rate as f64).min(burst as f64);
-        *at = now_ms.max(*at);
+        // A clock that stepped back resumes refilling from its new time
+        // rather than waiting to catch up with the old one.
+        *at = now_ms;
         if *tokens >= n as f64 {
             *tokens -= n as f64;
             true
@@ -264,7 +274,7 @@ impl Coordinator {
             relay_buckets: Mutex::new(Buckets::default()),
             audits: Mutex::new(HashMap::new()),
             audit_buckets: Mutex::new(Buckets::default()),
-            next_audit: Mutex::new(HashMap::new()),
+            next_audit: Mutex::new(NextAudits::default()),
             standing: tokio::sync::Mutex::new(()),
             config,
         }
@@ -282,7 +292,10 @@ impl Coordinator {
         let released = self.books.release_expired(now_ms).await?;
         let silent = self
             .books
-            .mark_silent_offline(now_ms.saturating_sub(3 * self.config.heartbeat_ms), now_ms)
+            .mark_silent_offline(
+                now_ms.saturating_sub(self.config.heartbeat_ms.saturating_mul(3)),
+                now_ms,
+            )
             .await?;
         let pruned = self
             .books
@@ -377,7 +390,7 @@ impl Coordinator {
             (env.from, env.nonce),
             digest,
             reply.clone(),
-            now_ms + self.config.window_ms,
+            now_ms.saturating_add(self.config.window_ms),
             now_ms,
         );
         Ok(Some(Outgoing {
@@ -656,6 +669,12 @@ impl Coordinator {
         let mut tick = AuditTick::default();
         let lapsed: Vec<PendingAudit> = {
             let mut audits = lock(&self.audits);
+            // Deadlines were set on the clock of the time; one that stepped
+            // back since must not keep audits pending for the whole step.
+            let latest = now_ms.saturating_add(self.config.proof_deadline_ms);
+            for p in audits.values_mut() {
+                p.deadline_ms = p.deadline_ms.min(latest);
+            }
             let keys: Vec<[u8; 32]> = audits
                 .iter()
                 .filter(|(_, p)| p.deadline_ms < now_ms)
@@ -680,22 +699,43 @@ impl Coordinator {
         let mut due = Vec::new();
         {
             let mut next = lock(&self.next_audit);
+            // The clock stepped back: the schedule steps back with it, so
+            // audits carry on at their cadence instead of waiting for the
+            // clock to catch up.
+            if let Some(step) = next.last_tick_ms.and_then(|t| t.checked_sub(now_ms)) {
+                for at in next.at.values_mut() {
+                    *at = at.saturating_sub(step);
+                }
+            }
+            next.last_tick_ms = Some(now_ms);
             let live: std::collections::HashSet<NodeId> = storers.iter().map(|s| s.0).collect();
-            next.retain(|id, _| live.contains(id));
+            next.at.retain(|id, _| live.contains(id));
+            let (tick_ms, most) = (
+                self.config.audit_tick_ms,
+                self.config.storer_audit_every_ms.max(1),
+            );
             for (storer, count) in &storers {
-                let every = (self.config.audit_every_ms / (*count).max(1)).clamp(
-                    self.config.audit_tick_ms,
-                    self.config.storer_audit_every_ms.max(1),
-                );
+                // Each replica about once per audit_every_ms, no more often
+                // than the tick and no less than storer_audit_every_ms
+                // (which wins should the settings contradict each other).
+                let every = (self.config.audit_every_ms / (*count).max(1))
+                    .max(tick_ms)
+                    .min(most)
+                    .max(1);
                 let at = *next
+                    .at
                     .entry(*storer)
-                    .or_insert_with(|| now_ms + rng.next_u64() % every.max(1));
+                    .or_insert_with(|| now_ms.saturating_add(rng.next_u64() % every));
                 if at <= now_ms {
                     // Keep the cadence between ticks; after a long pause
                     // (the coordinator was down) start afresh.
                     let then = at.saturating_add(every);
-                    let then = if then > now_ms { then } else { now_ms + every };
-                    next.insert(*storer, then);
+                    let then = if then > now_ms {
+                        then
+                    } else {
+                        now_ms.saturating_add(every)
+                    };
+                    next.at.insert(*storer, then);
                     due.push(*storer);
                 }
             }
@@ -729,18 +769,27 @@ impl Coordinator {
             let from = now_ms
                 .saturating_sub(self.config.uptime_window_ms)
                 .max(n.registered_ms);
-            let log = self.books.presence_log(&n.id, from).await?;
-            let uptime = audit::uptime_track(&log, from, now_ms, &self.config);
+            // Registered "after" now: the clock stepped back. No time of the
+            // node's life has passed on this clock, so its uptime stays.
+            let uptime = if from < now_ms {
+                let log = self.books.presence_log(&n.id, from).await?;
+                Some(audit::uptime_track(&log, from, now_ms, &self.config))
+            } else {
+                None
+            };
             let _held = self.standing.lock().await;
             let Some(mut node) = self.books.node(&n.id).await? else {
                 continue;
             };
             // Written when it moved enough to show (a thousandth), not at
             // every refresh of every node.
-            let moved = (uptime.score() - node.standing.uptime.score()).abs() >= 1e-3;
             let before = node.standing.held_back;
-            if moved {
-                node.standing.uptime = uptime;
+            let mut moved = false;
+            if let Some(uptime) = uptime {
+                if (uptime.score() - node.standing.uptime.score()).abs() >= 1e-3 {
+                    node.standing.uptime = uptime;
+                    moved = true;
+                }
             }
             node.standing.held_back = audit::held_back(&node.standing, &self.config, now_ms);
             if moved || node.standing.held_back != before {
@@ -906,7 +955,8 @@ impl Coordinator {
                 if pending.len() >= self.config.max_challenges {
                     return Ok(error(ErrorCode::Busy, "too many handshakes at once"));
                 }
-                pending.insert(challenge, (*from, now_ms + self.config.challenge_ttl_ms));
+                let expiry = now_ms.saturating_add(self.config.challenge_ttl_ms);
+                pending.insert(challenge, (*from, expiry));
                 return Ok(public(Message::Challenge { challenge }));
             }
             Message::Auth {
@@ -1165,15 +1215,15 @@ impl Coordinator {
         for r in self.books.replicas_of(me).await? {
             let e = by_peer.entry(r.storer).or_default();
             e.0 += 1;
-            e.1 += r.size;
+            e.1 = e.1.saturating_add(r.size);
         }
         for r in self.books.replicas_held_by(me).await? {
             let e = by_peer.entry(r.owner).or_default();
             e.2 += 1;
-            e.3 += r.size;
+            e.3 = e.3.saturating_add(r.size);
         }
         let mut peers: Vec<_> = by_peer.into_iter().collect();
-        peers.sort_by_key(|(id, t)| (std::cmp::Reverse(t.1 + t.3), *id));
+        peers.sort_by_key(|(id, t)| (std::cmp::Reverse(t.1.saturating_add(t.3)), *id));
         peers.truncate(1024);
         let mut out = Vec::with_capacity(peers.len());
         for (id, (replicas_held, bytes_held, replicas_stored, bytes_stored)) in peers {
