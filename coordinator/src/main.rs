@@ -243,7 +243,10 @@ async fn run(cli: Cli) -> Result<()> {
     let serve = pluto_coordinator::serve(coordinator, channel.clone(), books);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        () = serve => bail!("the channel to {} closed", pluto_plugins_api::redact_url(&url)),
+        r = serve => {
+            r?;
+            bail!("the channel to {} closed", pluto_plugins_api::redact_url(&url))
+        }
         r = tokio::signal::ctrl_c() => {
             r?;
             channel.close().await;

@@ -3,6 +3,8 @@
 
 #[path = "integration/audits.rs"]
 mod audits;
+#[path = "integration/serve.rs"]
+mod serve;
 #[path = "integration/settings.rs"]
 mod settings;
 
