@@ -70,7 +70,7 @@ impl Answers {
             return;
         }
         while let Some(&(key, at)) = self.order.front() {
-            if at > now && self.bytes + reply.len() <= self.budget {
+            if at > now && self.bytes.saturating_add(reply.len()) <= self.budget {
                 break;
             }
             self.order.pop_front();

@@ -2,11 +2,12 @@
 //! tasks beside it, all supervised.
 //!
 //! ```text
-//!            +-- messages: next_event --> JoinSet (at most max_in_flight) --> handle --> send
-//!            |             presence "offline" --> books
-//! serve -----+-- sweeper:  every sweep_ms          --> sweep (lapsed reservations, silent nodes)
-//! (supervisor)+- auditor:  every audit_tick_ms     --> audit_tick --> send challenges
-//!            +-- standing: every standing_every_ms --> refresh_standing
+//! serve (supervisor)
+//!  +-- messages: next_event --> JoinSet (at most max_in_flight) --> handle --> send
+//!  |             presence "offline" --> books
+//!  +-- sweeper:  every sweep_ms          --> sweep (lapsed reservations, silent nodes)
+//!  +-- auditor:  every audit_tick_ms     --> audit_tick --> send challenges
+//!  +-- standing: every standing_every_ms --> refresh_standing
 //! ```
 //!
 //! Errors from the books are logged and the task carries on. A task that
