@@ -47,7 +47,7 @@ if [ -n "${BIN:-}" ]; then
   bin=$BIN
 else
   echo "building pluto-coordinator and coordinator-load (release)..." >&2
-  (cd "$here" && cargo build --release -q -p pluto-coordinator -p coordinator-load)
+  (cd "$here" && cargo build --release -q -p pluto-coordinator-bin -p coordinator-load)
   bin=${CARGO_TARGET_DIR:-$here/target}/release
 fi
 coord=$bin/pluto-coordinator

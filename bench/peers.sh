@@ -46,7 +46,7 @@ if [ -n "${BIN:-}" ]; then
   bin=$BIN
 else
   echo "building pluto and pluto-coordinator (release)..." >&2
-  (cd "$here" && cargo build --release -q -p pluto-cli -p pluto-coordinator)
+  (cd "$here" && cargo build --release -q -p pluto-cli -p pluto-coordinator-bin)
   bin=${CARGO_TARGET_DIR:-$here/target}/release
 fi
 pluto=$bin/pluto

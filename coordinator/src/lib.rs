@@ -19,138 +19,61 @@
 //! Time and randomness come from the caller; the books are the only state
 //! that matters across restarts (pending challenges and the replay window
 //! are memory, and a restart only makes nodes authenticate again).
+//!
+//! The core is split by concern, in the way of a sans-IO protocol core:
+//! each concern keeps a plain table (its methods take the time and the
+//! randomness) and adds its message handlers to [`Coordinator`]; the
+//! router only routes; [`serve`] is the one thing that runs tasks.
+//!
+//! ```text
+//! settings     CoordinatorConfig and the rules it must keep (validate)
+//! coordinator  the Coordinator: keys, books, settings, one lock per table
+//! router       handle: envelope checks, answers kept, dispatch to one module
+//! answers      a repeated request gets the same answer       (pure table)
+//! sessions     Hello/Auth challenges                          (pure table)
+//! limits       token buckets per node                         (pure table)
+//! relay        payloads passed on between nodes
+//! audits       issue, answers, outcomes, the audit tick, standings;
+//!   rules      outcomes and reputation                        (pure)
+//!   schedule   who is due, from (storers, now, rng)           (pure)
+//!   pending    challenges awaiting an answer                  (pure table)
+//! matching     storers for a pack; replicas recorded, dropped, reported
+//! registry     presence, offer, addresses, manifests
+//! reports      status, peers, repairs
+//! serve        the message loop and periodic tasks, supervised
+//! ```
+//!
+//! ```no_run
+//! # async fn run(
+//! #     books: std::sync::Arc<dyn pluto_plugins_api::BooksStore>,
+//! #     channel: std::sync::Arc<dyn pluto_plugins_api::ControlChannel>,
+//! #     identity: ed25519_dalek::SigningKey,
+//! #     exchange: x25519_dalek::StaticSecret,
+//! # ) -> Result<(), Box<dyn std::error::Error>> {
+//! use pluto_coordinator::{serve, Coordinator, CoordinatorConfig};
+//! let config: CoordinatorConfig = toml::from_str("audit_tick_ms = 1000")?;
+//! config.validate()?; // one line naming the setting, when one breaks a rule
+//! let coordinator = std::sync::Arc::new(Coordinator::new(identity, exchange, books.clone(), config));
+//! serve(coordinator, channel, books).await?; // until the channel closes
+//! # Ok(())
+//! # }
+//! ```
 
-mod audit;
-mod service;
+mod answers;
+mod audits;
+mod coordinator;
+mod limits;
+mod matching;
+mod registry;
+mod relay;
+mod reports;
+mod router;
+mod serve;
+mod sessions;
+mod settings;
 
-pub use audit::decayed_speed;
-
-pub use service::{
-    AuditTick, Coordinator, CoordinatorConfig, Outgoing, Rejected, Sweep, ANY_COORDINATOR,
-};
-
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use pluto_plugins_api::{BooksStore, ChannelEvent, ControlChannel};
-use rand_core::OsRng;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Sweeps the books every `sweep_ms` (see [`Coordinator::sweep`]) until
-/// the returned task is aborted.
-pub fn spawn_sweeper(coordinator: Arc<Coordinator>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let period = std::time::Duration::from_millis(coordinator.config().sweep_ms.max(10));
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            match coordinator.sweep(now_ms()).await {
-                Ok(s) => {
-                    if s.released > 0 || !s.silent.is_empty() {
-                        tracing::info!(
-                            "released {} lapsed reservations; {} silent nodes marked offline",
-                            s.released,
-                            s.silent.len()
-                        );
-                    }
-                }
-                Err(e) => tracing::warn!("sweeping the books: {e}"),
-            }
-        }
-    })
-}
-
-/// Runs the audit schedule every `audit_tick_ms` (challenges that are due,
-/// answers that are late) and works out standings every
-/// `standing_every_ms`, sending what comes of it on `channel`.
-pub fn spawn_auditor(
-    coordinator: Arc<Coordinator>,
-    channel: Arc<dyn ControlChannel>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let c = coordinator.config().clone();
-        let mut tick =
-            tokio::time::interval(std::time::Duration::from_millis(c.audit_tick_ms.max(10)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut standing_at = 0u64;
-        loop {
-            tick.tick().await;
-            let now = now_ms();
-            if now.saturating_sub(standing_at) >= c.standing_every_ms {
-                standing_at = now;
-                if let Err(e) = coordinator.refresh_standing(now).await {
-                    tracing::warn!("working out standings: {e}");
-                }
-            }
-            match coordinator.audit_tick(now, &mut OsRng).await {
-                Ok(t) => {
-                    for out in t.outgoing {
-                        if let Err(e) = channel.send(Some(&out.to), &out.bytes).await {
-                            tracing::warn!("audit message to {}: {e}", out.to.short());
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!("audits: {e}"),
-            }
-        }
-    })
-}
-
-/// Serves a channel until it closes: each message is handled on a task of
-/// its own and its reply sent back; presence notices update the books; the
-/// books are swept and audits scheduled meanwhile.
-pub async fn serve(
-    coordinator: Arc<Coordinator>,
-    channel: Arc<dyn ControlChannel>,
-    books: Arc<dyn BooksStore>,
-) {
-    let sweeper = spawn_sweeper(coordinator.clone());
-    let _stop = AbortOnDrop(sweeper);
-    let _audits = AbortOnDrop(spawn_auditor(coordinator.clone(), channel.clone()));
-    while let Some(ev) = channel.next_event().await {
-        match ev {
-            ChannelEvent::Message { from, payload } => {
-                let (c, ch) = (coordinator.clone(), channel.clone());
-                tokio::spawn(async move {
-                    match c.handle(from, &payload, now_ms(), &mut OsRng).await {
-                        Ok(Some(out)) => {
-                            if let Err(e) = ch.send(Some(&out.to), &out.bytes).await {
-                                tracing::warn!("reply to {}: {e}", out.to.short());
-                            }
-                        }
-                        Ok(None) => {}
-                        Err(e) => tracing::warn!("refused a message: {e}"),
-                    }
-                });
-            }
-            // Presence notices are unauthenticated hints: only "offline" for
-            // a registered node is taken (its next heartbeat, which is
-            // signed, brings it back online).
-            ChannelEvent::Presence { node, payload } if payload == b"offline" => {
-                if let Ok(Some(_)) = books.node(&node).await {
-                    if let Err(e) = books.presence(&node, false, now_ms()).await {
-                        tracing::warn!("presence of {}: {e}", node.short());
-                    }
-                }
-            }
-            ChannelEvent::Connected => tracing::info!("channel connected"),
-            ChannelEvent::Disconnected(why) => tracing::warn!("channel: {why}; reconnecting"),
-            _ => {}
-        }
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+pub use audits::rules::decayed_speed;
+pub use audits::AuditTick;
+pub use coordinator::{Coordinator, Outgoing, Rejected, Sweep, ANY_COORDINATOR};
+pub use serve::{serve, ServeError, DEATH_WINDOW, MAX_DEATHS};
+pub use settings::{CoordinatorConfig, SettingsError, MAX_DURATION_MS};

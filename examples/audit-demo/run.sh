@@ -14,7 +14,7 @@
 # packs and ~230 replicas per storer).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-cargo build -q --profile test -p pluto-cli -p pluto-coordinator
+cargo build -q --profile test -p pluto-cli -p pluto-coordinator-bin
 bin=$(realpath "${CARGO_TARGET_DIR:-target}")/debug
 work=$(mktemp -d)
 if [[ -n ${1:-} ]]; then

@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 nodes=${1:-20}
 shift || true
-cargo build -q -p pluto-cli -p pluto-coordinator
+cargo build -q -p pluto-cli -p pluto-coordinator-bin
 bin=${CARGO_TARGET_DIR:-target}/debug
 work=$(mktemp -d)
 pids=()

@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 src=$(realpath "${1:-engine}")
 # The test profile: built by `cargo test` already, and a little optimised.
-cargo build -q --profile test -p pluto-cli -p pluto-coordinator
+cargo build -q --profile test -p pluto-cli -p pluto-coordinator-bin
 bin=$(realpath "${CARGO_TARGET_DIR:-target}")/debug
 work=$(mktemp -d)
 pids=()

@@ -56,11 +56,13 @@ impl ReplayGuard {
     }
 
     /// Checks an envelope received at `now_ms` and remembers it when fresh.
+    /// The timestamp is the sender's and may be anything: the sums
+    /// saturate, so no value of it can overflow.
     pub fn check(&mut self, env: &Envelope, now_ms: u64) -> Result<(), Refused> {
-        if env.time_ms + self.window_ms < now_ms {
+        if env.time_ms.saturating_add(self.window_ms) < now_ms {
             return Err(Refused::Stale(now_ms - env.time_ms));
         }
-        if env.time_ms > now_ms + self.window_ms {
+        if env.time_ms > now_ms.saturating_add(self.window_ms) {
             return Err(Refused::Future(env.time_ms - now_ms));
         }
         while let Some(&Reverse((expiry, from, nonce))) = self.by_expiry.peek() {
@@ -78,8 +80,11 @@ impl ReplayGuard {
             return Err(Refused::Busy);
         }
         self.seen.insert(key);
-        self.by_expiry
-            .push(Reverse((env.time_ms + self.window_ms, env.from, env.nonce)));
+        self.by_expiry.push(Reverse((
+            env.time_ms.saturating_add(self.window_ms),
+            env.from,
+            env.nonce,
+        )));
         Ok(())
     }
 
@@ -153,6 +158,26 @@ mod tests {
         assert!(started.elapsed() < std::time::Duration::from_secs(2));
         assert_eq!(g.check(&env(3, 3, 10_101), 10_101), Ok(()));
         assert_eq!(g.len(), 50_001, "the old-stamped ones left first");
+    }
+
+    #[test]
+    fn any_timestamp_or_window_is_refused_without_overflow() {
+        let mut g = ReplayGuard::new(1000, 10);
+        assert_eq!(
+            g.check(&env(1, 1, u64::MAX), 10_000),
+            Err(Refused::Future(u64::MAX - 10_000))
+        );
+        assert_eq!(
+            g.check(&env(1, 2, 0), u64::MAX),
+            Err(Refused::Stale(u64::MAX))
+        );
+        let mut wide = ReplayGuard::new(u64::MAX, 10);
+        assert_eq!(wide.check(&env(1, 1, u64::MAX), 10_000), Ok(()));
+        assert_eq!(wide.check(&env(1, 2, 0), u64::MAX), Ok(()));
+        assert_eq!(
+            wide.check(&env(1, 1, u64::MAX), u64::MAX),
+            Err(Refused::Replay)
+        );
     }
 
     #[test]

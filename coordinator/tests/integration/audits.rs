@@ -735,6 +735,97 @@ async fn the_schedule_audits_every_storer() {
     }
 }
 
+/// The coordinator's clock steps back an hour (NTP, a VM restored): every
+/// node now looks registered in the future and every schedule entry and
+/// deadline lies far ahead. Nothing panics, audits carry on at their
+/// cadence on the new clock, and an unanswered audit still lapses in time.
+#[tokio::test]
+async fn a_clock_that_steps_back_does_not_stop_audits() {
+    use rand::SeedableRng;
+    let net = net_with(CoordinatorConfig {
+        audit_tick_ms: 1_000,
+        audit_every_ms: 100_000,
+        storer_audit_every_ms: 10_000,
+        ..CoordinatorConfig::default()
+    })
+    .await;
+    let owner = Node::new();
+    let storers: Vec<Node> = (0..2).map(|_| Node::new()).collect();
+    authenticate(&net, &owner, 10 << 20, T).await;
+    let mut blobs = std::collections::HashMap::new();
+    for (i, s) in storers.iter().enumerate() {
+        authenticate(&net, s, 10 << 20, T).await;
+        for k in 0..3u8 {
+            let pack = 10 * i as u8 + k + 1;
+            let b = blob(3000, pack);
+            blobs.insert(place(&net, &owner, s, pack, &b, T).await, b);
+        }
+    }
+    // Ticks over `span` seconds from `start`, answering every challenge
+    // honestly (except those to `silent`); audits per storer.
+    let run = |start: u64, span: u64, silent: Option<NodeId>| {
+        let (net, storers, blobs) = (&net, &storers, &blobs);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(start);
+        async move {
+            let mut audits = std::collections::HashMap::<NodeId, usize>::new();
+            let mut lapsed = 0;
+            for second in 0..span {
+                let now = start + second * 1000;
+                let tick = net.c.audit_tick(now, &mut rng).await.unwrap();
+                lapsed += tick.lapsed;
+                for out in tick.outgoing {
+                    let s = storers.iter().find(|s| s.id() == out.to).unwrap();
+                    *audits.entry(s.id()).or_default() += 1;
+                    if Some(s.id()) == silent {
+                        continue;
+                    }
+                    let c = challenge_of(&out, s);
+                    let (bytes, _) = s.envelope(
+                        net.c.id(),
+                        now,
+                        &Message::Proof {
+                            challenge: c.id,
+                            answer: honest(&blobs[&c.root])(&c).unwrap(),
+                        },
+                    );
+                    net.c
+                        .handle(Some(s.id()), &bytes, now, &mut rng)
+                        .await
+                        .unwrap();
+                }
+            }
+            (audits, lapsed)
+        }
+    };
+    let (before, _) = run(T, 30, None).await;
+    assert!(before.values().all(|n| *n >= 3), "{before:?}");
+    // One storer is challenged and stays silent just before the step.
+    run(T + 30_000, 12, Some(storers[0].id())).await;
+
+    // An hour back: registered_ms is now in the future for everyone.
+    let back = T + 42_000 - 3_600_000;
+    net.c.refresh_standing(back).await.unwrap();
+    net.c.sweep(back).await.unwrap();
+    for n in storers.iter().chain([&owner]) {
+        assert_eq!(ask(&net, n, back, &Message::Heartbeat).await, Message::Ok);
+    }
+    let Message::Peers(peers) = ask(&net, &owner, back, &Message::ListPeers).await else {
+        panic!("no peers")
+    };
+    assert_eq!(peers.len(), 2);
+    let (after, lapsed) = run(back, 40, None).await;
+    // At least once per 10 s on the new clock, as before the step.
+    for s in &storers {
+        let n = after.get(&s.id()).copied().unwrap_or(0);
+        assert!((3..=5).contains(&n), "{after:?}");
+    }
+    assert!(
+        lapsed >= 1,
+        "the silent storer's audit lapsed on the new clock"
+    );
+    assert!(standing(&net, &storers[0]).await.timed_out >= 1);
+}
+
 #[tokio::test]
 async fn new_nodes_are_vetted_with_little_data() {
     let net = net_with(CoordinatorConfig {

@@ -22,7 +22,7 @@ pub fn coordinator_bin() -> PathBuf {
     let p = Path::new(env!("CARGO_BIN_EXE_pluto")).with_file_name("pluto-coordinator");
     assert!(
         p.exists(),
-        "{} is missing: `cargo test --workspace` builds it (or `cargo build -p pluto-coordinator`)",
+        "{} is missing: `cargo test --workspace` builds it (or `cargo build -p pluto-coordinator-bin`)",
         p.display()
     );
     p

@@ -13,11 +13,52 @@
 //! exclude: audit score < audit_min        (kept: the node is out for good)
 //! hold back: timeout < timeout_min, uptime < uptime_min, speed < min_speed_bps
 //! ```
+//!
+//! Pure: the time is passed in, and nothing here reads the books.
 
-use pluto_plugins_api::{Beta, Standing};
-use pluto_protocol::AuditOutcome;
+use pluto_plugins_api::{Beta, NodeId, Standing};
+use pluto_protocol::{delete_message, proof, AuditOutcome, ProofAnswer};
 
+use super::pending::PendingAudit;
 use crate::CoordinatorConfig;
+
+/// The outcome of `storer`'s answer to audit `p` at `now_ms`: checked
+/// against the root both ends signed, so neither a lying owner nor a
+/// lying storer decides it. Too late counts as no answer.
+pub(crate) fn judge(
+    p: &PendingAudit,
+    storer: &NodeId,
+    answer: ProofAnswer,
+    now_ms: u64,
+) -> AuditOutcome {
+    if now_ms > p.deadline_ms {
+        return AuditOutcome::TimedOut;
+    }
+    match answer {
+        ProofAnswer::Held(bytes) => match proof::verify(&p.root, p.size, p.offset, p.len, &bytes) {
+            Ok(_) => AuditOutcome::Proven,
+            Err(e) => {
+                tracing::warn!(
+                    "storer {} failed an audit of {}'s pack {}: {e}",
+                    storer.short(),
+                    p.owner.short(),
+                    p.pack.short()
+                );
+                AuditOutcome::Failed
+            }
+        },
+        ProofAnswer::NotHeld => AuditOutcome::Failed,
+        // Deleted at the owner's own signed request: nothing held against it.
+        ProofAnswer::Deleted { at_ms, signature } => {
+            let asked = delete_message(storer, &p.root, at_ms);
+            if pluto_protocol::verify(&p.owner, &asked, &signature) {
+                AuditOutcome::Released
+            } else {
+                AuditOutcome::Failed
+            }
+        }
+    }
+}
 
 /// Moves `st` by one audit's outcome at `now_ms`; true when this audit
 /// excluded the node.
@@ -83,6 +124,9 @@ pub(crate) fn uptime_track(
     c: &CoordinatorConfig,
 ) -> Beta {
     let mut b = Beta::default();
+    // A window that ends before it starts (a clock that stepped back) is
+    // an empty one.
+    let from_ms = from_ms.min(now_ms);
     let sample = c.uptime_sample_ms.max(1) as f64;
     let mut state = false;
     let mut since = from_ms;
@@ -195,6 +239,13 @@ mod tests {
         let log: Vec<(u64, bool)> = (0..200).map(|i| (i * h, i % 2 == 0)).collect();
         let alt = uptime_track(&log, 0, 200 * h, &c).score();
         assert!((alt - 0.5).abs() < 0.05, "{alt}");
+    }
+
+    #[test]
+    fn a_window_that_ends_before_it_starts_is_empty() {
+        let c = cfg();
+        let log = [(1_000, true), (5_000, false)];
+        assert_eq!(uptime_track(&log, 10_000, 2_000, &c), Beta::default());
     }
 
     #[test]

@@ -75,18 +75,44 @@ enum Command {
     },
 }
 
+/// The settings in `path` (the defaults without one), checked: a setting
+/// that breaks a rule stops the coordinator here with one line naming it.
 fn load_config(path: Option<&Path>) -> Result<CoordinatorConfig> {
     let Some(path) = path else {
         return Ok(CoordinatorConfig::default());
     };
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let config: CoordinatorConfig =
-        toml::from_str(&text).with_context(|| format!("{} is not valid", path.display()))?;
-    if config.heartbeat_ms == 0 || config.sweep_ms == 0 || config.window_ms == 0 {
-        bail!("{}: intervals must be above 0", path.display());
-    }
+    let config: CoordinatorConfig = toml::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not valid: {}",
+            path.display(),
+            toml_error_line(&text, &e)
+        )
+    })?;
+    config
+        .validate()
+        .with_context(|| format!("{} is not valid", path.display()))?;
     Ok(config)
+}
+
+/// A TOML error in one line, with the line of the file it is about (which
+/// names the setting).
+fn toml_error_line(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim().replace('\n', "; ");
+    let Some(span) = e.span() else {
+        return message;
+    };
+    let before = text.get(..span.start).unwrap_or(text);
+    let number = before.matches('\n').count() + 1;
+    let line = before
+        .rfind('\n')
+        .map_or(text, |i| &text[i + 1..])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim();
+    format!("line {number} (`{line}`): {message}")
 }
 
 /// The coordinator's identity lives in its own file (0600), not in the
@@ -217,7 +243,10 @@ async fn run(cli: Cli) -> Result<()> {
     let serve = pluto_coordinator::serve(coordinator, channel.clone(), books);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        () = serve => bail!("the channel to {} closed", pluto_plugins_api::redact_url(&url)),
+        r = serve => {
+            r?;
+            bail!("the channel to {} closed", pluto_plugins_api::redact_url(&url))
+        }
         r = tokio::signal::ctrl_c() => {
             r?;
             channel.close().await;

@@ -1,0 +1,155 @@
+//! Login sessions: the handshake that proves a node holds its key.
+//!
+//! ```text
+//! node --Hello--> coordinator: a fresh 32-byte challenge, for this node, until now + challenge_ttl_ms
+//! node --Auth { challenge, exchange key, offer }--> coordinator:
+//!      the challenge is taken (whoever sends it); it must be this node's and not lapsed
+//!      -> registered in the books -> Welcome { coordinator's exchange key, heartbeat }
+//! ```
+//!
+//! The envelope's signature is the proof of key; the challenge makes the
+//! proof fresh. At most `max_challenges` are outstanding; lapsed ones are
+//! forgotten when the next is issued.
+
+use std::collections::HashMap;
+
+use pluto_plugins_api::NodeId;
+use pluto_protocol::{ErrorCode, Message};
+use rand_core::RngCore;
+
+use crate::coordinator::{error, lock, public, Reply};
+use crate::{Coordinator, Rejected};
+
+/// Challenges issued and not yet answered.
+#[derive(Debug)]
+pub(crate) struct Sessions {
+    pending: HashMap<[u8; 32], (NodeId, u64)>,
+    capacity: usize,
+    ttl_ms: u64,
+}
+
+impl Sessions {
+    /// At most `capacity` outstanding, each answerable for `ttl_ms`.
+    pub(crate) fn new(capacity: usize, ttl_ms: u64) -> Self {
+        Self {
+            pending: HashMap::new(),
+            capacity,
+            ttl_ms,
+        }
+    }
+
+    /// A fresh challenge for `from`, or `None` when too many are outstanding.
+    pub(crate) fn challenge(
+        &mut self,
+        from: NodeId,
+        now_ms: u64,
+        rng: &mut (impl RngCore + ?Sized),
+    ) -> Option<[u8; 32]> {
+        // Lapsed ones go; so does the excess of those a clock that stepped
+        // back left far ahead.
+        let expiry = now_ms.saturating_add(self.ttl_ms);
+        self.pending.retain(|_, (_, e)| {
+            *e = (*e).min(expiry);
+            *e > now_ms
+        });
+        if self.pending.len() >= self.capacity {
+            return None;
+        }
+        let mut challenge = [0u8; 32];
+        rng.fill_bytes(&mut challenge);
+        self.pending.insert(challenge, (from, expiry));
+        Some(challenge)
+    }
+
+    /// Takes `challenge` (it is used up whoever presents it); true when it
+    /// was issued to `from` and has not lapsed.
+    pub(crate) fn redeem(&mut self, challenge: &[u8; 32], from: &NodeId, now_ms: u64) -> bool {
+        matches!(
+            self.pending.remove(challenge),
+            Some((node, expiry)) if node == *from && expiry > now_ms
+        )
+    }
+}
+
+impl Coordinator {
+    /// `Hello`: a challenge to sign.
+    pub(crate) fn hello(&self, from: &NodeId, now_ms: u64, rng: &mut impl RngCore) -> Reply {
+        match lock(&self.sessions).challenge(*from, now_ms, rng) {
+            Some(challenge) => public(Message::Challenge { challenge }),
+            None => error(ErrorCode::Busy, "too many handshakes at once"),
+        }
+    }
+
+    /// `Auth`: the signed answer to a challenge; registers the node.
+    pub(crate) async fn auth(
+        &self,
+        from: &NodeId,
+        challenge: &[u8; 32],
+        exchange_key: &[u8; 32],
+        offer: u64,
+        now_ms: u64,
+    ) -> Result<Reply, Rejected> {
+        if !lock(&self.sessions).redeem(challenge, from, now_ms) {
+            return Ok(error(
+                ErrorCode::Unauthenticated,
+                "unknown or expired challenge",
+            ));
+        }
+        // Registered, not yet online: a node is online once it heartbeats
+        // (its daemon does at once), so a command that connects for a
+        // moment is never matched as a storer.
+        self.books
+            .register(from, exchange_key, offer, now_ms)
+            .await?;
+        tracing::info!("node {} authenticated", from.short());
+        Ok(public(Message::Welcome {
+            exchange_key: self.exchange_key(),
+            heartbeat_ms: self.config.heartbeat_ms,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    const A: NodeId = NodeId([1; 32]);
+    const B: NodeId = NodeId([2; 32]);
+
+    #[test]
+    fn a_challenge_is_for_one_node_once_until_it_lapses() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let mut s = Sessions::new(10, 1000);
+        let c = s.challenge(A, 0, &mut rng).unwrap();
+        assert!(!s.redeem(&c, &B, 10), "stolen");
+        assert!(!s.redeem(&c, &A, 10), "used up by the thief's try");
+        let c = s.challenge(A, 0, &mut rng).unwrap();
+        assert!(s.redeem(&c, &A, 999));
+        assert!(!s.redeem(&c, &A, 999), "once");
+        let c = s.challenge(A, 0, &mut rng).unwrap();
+        assert!(!s.redeem(&c, &A, 1000), "lapsed");
+    }
+
+    #[test]
+    fn bounded_and_lapsed_ones_make_room() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        let mut s = Sessions::new(2, 1000);
+        assert!(s.challenge(A, 0, &mut rng).is_some());
+        assert!(s.challenge(B, 0, &mut rng).is_some());
+        assert!(s.challenge(A, 999, &mut rng).is_none());
+        assert!(s.challenge(A, 1000, &mut rng).is_some());
+    }
+
+    #[test]
+    fn a_clock_that_steps_back_keeps_challenges_no_longer_than_their_time() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut s = Sessions::new(1, 1000);
+        assert!(s.challenge(A, 10_000_000, &mut rng).is_some());
+        // An hour back: the old one counts as issued now, and lapses in time.
+        assert!(s.challenge(B, 10_000_000 - 3_600_000, &mut rng).is_none());
+        assert!(s
+            .challenge(B, 10_000_000 - 3_600_000 + 1000, &mut rng)
+            .is_some());
+    }
+}
