@@ -108,6 +108,50 @@ impl Net {
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+
+    /// The coordinator is killed, loses its database and starts again
+    /// empty (its key, a file of its own, stays).
+    fn lose_books(&mut self) {
+        self.running.kill();
+        let mut lost = Vec::new();
+        for f in std::fs::read_dir(&self.coordinator.home).unwrap().flatten() {
+            let name = f.file_name().to_string_lossy().to_string();
+            if name.starts_with("books") {
+                std::fs::remove_file(f.path()).unwrap();
+                lost.push(name);
+            }
+        }
+        assert!(
+            lost.iter().any(|n| n == "books.db"),
+            "no books to lose: {lost:?}"
+        );
+        let (running, _) = self.coordinator.start();
+        self.running = running;
+    }
+
+    /// `pluto init --coordinator URL --mnemonic-file WORDS` into `home`.
+    fn recovery(&self, home: &Path, words: &Path) -> Command {
+        let mut c = pluto(home);
+        c.args(["init", "--coordinator"])
+            .arg(&self.url)
+            .arg("--mnemonic-file")
+            .arg(words);
+        c
+    }
+
+    /// Kills every storer's daemon.
+    fn stop_storers(&mut self) {
+        for (_, d) in &mut self.storers {
+            d.kill();
+        }
+    }
+
+    /// Starts every storer's daemon again; each has reported what it holds.
+    fn start_storers(&mut self) {
+        for (home, d) in &mut self.storers {
+            *d = daemon(home);
+        }
+    }
 }
 
 fn corpus(dir: &Path) {
@@ -197,15 +241,7 @@ fn backup_to_peers_restore_recover_with_books_wiped() {
     for (_, d) in &net.storers {
         d.drain();
     }
-    net.running.kill();
-    for f in std::fs::read_dir(&net.coordinator.home).unwrap().flatten() {
-        let name = f.file_name().to_string_lossy().to_string();
-        if name.starts_with("books") {
-            std::fs::remove_file(f.path()).unwrap();
-        }
-    }
-    let (running, _) = net.coordinator.start();
-    net.running = running;
+    net.lose_books();
     // Each daemon notices, connects again and reports what it holds (a
     // storer the matches passed over holds nothing to report).
     for (_, d) in &net.storers {
@@ -227,6 +263,147 @@ fn backup_to_peers_restore_recover_with_books_wiped() {
         .map(|p| p["replicas_held"].as_u64().unwrap())
         .sum();
     assert!(held >= 6, "{peers}");
+}
+
+/// Waits for `p` to end; its exit code.
+fn exit_code(p: &mut Proc, within: Duration) -> i32 {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(st) = p.child.try_wait().unwrap() {
+            return st.code().unwrap_or(-1);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running after {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// An owner's backup placed at the storers, its words in a file, and then
+/// the coordinator's books lost while every storer is down: nobody holds
+/// anything for anyone in the new books.
+fn books_lost_storers_down(storers: usize) -> (Net, PathBuf, PathBuf) {
+    let mut net = Net::start(storers, &[]);
+    let (home, words) = net.owner("owner");
+    let data = net.path("data");
+    corpus(&data);
+    backup_placed(&home, &data);
+    let words_file = net.path("words");
+    std::fs::write(&words_file, &words).unwrap();
+    net.stop_storers();
+    net.lose_books();
+    assert!(
+        standings(&net).iter().all(|n| n["held"] == 0),
+        "{:?}",
+        standings(&net)
+    );
+    (net, data, words_file)
+}
+
+#[test]
+fn a_recovery_before_the_storers_are_back_waits_for_them() {
+    let (mut net, data, words) = books_lost_storers_down(3);
+    let home = net.path("owner-recovered");
+    let log = net.path("recovery.log");
+    let mut rec = Proc::spawn(&mut net.recovery(&home, &words), &log);
+    // It finds nothing yet, says it waits, and goes on waiting.
+    wait_until(
+        "the recovery saying it waits",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap()
+                .contains("waiting for the storers to come back online")
+        },
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(rec.child.try_wait().unwrap().is_none(), "it gave up early");
+    assert!(home.join("recovering").exists());
+    // The storers come back one by one, as their daemons reconnect.
+    net.start_storers();
+    assert_eq!(exit_code(&mut rec, Duration::from_secs(120)), 0, "{}", {
+        std::fs::read_to_string(&log).unwrap()
+    });
+    rec.wait_for("recovered node", Duration::from_secs(1));
+    let said = rec.wait_for("catalog rebuilt with", Duration::from_secs(1));
+    assert!(said.contains("with 1 snapshots"), "{said}");
+    assert!(!home.join("recovering").exists());
+    restore_same(&home, &data, &net.path("restore"));
+}
+
+#[test]
+fn a_recovery_that_finds_nothing_fails_and_leaves_no_home() {
+    let (mut net, data, words) = books_lost_storers_down(2);
+    let home = net.path("owner-recovered");
+
+    // No storer at all: a short wait, then one line that says what to do,
+    // exit 1, and nothing left behind.
+    let r = fails(
+        net.recovery(&home, &words).args(["-q", "--wait", "2"]),
+        "no manifest of this node",
+    );
+    for want in [
+        "after waiting 2s",
+        "the coordinator the node used",
+        "storers are online",
+        "run init --mnemonic-file again",
+        "nothing was kept",
+    ] {
+        assert!(r.stderr.contains(want), "{want:?}: {}", r.stderr);
+    }
+    assert!(r.stdout.is_empty(), "{}", r.stdout);
+    assert!(!home.exists());
+    // Into a directory that was there: only what the recovery made goes.
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(home.join("mine"), b"x").unwrap();
+    let r = run(net.recovery(&home, &words).args(["--json", "--wait", "0"]));
+    assert_eq!(r.code, 1, "{} {}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.is_empty(),
+        "--json has nothing to report: {}",
+        r.stdout
+    );
+    let left: Vec<_> = std::fs::read_dir(&home)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["mine"]);
+    std::fs::remove_dir_all(&home).unwrap();
+
+    // Interrupted while it waits: nothing is kept either.
+    let log = net.path("recovery-interrupted.log");
+    let mut rec = Proc::spawn(&mut net.recovery(&home, &words), &log);
+    wait_until("the recovery waiting", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log).unwrap().contains("waiting")
+    });
+    ok(Command::new("kill")
+        .arg("-INT")
+        .arg(rec.child.id().to_string()));
+    assert_eq!(exit_code(&mut rec, Duration::from_secs(30)), 1);
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(said.contains("interrupted by SIGINT"), "{said}");
+    assert!(!home.exists());
+
+    // Killed outright while it waits: the home stays marked, other commands
+    // refuse it, and the next recovery takes it over.
+    let log = net.path("recovery-killed.log");
+    let mut rec = Proc::spawn(&mut net.recovery(&home, &words), &log);
+    wait_until("the recovery waiting", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log).unwrap().contains("waiting")
+    });
+    rec.kill();
+    assert!(home.join("recovering").exists());
+    fails(pluto(&home).arg("snapshots"), "did not finish");
+
+    // With the storers back, running it again recovers everything.
+    net.start_storers();
+    let r = json(&ok(net.recovery(&home, &words).arg("--json")));
+    assert_eq!(r["recovered"], true, "{r}");
+    assert_eq!(r["catalog"]["snapshots"], 1, "{r}");
+    assert_eq!(r["packs_away"], 0, "{r}");
+    assert!(!home.join("recovering").exists());
+    restore_same(&home, &data, &net.path("restore"));
 }
 
 /// Backup and restore with only `transports`, storers announcing
