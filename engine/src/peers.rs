@@ -628,7 +628,11 @@ impl Uploader<'_> {
                         placed.push(Replica { storer, root });
                     }
                     Err(e) => {
-                        tracing::info!("storer {} failed: {e}", storer.short());
+                        tracing::info!(
+                            "pack {}: storer {} failed: {e}",
+                            pack.short(),
+                            storer.short()
+                        );
                         errs.push(format!("storer {}: {e}", storer.short()));
                     }
                 }
