@@ -61,7 +61,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The home has no coordinator.
-    #[error("no coordinator configured (pluto join URL, or pluto init --coordinator URL)")]
+    #[error("no coordinator configured (pluto init --coordinator URL)")]
     NoCoordinator,
     /// The config does not read.
     #[error("config: {0}")]

@@ -310,6 +310,11 @@ impl Home {
     pub fn held_manifests(&self) -> PathBuf {
         self.root.join("held-manifests")
     }
+    /// Present while a recovery from the 24 words has not finished: such
+    /// a home has keys but not yet its catalog and placement.
+    pub fn recovering_path(&self) -> PathBuf {
+        self.root.join("recovering")
+    }
 }
 
 /// Replaces `path` with `bytes` so that a reader (or a crash) sees the old

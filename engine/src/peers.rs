@@ -25,7 +25,7 @@ use std::time::Duration;
 use ed25519_dalek::SigningKey;
 use futures_util::{FutureExt, StreamExt};
 use pluto_plugins_api::{BlobKind, BlobStore, Link, NodeId, PackId, StoreError, TransportError};
-use pluto_protocol::{ErrorCode, Message, RepairItem, RepairReason, ReplicaStatement};
+use pluto_protocol::{ErrorCode, Message, PeerReport, RepairItem, RepairReason, ReplicaStatement};
 
 use crate::client::ClientError;
 use crate::crypto::SealKey;
@@ -679,7 +679,11 @@ impl Uploader<'_> {
                         placed.push(Replica { storer, root });
                     }
                     Err(e) => {
-                        tracing::info!("storer {} failed: {e}", storer.short());
+                        tracing::info!(
+                            "pack {}: storer {} failed: {e}",
+                            pack.short(),
+                            storer.short()
+                        );
                         errs.push(format!("storer {}: {e}", storer.short()));
                     }
                 }
@@ -730,6 +734,15 @@ impl Uploader<'_> {
 /// The newest manifest of this node that opens: the coordinator's, or any
 /// storer's (those the coordinator lists as holding for this node).
 pub async fn fetch_manifest(net: &Net, keys: &Keys) -> Result<Option<Placement>, String> {
+    Ok(lookup_manifest(net, keys).await?.0)
+}
+
+/// The newest manifest that opens, and the coordinator's list of this
+/// node's peers (asked once for both).
+async fn lookup_manifest(
+    net: &Net,
+    keys: &Keys,
+) -> Result<(Option<Placement>, Vec<PeerReport>), String> {
     let me = keys.node_id();
     let key = SealKey::new(&keys.metadata);
     let mut best: Option<Placement> = None;
@@ -788,7 +801,116 @@ pub async fn fetch_manifest(net: &Net, keys: &Keys) -> Result<Option<Placement>,
             Err(e) => tracing::info!("no manifest from {}: {e}", s.short()),
         }
     }
-    Ok(best)
+    Ok((best, peers))
+}
+
+/// Packs of `placement` that have replicas, none of them at a storer the
+/// coordinator lists online and holding for this node (after the
+/// coordinator lost its books, a storer is listed once it is back and has
+/// reported what it holds). Packs without any replica are not counted:
+/// no waiting brings them.
+pub fn packs_away(placement: &Placement, peers: &[PeerReport]) -> usize {
+    let back: HashSet<NodeId> = peers
+        .iter()
+        .filter(|p| p.online && p.replicas_held > 0)
+        .map(|p| p.id)
+        .collect();
+    placement
+        .packs
+        .values()
+        .filter(|p| !p.replicas.is_empty() && !p.replicas.iter().any(|r| back.contains(&r.storer)))
+        .count()
+}
+
+/// Why a manifest search is still waiting (passed to its progress callback).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ManifestWait {
+    /// Neither the coordinator nor any storer it lists has a manifest of
+    /// this node (yet: storers re-register after a coordinator restart).
+    NoManifest {
+        /// Storers the coordinator lists as holding for this node.
+        storers: usize,
+    },
+    /// The manifest is found, but some of its packs have no replica at a
+    /// storer that is back online.
+    Storers {
+        /// Packs the manifest lists.
+        packs: usize,
+        /// Of those, packs whose storers are all away.
+        away: usize,
+    },
+    /// Asking the coordinator failed.
+    Failed(String),
+}
+
+/// What a manifest search found.
+#[derive(Clone, Debug)]
+pub struct ManifestSearch {
+    /// The newest manifest that opens, if any was found.
+    pub placement: Option<Placement>,
+    /// Packs of it whose storers were all away when the search ended.
+    pub away: usize,
+    /// Why it was still waiting when the time was up (None: done in time).
+    pub waiting: Option<ManifestWait>,
+}
+
+/// Looks for this node's manifest ([`fetch_manifest`]) until it is found
+/// and every pack in it with replicas has one at a storer back online, or
+/// until `wait` has passed, asking again every `every`; `progress` hears why
+/// it waits before each pause, with the time left. When the time is up, the
+/// best found so far is returned (with the packs still away).
+pub async fn search_manifest(
+    net: &Net,
+    keys: &Keys,
+    wait: Duration,
+    every: Duration,
+    mut progress: impl FnMut(&ManifestWait, Duration),
+) -> ManifestSearch {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut best: Option<Placement> = None;
+    let mut away = 0;
+    loop {
+        let why = match lookup_manifest(net, keys).await {
+            Ok((found, peers)) => {
+                if let Some(p) = found {
+                    if best.as_ref().is_none_or(|b| p.version >= b.version) {
+                        best = Some(p);
+                    }
+                }
+                match &best {
+                    Some(p) => {
+                        away = packs_away(p, &peers);
+                        if away == 0 {
+                            return ManifestSearch {
+                                placement: best,
+                                away: 0,
+                                waiting: None,
+                            };
+                        }
+                        ManifestWait::Storers {
+                            packs: p.packs.len(),
+                            away,
+                        }
+                    }
+                    None => ManifestWait::NoManifest {
+                        storers: peers.iter().filter(|p| p.replicas_held > 0).count(),
+                    },
+                }
+            }
+            Err(e) => ManifestWait::Failed(e),
+        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return ManifestSearch {
+                placement: best,
+                away,
+                waiting: Some(why),
+            };
+        }
+        progress(&why, left);
+        tokio::time::sleep(every.min(left)).await;
+    }
 }
 
 /// Whether a pack holds file data only (the kind a local cache may drop).
@@ -829,5 +951,55 @@ mod tests {
             took >= Duration::from_millis(3_500) && took < Duration::from_millis(3_600),
             "{took:?}"
         );
+    }
+
+    fn peer(id: u8, online: bool, replicas_held: u32) -> PeerReport {
+        PeerReport {
+            id: NodeId([id; 32]),
+            online,
+            last_seen_ms: 0,
+            uptime_permille: 0,
+            replicas_held,
+            bytes_held: 0,
+            replicas_stored: 0,
+            bytes_stored: 0,
+            audit_permille: 0,
+            timeout_permille: 0,
+            uptime_score_permille: 0,
+            speed_bps: 0,
+            audits_passed: 0,
+            audits_failed: 0,
+            audits_timed_out: 0,
+            excluded: false,
+            held_back: false,
+        }
+    }
+
+    fn at(storers: &[u8]) -> PackPlacement {
+        PackPlacement {
+            size: 1,
+            replicas: storers
+                .iter()
+                .map(|s| Replica {
+                    storer: NodeId([*s; 32]),
+                    root: [0; 32],
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_pack_is_away_until_one_of_its_storers_is_back() {
+        let mut p = Placement::default();
+        p.packs.insert(PackId([1; 32]), at(&[1, 2]));
+        p.packs.insert(PackId([2; 32]), at(&[2, 3]));
+        // Never placed: no waiting brings it.
+        p.packs.insert(PackId([3; 32]), at(&[]));
+        assert_eq!(packs_away(&p, &[]), 2);
+        // Back but offline, or online but not yet reporting what it holds.
+        assert_eq!(packs_away(&p, &[peer(2, false, 5), peer(3, true, 0)]), 2);
+        assert_eq!(packs_away(&p, &[peer(1, true, 1)]), 1);
+        assert_eq!(packs_away(&p, &[peer(1, true, 1), peer(3, true, 1)]), 0);
+        assert_eq!(packs_away(&p, &[peer(2, true, 2)]), 0);
     }
 }

@@ -3,14 +3,16 @@
 //! replicas for others and finishes uploads.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use futures_util::StreamExt;
 use pluto_engine::daemon::{self, Event};
 use pluto_engine::manifest::Placement;
 use pluto_engine::network::Net;
-use pluto_engine::peers::{audit, fetch_manifest, UploadReport};
+use pluto_engine::peers::{audit, search_manifest, ManifestWait, UploadReport};
 use pluto_engine::remote::PeerPacks;
+use pluto_engine::repo::RebuildReport;
 use pluto_engine::{Home, LockMode, Repo};
 use pluto_plugins_api::PackId;
 use pluto_protocol::AuditOutcome;
@@ -111,47 +113,125 @@ pub(crate) async fn attach_peers(repo: &mut Repo, prefetch: bool) -> Result<Opti
     Ok(Some(net))
 }
 
+/// Between two manifest lookups while a recovery waits for the storers.
+const RECOVERY_POLL: Duration = Duration::from_secs(2);
+/// How often a recovery that waits says so (and at every change).
+const RECOVERY_SAY_EVERY: Duration = Duration::from_secs(15);
+
+/// What a recovery brought back.
+pub(crate) struct Recovered {
+    /// The manifest's version.
+    pub(crate) version: u64,
+    /// Packs it lists.
+    pub(crate) packs: usize,
+    /// Packs whose storers were all away when the waiting ended.
+    pub(crate) away: usize,
+    /// The catalog rebuilt from the packs' headers.
+    pub(crate) catalog: RebuildReport,
+}
+
 /// On a new machine: the manifest from the coordinator or the peers, then
-/// the catalog from the packs' headers (fetched from the peers).
-pub(crate) async fn recover(ui: &Ui, home: Home) -> Result<()> {
+/// the catalog from the packs' headers (fetched from the peers). Waits up
+/// to `wait` for the manifest and for a storer of each pack to be online
+/// (after the coordinator lost its books, storers come back one by one as
+/// their daemons reconnect), saying why on stderr. Fails, without saving a
+/// placement, when no manifest is found or no snapshot comes back.
+pub(crate) async fn recover(ui: &Ui, home: &Home, wait: Duration) -> Result<Recovered> {
     let mut repo = Repo::open(home.clone(), LockMode::Exclusive).await?;
-    let net = open_net(&repo, &home, false).await?;
-    let found = fetch_manifest(&net, &repo.keys)
-        .await
-        .map_err(anyhow::Error::msg)?;
-    let Some(placement) = found else {
-        net.close().await;
-        if !ui.quiet && !ui.json {
-            out!("no manifest of this node at the coordinator or its peers: nothing to recover");
+    let net = match open_net(&repo, home, false).await {
+        Ok(n) => n,
+        Err(e) => {
+            repo.catalog.close().await;
+            return Err(e);
         }
-        return Ok(());
     };
-    placement
-        .save(&home.placement_path())
-        .map_err(anyhow::Error::msg)?;
+    let r = recover_over(ui, &mut repo, &net, wait).await;
+    repo.catalog.close().await;
+    net.close().await;
+    r
+}
+
+async fn recover_over(
+    ui: &Ui,
+    repo: &mut Repo,
+    net: &Arc<Net>,
+    wait: Duration,
+) -> Result<Recovered> {
+    let chatty = !ui.quiet && !ui.json;
+    let mut said: Option<(ManifestWait, tokio::time::Instant)> = None;
+    let found = search_manifest(net, &repo.keys, wait, RECOVERY_POLL, |why, left| {
+        let now = tokio::time::Instant::now();
+        let repeat = said
+            .as_ref()
+            .is_some_and(|(w, at)| w == why && now.duration_since(*at) < RECOVERY_SAY_EVERY);
+        if !chatty || repeat {
+            return;
+        }
+        let left = left.as_secs();
+        match why {
+            ManifestWait::NoManifest { .. } => eprintln!(
+                "no manifest of this node at the coordinator or its storers yet; waiting for the storers to come back online ({left}s left)"
+            ),
+            ManifestWait::Storers { packs, away } => eprintln!(
+                "found the manifest ({packs} packs); waiting for a storer of {away} of them to come back online ({left}s left)"
+            ),
+            ManifestWait::Failed(e) => {
+                eprintln!("asking the coordinator: {e}; trying again ({left}s left)")
+            }
+            other => eprintln!("waiting: {other:?} ({left}s left)"),
+        }
+        said = Some((why.clone(), now));
+    })
+    .await;
+    let Some(placement) = found.placement else {
+        let url = repo.config.coordinator.clone().unwrap_or_default();
+        let after = match found.waiting {
+            Some(ManifestWait::Failed(e)) => format!("the last lookup failed: {e}"),
+            _ => format!("after waiting {}s", wait.as_secs()),
+        };
+        bail!(
+            "no manifest of this node at the coordinator {url} or at any storer it lists, {after}: \
+             check that this is the coordinator the node used and that its storers are online \
+             (their `pluto daemon` running), then run init --mnemonic-file again (--wait SECS waits longer)"
+        );
+    };
+    if found.away > 0 && chatty {
+        eprintln!(
+            "warning: {} pack(s) have no storer online after waiting {}s; reading what can be read",
+            found.away,
+            wait.as_secs()
+        );
+    }
+    let version = placement.version;
     let packs = placement.packs.len();
     repo.packs = Arc::new(PeerPacks::new(
         repo.packs.clone(),
-        placement,
+        placement.clone(),
         net.clone(),
         repo.keys.replica.clone(),
         tokio::runtime::Handle::current(),
     ));
-    let report = repo.rebuild_catalog().await?;
-    repo.catalog.close().await;
-    net.close().await;
-    for p in &report.problems {
-        eprintln!("warning: {p}");
-    }
-    if ui.json {
-        ui.print_json(&serde_json::json!({ "recovered": report }))?;
-    } else if !ui.quiet {
-        out!(
-            "found the manifest: {packs} packs at peers; catalog rebuilt with {} snapshots",
-            report.snapshots
+    let catalog = repo.rebuild_catalog().await?;
+    if catalog.snapshots == 0 && !catalog.problems.is_empty() {
+        for p in &catalog.problems {
+            eprintln!("warning: {p}");
+        }
+        bail!(
+            "the manifest lists {packs} packs, but no snapshot could be read from the storers: \
+             check that they are online, then run init --mnemonic-file again"
         );
     }
-    Ok(())
+    // Only a recovery that brought snapshots back leaves a placement: the
+    // next upload builds on it.
+    placement
+        .save(&repo.home.placement_path())
+        .map_err(anyhow::Error::msg)?;
+    Ok(Recovered {
+        version,
+        packs,
+        away: found.away,
+        catalog,
+    })
 }
 
 /// `pluto check --remote`: has the coordinator audit every replica of the

@@ -48,6 +48,12 @@ use fmt::{bytes, time};
 
 /// Exit code of a backup that saved a partial snapshot.
 const EXIT_PARTIAL: u8 = 3;
+/// How long `init --mnemonic-file` waits for the storers by default. After
+/// a coordinator restart every daemon reconnects (retrying with a backoff
+/// of up to a minute) and then reports what it holds; five minutes covers
+/// a few of those rounds, and is short enough to say soon that something
+/// else is wrong (another coordinator, storers that are off).
+const RECOVERY_WAIT_SECS: u64 = 300;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -86,6 +92,12 @@ enum Command {
         /// Disk space to offer to others (e.g. 50G, 500MiB).
         #[arg(long, value_parser = fmt::parse_size, default_value = "0")]
         offer: u64,
+        /// Recovering through a coordinator: how long to wait for the
+        /// manifest and for the storers to be back online, in seconds
+        /// (default 300; after a coordinator restart they come back one by
+        /// one). 0 asks once.
+        #[arg(long, value_name = "SECS", requires = "mnemonic_file")]
+        wait: Option<u64>,
     },
     /// Show this node's state, and the coordinator's books about it.
     Status,
@@ -257,12 +269,19 @@ async fn run(cli: Cli) -> Result<u8> {
         json: cli.json,
         quiet: cli.quiet,
     };
+    if !matches!(cli.command, Command::Init { .. }) && home.recovering_path().exists() {
+        bail!(
+            "the recovery of {} did not finish: run pluto init --coordinator URL --mnemonic-file FILE again",
+            home.root().display()
+        );
+    }
     match cli.command {
         Command::Init {
             mnemonic_file,
             coordinator,
             coordinator_key,
             offer,
+            wait,
         } => {
             let mut config = Config {
                 offer,
@@ -272,15 +291,16 @@ async fn run(cli: Cli) -> Result<u8> {
                 k.parse::<pluto_plugins_api::NodeId>()
                     .context("--coordinator-key must be 64 hex digits")?;
             }
-            let recovering = mnemonic_file.is_some() && coordinator.is_some();
+            let recovering = coordinator.is_some();
             config.coordinator = coordinator;
             config.coordinator_key = coordinator_key;
-            let code = init(&ui, &home, mnemonic_file.as_deref(), &config)?;
-            if recovering {
-                // Everything else comes back from the manifest.
-                exchange::recover(&ui, home).await?;
+            match mnemonic_file {
+                Some(words) if recovering => {
+                    let wait = Duration::from_secs(wait.unwrap_or(RECOVERY_WAIT_SECS));
+                    recover_cmd(&ui, &home, &words, &config, wait).await
+                }
+                _ => init(&ui, &home, mnemonic_file.as_deref(), &config),
             }
-            Ok(code)
         }
         Command::Status => node::status(&ui, home).await,
         Command::Daemon => exchange::daemon(&ui, home).await,
@@ -354,16 +374,19 @@ fn one_line(e: &anyhow::Error) -> String {
     line
 }
 
+/// The master key from the 24 words in `p` ("-": standard input).
+fn read_words(p: &Path) -> Result<MasterKey> {
+    let text = if p == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("reading the words from stdin")?
+    } else {
+        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
+    };
+    Ok(MasterKey::from_mnemonic(&text)?)
+}
+
 fn init(ui: &Ui, home: &Home, mnemonic_file: Option<&Path>, config: &Config) -> Result<u8> {
     let (master, recovered) = match mnemonic_file {
-        Some(p) => {
-            let text = if p == Path::new("-") {
-                std::io::read_to_string(std::io::stdin()).context("reading the words from stdin")?
-            } else {
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
-            };
-            (MasterKey::from_mnemonic(&text)?, true)
-        }
+        Some(p) => (read_words(p)?, true),
         None => (MasterKey::generate(), false),
     };
     Repo::init(home, &master, config)?;
@@ -409,6 +432,157 @@ fn init(ui: &Ui, home: &Home, mnemonic_file: Option<&Path>, config: &Config) -> 
         bail!("could not show the result ({e}); nothing was created, run init again");
     }
     Ok(0)
+}
+
+/// `init --coordinator URL --mnemonic-file FILE`: the identity from its
+/// words, everything else from the manifest at the coordinator or at the
+/// storers ([`exchange::recover`]). The home is marked (`HOME/recovering`)
+/// until the recovery has finished, and other commands refuse it meanwhile.
+/// When the recovery fails or is interrupted, what this run created is
+/// removed again, so that it can simply be run again; a marked home left
+/// by a run that was killed is taken over by the next run with the same
+/// words.
+async fn recover_cmd(
+    ui: &Ui,
+    home: &Home,
+    words: &Path,
+    config: &Config,
+    wait: Duration,
+) -> Result<u8> {
+    let master = read_words(words)?;
+    let node = master.keys().node_id();
+    let marker = home.recovering_path();
+    // None: an unfinished recovery taken over, which stays marked on failure.
+    let made = if home.exists() {
+        if !marker.exists() {
+            return Err(pluto_engine::RepoError::AlreadyInitialized(
+                home.root().display().to_string(),
+            )
+            .into());
+        }
+        let theirs = MasterKey::load(&home.secrets())?.keys().node_id();
+        if theirs != node {
+            bail!(
+                "{} holds the unfinished recovery of another node ({}); remove it or choose another --home",
+                home.root().display(),
+                theirs.short()
+            );
+        }
+        home.save_config(config).map_err(anyhow::Error::msg)?;
+        None
+    } else {
+        let before = entries(home.root())?;
+        let made = (|| -> Result<()> {
+            home.create_dir()
+                .with_context(|| format!("creating {}", home.root().display()))?;
+            std::fs::write(&marker, b"")
+                .with_context(|| format!("writing {}", marker.display()))?;
+            Ok(Repo::init(home, &master, config)?)
+        })();
+        if let Err(e) = made {
+            undo(home, before.as_ref());
+            return Err(e);
+        }
+        Some(before)
+    };
+    let r = tokio::select! {
+        r = exchange::recover(ui, home, wait) => r,
+        s = interrupted() => Err(anyhow::anyhow!("interrupted by {s}")),
+    };
+    let rec = match (r, made) {
+        (Ok(rec), _) => rec,
+        (Err(e), Some(before)) => {
+            undo(home, before.as_ref());
+            bail!("{}; nothing was kept", one_line(&e));
+        }
+        (Err(e), None) => bail!(
+            "{}; {} stays marked unfinished",
+            one_line(&e),
+            home.root().display()
+        ),
+    };
+    std::fs::remove_file(&marker).with_context(|| format!("removing {}", marker.display()))?;
+    for p in &rec.catalog.problems {
+        eprintln!("warning: {p}");
+    }
+    if ui.json {
+        ui.print_json(&serde_json::json!({
+            "home": home.root(),
+            "node_id": node,
+            "recovered": true,
+            "manifest_version": rec.version,
+            "packs": rec.packs,
+            "packs_away": rec.away,
+            "catalog": rec.catalog,
+        }))?;
+        return Ok(0);
+    }
+    out!("recovered node {} in {}", node, home.root().display());
+    if !ui.quiet {
+        out!(
+            "found the manifest: {} packs at peers; catalog rebuilt with {} snapshots",
+            rec.packs,
+            rec.catalog.snapshots
+        );
+    }
+    Ok(0)
+}
+
+/// The names in `dir`, or None when it does not exist.
+fn entries(dir: &Path) -> Result<Option<std::collections::HashSet<std::ffi::OsString>>> {
+    match std::fs::read_dir(dir) {
+        Ok(rd) => Ok(Some(
+            rd.map(|e| e.map(|e| e.file_name()))
+                .collect::<std::io::Result<_>>()
+                .with_context(|| format!("listing {}", dir.display()))?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("listing {}", dir.display())),
+    }
+}
+
+/// Takes away what a failed recovery created: the home when it did not
+/// exist before, else what was not in it (`before`).
+fn undo(home: &Home, before: Option<&std::collections::HashSet<std::ffi::OsString>>) {
+    let root = home.root();
+    let Some(before) = before else {
+        if let Err(e) = std::fs::remove_dir_all(root) {
+            eprintln!("warning: removing {}: {e}", root.display());
+        }
+        return;
+    };
+    for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        if before.contains(&e.file_name()) {
+            continue;
+        }
+        let p = e.path();
+        let r = if e.file_type().is_ok_and(|t| t.is_dir()) {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        if let Err(e) = r {
+            eprintln!("warning: removing {}: {e}", p.display());
+        }
+    }
+}
+
+/// Resolves when the process is asked to stop (SIGINT, SIGTERM, SIGHUP),
+/// with the signal's name; never when the handlers cannot be set.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+        _ = hup.recv() => "SIGHUP",
+    }
 }
 
 struct BackupBar {

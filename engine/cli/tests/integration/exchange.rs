@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use super::common::*;
-use super::network::{coordinator_bin, free_port, Coordinator, Proc};
+use super::network::{coordinator_bin, free_port, now_ms, Coordinator, Proc};
 
 /// A small network: a coordinator and storers with daemons running.
 struct Net {
@@ -108,6 +108,70 @@ impl Net {
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+
+    /// The coordinator is killed, loses its database and starts again
+    /// empty (its key, a file of its own, stays). Returns when it was
+    /// restarted (ms since the epoch).
+    fn lose_books(&mut self) -> u64 {
+        self.running.kill();
+        let mut lost = Vec::new();
+        for f in std::fs::read_dir(&self.coordinator.home).unwrap().flatten() {
+            let name = f.file_name().to_string_lossy().to_string();
+            if name.starts_with("books") {
+                std::fs::remove_file(f.path()).unwrap();
+                lost.push(name);
+            }
+        }
+        assert!(
+            lost.iter().any(|n| n == "books.db"),
+            "no books to lose: {lost:?}"
+        );
+        let restarted_at = now_ms();
+        let (running, _) = self.coordinator.start();
+        self.running = running;
+        restarted_at
+    }
+
+    /// The nodes in the coordinator's books, read beside it.
+    fn books_nodes(&self) -> Vec<pluto_plugins_api::NodeRecord> {
+        use pluto_plugins_api::BooksStore;
+        let db = format!(
+            "sqlite:{}",
+            self.coordinator.home.join("books.db").display()
+        );
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let books = pluto_store_sqlite::SqliteBooks::open(&db).await.unwrap();
+                books.nodes().await.unwrap()
+            })
+    }
+
+    /// `pluto init --coordinator URL --mnemonic-file WORDS` into `home`.
+    fn recovery(&self, home: &Path, words: &Path) -> Command {
+        let mut c = pluto(home);
+        c.args(["init", "--coordinator"])
+            .arg(&self.url)
+            .arg("--mnemonic-file")
+            .arg(words);
+        c
+    }
+
+    /// Kills every storer's daemon.
+    fn stop_storers(&mut self) {
+        for (_, d) in &mut self.storers {
+            d.kill();
+        }
+    }
+
+    /// Starts every storer's daemon again; each has reported what it holds.
+    fn start_storers(&mut self) {
+        for (home, d) in &mut self.storers {
+            *d = daemon(home);
+        }
+    }
 }
 
 fn corpus(dir: &Path) {
@@ -194,22 +258,24 @@ fn backup_to_peers_restore_recover_with_books_wiped() {
 
     // The coordinator loses its books: it comes back empty, the storers
     // report what they hold again, and the words still bring it all back.
+    let ids: Vec<String> = net.storers.iter().map(|(h, _)| node_id(h)).collect();
     for (_, d) in &net.storers {
         d.drain();
     }
-    net.running.kill();
-    for f in std::fs::read_dir(&net.coordinator.home).unwrap().flatten() {
-        let name = f.file_name().to_string_lossy().to_string();
-        if name.starts_with("books") {
-            std::fs::remove_file(f.path()).unwrap();
-        }
-    }
-    let (running, _) = net.coordinator.start();
-    net.running = running;
+    let restarted_at = net.lose_books();
     // Each daemon notices, connects again and reports what it holds (a
     // storer the matches passed over holds nothing to report).
     for (_, d) in &net.storers {
         d.wait_for("holding ", Duration::from_secs(60));
+    }
+    // The books are new ones: every storer registered again.
+    let nodes = net.books_nodes();
+    for id in &ids {
+        let n = nodes.iter().find(|n| n.id.to_hex() == *id).unwrap();
+        assert!(
+            n.registered_ms >= restarted_at,
+            "{id} kept its registration"
+        );
     }
     let home3 = net.path("owner-recovered-again");
     ok(pluto(&home3)
@@ -227,6 +293,147 @@ fn backup_to_peers_restore_recover_with_books_wiped() {
         .map(|p| p["replicas_held"].as_u64().unwrap())
         .sum();
     assert!(held >= 6, "{peers}");
+}
+
+/// Waits for `p` to end; its exit code.
+fn exit_code(p: &mut Proc, within: Duration) -> i32 {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(st) = p.child.try_wait().unwrap() {
+            return st.code().unwrap_or(-1);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running after {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// An owner's backup placed at the storers, its words in a file, and then
+/// the coordinator's books lost while every storer is down: nobody holds
+/// anything for anyone in the new books.
+fn books_lost_storers_down(storers: usize) -> (Net, PathBuf, PathBuf) {
+    let mut net = Net::start(storers, &[]);
+    let (home, words) = net.owner("owner");
+    let data = net.path("data");
+    corpus(&data);
+    backup_placed(&home, &data);
+    let words_file = net.path("words");
+    std::fs::write(&words_file, &words).unwrap();
+    net.stop_storers();
+    net.lose_books();
+    assert!(
+        standings(&net).iter().all(|n| n["held"] == 0),
+        "{:?}",
+        standings(&net)
+    );
+    (net, data, words_file)
+}
+
+#[test]
+fn a_recovery_before_the_storers_are_back_waits_for_them() {
+    let (mut net, data, words) = books_lost_storers_down(3);
+    let home = net.path("owner-recovered");
+    let log = net.path("recovery.log");
+    let mut rec = Proc::spawn(&mut net.recovery(&home, &words), &log);
+    // It finds nothing yet, says it waits, and goes on waiting.
+    wait_until(
+        "the recovery saying it waits",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap()
+                .contains("waiting for the storers to come back online")
+        },
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(rec.child.try_wait().unwrap().is_none(), "it gave up early");
+    assert!(home.join("recovering").exists());
+    // The storers come back one by one, as their daemons reconnect.
+    net.start_storers();
+    assert_eq!(exit_code(&mut rec, Duration::from_secs(120)), 0, "{}", {
+        std::fs::read_to_string(&log).unwrap()
+    });
+    rec.wait_for("recovered node", Duration::from_secs(1));
+    let said = rec.wait_for("catalog rebuilt with", Duration::from_secs(1));
+    assert!(said.contains("with 1 snapshots"), "{said}");
+    assert!(!home.join("recovering").exists());
+    restore_same(&home, &data, &net.path("restore"));
+}
+
+#[test]
+fn a_recovery_that_finds_nothing_fails_and_leaves_no_home() {
+    let (mut net, data, words) = books_lost_storers_down(2);
+    let home = net.path("owner-recovered");
+
+    // No storer at all: a short wait, then one line that says what to do,
+    // exit 1, and nothing left behind.
+    let r = fails(
+        net.recovery(&home, &words).args(["-q", "--wait", "2"]),
+        "no manifest of this node",
+    );
+    for want in [
+        "after waiting 2s",
+        "the coordinator the node used",
+        "storers are online",
+        "run init --mnemonic-file again",
+        "nothing was kept",
+    ] {
+        assert!(r.stderr.contains(want), "{want:?}: {}", r.stderr);
+    }
+    assert!(r.stdout.is_empty(), "{}", r.stdout);
+    assert!(!home.exists());
+    // Into a directory that was there: only what the recovery made goes.
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(home.join("mine"), b"x").unwrap();
+    let r = run(net.recovery(&home, &words).args(["--json", "--wait", "0"]));
+    assert_eq!(r.code, 1, "{} {}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.is_empty(),
+        "--json has nothing to report: {}",
+        r.stdout
+    );
+    let left: Vec<_> = std::fs::read_dir(&home)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["mine"]);
+    std::fs::remove_dir_all(&home).unwrap();
+
+    // Interrupted while it waits: nothing is kept either.
+    let log = net.path("recovery-interrupted.log");
+    let mut rec = Proc::spawn(&mut net.recovery(&home, &words), &log);
+    wait_until("the recovery waiting", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log).unwrap().contains("waiting")
+    });
+    ok(Command::new("kill")
+        .arg("-INT")
+        .arg(rec.child.id().to_string()));
+    assert_eq!(exit_code(&mut rec, Duration::from_secs(30)), 1);
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(said.contains("interrupted by SIGINT"), "{said}");
+    assert!(!home.exists());
+
+    // Killed outright while it waits: the home stays marked, other commands
+    // refuse it, and the next recovery takes it over.
+    let log = net.path("recovery-killed.log");
+    let mut rec = Proc::spawn(&mut net.recovery(&home, &words), &log);
+    wait_until("the recovery waiting", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log).unwrap().contains("waiting")
+    });
+    rec.kill();
+    assert!(home.join("recovering").exists());
+    fails(pluto(&home).arg("snapshots"), "did not finish");
+
+    // With the storers back, running it again recovers everything.
+    net.start_storers();
+    let r = json(&ok(net.recovery(&home, &words).arg("--json")));
+    assert_eq!(r["recovered"], true, "{r}");
+    assert_eq!(r["catalog"]["snapshots"], 1, "{r}");
+    assert_eq!(r["packs_away"], 0, "{r}");
+    assert!(!home.join("recovering").exists());
+    restore_same(&home, &data, &net.path("restore"));
 }
 
 /// Backup and restore with only `transports`, storers announcing
@@ -268,37 +475,162 @@ fn quic_unreachable_falls_back_to_relay() {
     );
 }
 
+/// Bytes waiting unread in the UDP sockets of process `pid` (its QUIC
+/// endpoint): what peers sent that it did not take.
+fn udp_unread(pid: u32) -> u64 {
+    let mut inodes = std::collections::HashSet::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        if let Ok(target) = std::fs::read_link(fd.path()) {
+            let t = target.to_string_lossy().to_string();
+            if let Some(n) = t.strip_prefix("socket:[").and_then(|t| t.strip_suffix(']')) {
+                inodes.insert(n.to_string());
+            }
+        }
+    }
+    let mut unread = 0;
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        for line in std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+        {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local rem st tx_queue:rx_queue tr retrnsmt uid timeout inode
+            if f.len() > 9 && inodes.contains(f[9]) {
+                let rx = f[4].split(':').nth(1).unwrap();
+                unread += u64::from_str_radix(rx, 16).unwrap();
+            }
+        }
+    }
+    unread
+}
+
+fn node_id(home: &Path) -> String {
+    json(&ok(pluto(home).args(["--json", "status"])))["node_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Held object names (replica roots, hex) under a storer's home.
+fn held_roots(home: &Path) -> std::collections::HashSet<String> {
+    held_objects(home)
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().to_string())
+        .collect()
+}
+
 #[test]
 fn a_storer_gone_mid_upload_is_replaced() {
     let mut net = Net::start(3, &[]);
     let (home, _) = net.owner("owner");
-    // Big enough that the upload takes a moment.
     let data = net.path("data");
     std::fs::create_dir_all(&data).unwrap();
     for i in 0..8 {
         std::fs::write(data.join(format!("f{i}")), noise(10 + i, 2_000_000)).unwrap();
     }
-    let mut backup = Command::new(env!("CARGO_BIN_EXE_pluto"));
-    backup
-        .arg("--home")
-        .arg(&home)
+    let ids: Vec<String> = net.storers.iter().map(|(h, _)| node_id(h)).collect();
+    let (dead_home, dead) = (net.storers[0].0.clone(), ids[0].clone());
+    let log = net.path("backup.log");
+    let mut child = pluto(&home)
         .args(["--json", "backup"])
-        .arg(&data);
-    let child = backup
+        .arg(&data)
+        .env("PLUTO_LOG", "info")
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    // One storer dies while packs are on their way.
-    std::thread::sleep(Duration::from_millis(700));
+    let running = |child: &mut std::process::Child| {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the backup ended before the fault; give it more data"
+        );
+    };
+
+    // The storer takes part: it holds some replicas of this backup...
+    wait_until(
+        "a first replica at the storer",
+        Duration::from_secs(60),
+        || {
+            running(&mut child);
+            !held_objects(&dead_home).is_empty()
+        },
+    );
+    // ...then stops taking anything (SIGSTOP), while the coordinator still
+    // lists it for a few heartbeats: the owner's packets pile up unread in
+    // its socket, so a replica was on its way when it went...
+    let pid = net.storers[0].1.child.id();
+    ok(Command::new("kill").arg("-STOP").arg(pid.to_string()));
+    wait_until(
+        "bytes sent to the stopped storer",
+        Duration::from_secs(20),
+        || {
+            running(&mut child);
+            udp_unread(pid) > 0
+        },
+    );
+    // ...and it is gone for good.
+    running(&mut child);
     net.storers[0].1.kill();
+    let kept_by_dead = held_roots(&dead_home);
+
     let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = std::fs::read_to_string(&log).unwrap();
     assert!(!stderr.contains("panicked"), "{stderr}");
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     // Two storers are left for two copies: everything is placed.
     assert_eq!(out.status.code(), Some(0), "{r} {stderr}");
     assert_eq!(r["upload"]["short"], 0, "{r}");
+    assert_eq!(r["upload"]["complete"], r["upload"]["packs"], "{r}");
+    // The owner saw sends to it fail, and says which packs.
+    assert!(
+        r["upload"]["problems"].as_array().unwrap().iter().any(|p| p
+            .as_str()
+            .unwrap()
+            .contains(&format!("storer {}", &dead[..8]))),
+        "{r}"
+    );
+    let failed: std::collections::HashSet<String> = stderr
+        .lines()
+        .filter(|l| l.contains(&format!("storer {} failed", &dead[..8])))
+        .map(|l| {
+            let at = l.find("pack ").unwrap() + 5;
+            l[at..at + 8].to_string()
+        })
+        .collect();
+    assert!(!failed.is_empty(), "{stderr}");
+
+    // The placement: every pack has its two copies; those the dead storer
+    // failed are at the others; it is named only for what it holds whole.
+    let placement = pluto_engine::manifest::Placement::load(&home.join("placement")).unwrap();
+    let held: Vec<_> = net.storers.iter().map(|(h, _)| held_roots(h)).collect();
+    let mut at_dead = 0;
+    for (pack, p) in &placement.packs {
+        assert_eq!(p.replicas.len(), 2, "pack {}", pack.short());
+        let names_dead = p.replicas.iter().any(|x| x.storer.to_hex() == dead);
+        if failed.contains(&pack.short()) {
+            assert!(
+                !names_dead,
+                "pack {} still at the dead storer",
+                pack.short()
+            );
+        }
+        for x in &p.replicas {
+            let i = ids.iter().position(|id| *id == x.storer.to_hex()).unwrap();
+            let root = pluto_plugins_api::PackId(x.root).to_hex();
+            assert!(held[i].contains(&root), "{root} is not at {}", &ids[i][..8]);
+            if i == 0 {
+                at_dead += 1;
+                assert!(kept_by_dead.contains(&root));
+            }
+        }
+    }
+    assert!(at_dead >= 1 && at_dead < placement.packs.len(), "{at_dead}");
+
+    // The restore needs nothing from the dead storer.
     drop_local_packs(&home);
     restore_same(&home, &data, &net.path("restore"));
 }
@@ -521,13 +853,6 @@ fn standing(net: &Net, id: &str) -> serde_json::Value {
         .into_iter()
         .find(|n| n["id"] == id)
         .unwrap_or_else(|| panic!("{id} is not in the books"))
-}
-
-fn node_id(home: &Path) -> String {
-    json(&ok(pluto(home).args(["--json", "status"])))["node_id"]
-        .as_str()
-        .unwrap()
-        .to_string()
 }
 
 #[test]

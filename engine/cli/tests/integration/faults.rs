@@ -103,8 +103,13 @@ fn a_backup_killed_midway_is_completed_by_the_next() {
         std::thread::sleep(Duration::from_millis(5));
     }
     child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    let killed = child.wait().unwrap();
+    assert_eq!(killed.code(), None, "it ended on its own: {killed:?}");
     let written = pack_count(&home);
+    // It was cut off midway: packs on disk, no snapshot saved.
+    assert!(written >= 4, "{written} packs");
+    let none = json(&ok(pluto(&home).args(["--json", "snapshots"])));
+    assert_eq!(none, serde_json::json!([]), "the first backup finished");
 
     let r = json(&ok(pluto(&home).args(["--json", "backup"]).arg(&src)));
     let added = r["summary"]["bytes_added_raw"].as_u64().unwrap();
