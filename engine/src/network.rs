@@ -290,9 +290,14 @@ impl Net {
                 .collect::<HashMap<_, _>>()
         };
         if let Ok(text) = serde_json::to_string_pretty(&snapshot) {
-            if let Err(e) = crate::home::write_atomic(&self.peers_path, text.as_bytes()) {
-                tracing::debug!("remembering transports: {e}");
-            }
+            // A file write and its fsync: a worker thread's job. Two
+            // writes racing leave one whole file (write_atomic).
+            let path = self.peers_path.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = crate::home::write_atomic(&path, text.as_bytes()) {
+                    tracing::debug!("remembering transports: {e}");
+                }
+            });
         }
     }
 

@@ -46,6 +46,17 @@ pub const STALL: Duration = Duration::from_secs(60);
 /// which sets how many go at once on a slow line.
 const ROUND: Duration = Duration::from_secs(30);
 
+/// Saves `placement` on a worker thread (a file write and its fsync).
+async fn save_off_executor(placement: &Placement, path: &std::path::Path) -> Result<(), String> {
+    let (bytes, path) = (placement.encode(), path.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        crate::home::write_atomic(&path, &bytes)
+            .map_err(|e| format!("writing {}: {e}", path.display()))
+    })
+    .await
+    .map_err(|e| format!("saving the placement: {e}"))?
+}
+
 /// How many packs of about `size` bytes, `copies` each, to send at once at
 /// `rate` bytes a second (0: not measured yet): as many as the line moves
 /// in [`ROUND`], between 1 and [`PARALLEL_PACKS`]. On a slow line, packs
@@ -435,7 +446,7 @@ impl Uploader<'_> {
         }
         if rep.moved > 0 {
             placement.version += 1;
-            placement.save(&self.placement_path)?;
+            save_off_executor(&placement, &self.placement_path).await?;
         }
         // The books follow the placement: a replica that is not in it (any
         // more) is released, so its storer's space and this node's quota
@@ -525,14 +536,14 @@ impl Uploader<'_> {
                 *problems.entry(e).or_insert(0) += 1;
             }
             if saved_at.elapsed() > Duration::from_secs(2) {
-                placement.save(&self.placement_path)?;
+                save_off_executor(&placement, &self.placement_path).await?;
                 saved_at = std::time::Instant::now();
             }
         }
         drop(stream);
         if changed {
             placement.version += 1;
-            placement.save(&self.placement_path)?;
+            save_off_executor(&placement, &self.placement_path).await?;
             self.publish(&placement).await;
         }
         rep.packs = packs.len();
