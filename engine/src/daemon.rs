@@ -28,6 +28,7 @@ use pluto_plugins_api::{open_blob_store, BlobKind, NodeId, PackId, StoreError};
 use pluto_protocol::{Message, MAX_HELD_REPORTS};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::client::{now_ms, ClientError, CoordinatorClient};
 use crate::held::Held;
@@ -464,21 +465,30 @@ async fn session(
         addresses: net.own_addresses(),
     });
     let token = stop.child_token();
+    // Every line a task logs names the node, so the logs of several nodes
+    // on one machine (tests, demos) stay apart.
+    let span = tracing::info_span!("node", id = %repo.keys.node_id().short());
     let mut tasks = JoinSet::new();
-    tasks.spawn(control(net.clone(), held.clone(), token.clone()));
-    tasks.spawn(uploads(
-        repo.clone(),
-        net.clone(),
-        held.clone(),
-        token.clone(),
-        on_event.clone(),
-    ));
+    tasks.spawn(control(net.clone(), held.clone(), token.clone()).instrument(span.clone()));
+    tasks.spawn(
+        uploads(
+            repo.clone(),
+            net.clone(),
+            held.clone(),
+            token.clone(),
+            on_event.clone(),
+        )
+        .instrument(span.clone()),
+    );
     {
         let (net, held, token) = (net.clone(), held.clone(), token.clone());
-        tasks.spawn(async move {
-            net.serve(held, token, GRACE).await;
-            Some("the transports closed".to_string())
-        });
+        tasks.spawn(
+            async move {
+                net.serve(held, token, GRACE).await;
+                Some("the transports closed".to_string())
+            }
+            .instrument(span),
+        );
     }
     // The first task to end ends the session.
     let first = tasks.join_next().await;

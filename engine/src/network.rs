@@ -19,6 +19,7 @@ use pluto_plugins_api::{
     open_transport, Link, NodeId, Transport, TransportError, TransportOptions,
 };
 use pluto_protocol::{Message, MAX_ADDRESSES};
+use tracing::Instrument;
 
 use crate::client::{ClientError, CoordinatorClient};
 use crate::exchange::MAX_FRAME;
@@ -332,12 +333,16 @@ impl Net {
                 link = incoming.recv() => {
                     let Some(link) = link else { break };
                     let held = held.clone();
-                    links.spawn(async move {
-                        let peer = link.peer();
-                        if let Err(e) = held.serve(link).await {
-                            tracing::info!("a request of {}: {e}", peer.short());
+                    let peer = link.peer();
+                    let span = tracing::info_span!("link", peer = %peer.short());
+                    links.spawn(
+                        async move {
+                            if let Err(e) = held.serve(link).await {
+                                tracing::info!("a request of {}: {e}", peer.short());
+                            }
                         }
-                    });
+                        .instrument(span),
+                    );
                 }
                 Some(_) = links.join_next(), if !links.is_empty() => {}
             }
