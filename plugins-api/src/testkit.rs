@@ -4,6 +4,7 @@
 //!
 //! | plugin kind | suite | what the plugin supplies |
 //! |---|---|---|
+//! | [`Transport`](crate::Transport) | [`transport_conformance`] | `async fn(seed, max_frame) -> (NodeId, Box<dyn Transport>)`, nodes that can all reach each other |
 //! | [`MetaStore`](crate::MetaStore) | [`meta_store_conformance`] | `async fn() -> String`, the URL of a fresh, empty catalog |
 //! | [`BooksStore`] | [`books_conformance`] | `async fn() -> String`, the URL of fresh, empty books |
 //! | [`BlobStore`](crate::BlobStore) | [`blob_store_conformance`] | a fresh, empty store |
@@ -26,7 +27,8 @@
 //! ```
 //!
 //! Each suite panics with a message naming what broke. Each suite's own
-//! doc shows a call in full.
+//! doc shows a call in full: the transport suite's says how nodes that go
+//! through something shared (the relay's coordinator) are made.
 //!
 //! Also here: [`memory_link_pair`] (a link without a network) and
 //! [`CountingStore`] (a blob store that counts what is read from it).
@@ -36,9 +38,11 @@
 mod blob;
 mod link;
 mod meta;
+mod transport;
 pub use blob::{blob_store_conformance, CountingStore};
 pub use link::memory_link_pair;
 pub use meta::meta_store_conformance;
+pub use transport::transport_conformance;
 
 use std::future::Future;
 
