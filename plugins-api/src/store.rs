@@ -139,7 +139,8 @@ pub struct SnapshotRecord {
 /// the packs alone.
 #[async_trait::async_trait]
 pub trait MetaStore: Send + Sync {
-    /// Records a pack with all its blobs, atomically.
+    /// Records a pack with all its blobs, atomically. Recording a pack
+    /// already recorded changes nothing.
     async fn add_pack(&self, pack: &PackRecord) -> Result<(), StoreError>;
     /// Records several packs in one transaction.
     async fn add_packs(&self, packs: &[PackRecord]) -> Result<(), StoreError> {
@@ -150,15 +151,16 @@ pub trait MetaStore: Send + Sync {
     }
     /// Every pack with its size.
     async fn packs(&self) -> Result<Vec<(PackId, u64)>, StoreError>;
-    /// Every blob location.
+    /// Every blob location, in no particular order (a blob kept in two
+    /// packs has two).
     async fn blobs(&self) -> Result<Vec<BlobLocation>, StoreError>;
-    /// Forgets a pack and its blobs.
+    /// Forgets a pack and its blobs; forgetting an absent one succeeds.
     async fn remove_pack(&self, id: &PackId) -> Result<(), StoreError>;
-    /// Records a snapshot.
+    /// Records a snapshot; recording one already recorded keeps one.
     async fn add_snapshot(&self, snap: &SnapshotRecord) -> Result<(), StoreError>;
     /// Every snapshot, oldest first.
     async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StoreError>;
-    /// Forgets a snapshot.
+    /// Forgets a snapshot; forgetting an absent one succeeds.
     async fn remove_snapshot(&self, id: &SnapshotId) -> Result<(), StoreError>;
     /// A small named value.
     async fn get_value(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;

@@ -1,5 +1,23 @@
-//! The tests every [`BooksStore`] and every [`BlobStore`](crate::BlobStore) must pass, for store plugins to run in
-//! their own test suites (feature `testkit`):
+//! The tests every plugin must pass, for plugins, pluto's own and third
+//! parties', to run against themselves in their own test suites (feature
+//! `testkit`), and helpers for tests of what runs over the plugins.
+//!
+//! | plugin kind | suite | what the plugin supplies |
+//! |---|---|---|
+//! | [`Transport`](crate::Transport) | [`transport_conformance`] | `async fn(seed, max_frame) -> (NodeId, Box<dyn Transport>)`, nodes that can all reach each other |
+//! | [`MetaStore`](crate::MetaStore) | [`meta_store_conformance`] | `async fn() -> String`, the URL of a fresh, empty catalog |
+//! | [`BooksStore`] | [`books_conformance`] | `async fn() -> String`, the URL of fresh, empty books |
+//! | [`BlobStore`](crate::BlobStore) | [`blob_store_conformance`] | a fresh, empty store |
+//!
+//! A plugin crate enables the feature for its tests only,
+//!
+//! ```toml
+//! [dev-dependencies]
+//! pluto-plugins-api = { version = "...", features = ["testkit"] }
+//! ```
+//!
+//! and calls each suite that fits it from one test; stores are opened by URL
+//! through the plugin registry, so the plugin's descriptor is tested too:
 //!
 //! ```ignore
 //! #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -8,16 +26,23 @@
 //! }
 //! ```
 //!
-//! Each check opens a fresh, empty store by URL (through the plugin
-//! registry, so the plugin's descriptor is tested too) and panics with a
-//! message naming what broke.
+//! Each suite panics with a message naming what broke. Each suite's own
+//! doc shows a call in full: the transport suite's says how nodes that go
+//! through something shared (the relay's coordinator) are made.
+//!
+//! Also here: [`memory_link_pair`] (a link without a network) and
+//! [`CountingStore`] (a blob store that counts what is read from it).
 
 #![allow(clippy::unwrap_used)] // a test kit: a failure is a panic naming what broke
 
 mod blob;
 mod link;
+mod meta;
+mod transport;
 pub use blob::{blob_store_conformance, CountingStore};
 pub use link::memory_link_pair;
+pub use meta::meta_store_conformance;
+pub use transport::transport_conformance;
 
 use std::future::Future;
 

@@ -273,52 +273,22 @@ pluto_plugins_api::inventory::submit! {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
-    #[tokio::test]
-    async fn round_trips_packs_and_snapshots() {
+    /// The suite every catalog plugin passes; it also reopens a catalog,
+    /// which runs the migrations again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn meta_store_conformance() {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite:{}", dir.path().join("c.db").display());
-        let s = pluto_plugins_api::open_meta_store(&url).await.unwrap();
-        let pack = PackRecord {
-            id: PackId([1; 32]),
-            size: 100,
-            blobs: vec![BlobLocation {
-                kind: BlobKind::Data,
-                id: BlobId([2; 32]),
-                pack: PackId([1; 32]),
-                offset: 0,
-                length: 50,
-                raw_length: 20,
-            }],
-        };
-        s.add_pack(&pack).await.unwrap();
-        s.add_pack(&pack).await.unwrap();
-        assert_eq!(s.packs().await.unwrap(), vec![(pack.id, 100)]);
-        assert_eq!(s.blobs().await.unwrap(), pack.blobs);
-        let snap = SnapshotRecord {
-            id: SnapshotId([3; 32]),
-            time_ns: 5,
-            host: "h".into(),
-            paths: vec!["/a".into()],
-            tags: vec![],
-            parent: None,
-            tree: BlobId([4; 32]),
-        };
-        s.add_snapshot(&snap).await.unwrap();
-        assert_eq!(s.snapshots().await.unwrap(), vec![snap.clone()]);
-        s.remove_pack(&pack.id).await.unwrap();
-        assert!(
-            s.blobs().await.unwrap().is_empty(),
-            "blobs go with their pack"
-        );
-        s.set_value("k", b"v").await.unwrap();
-        assert_eq!(s.get_value("k").await.unwrap().as_deref(), Some(&b"v"[..]));
-        s.clear().await.unwrap();
-        assert!(s.snapshots().await.unwrap().is_empty());
-        drop(s);
-        // Reopening runs the migrations again without harm.
-        let s = SqliteMetaStore::open(&url).await.unwrap();
-        assert_eq!(s.get_value("k").await.unwrap().as_deref(), Some(&b"v"[..]));
+        let n = AtomicUsize::new(0);
+        pluto_plugins_api::testkit::meta_store_conformance(|| {
+            let i = n.fetch_add(1, Ordering::Relaxed);
+            let url = format!(
+                "sqlite:{}",
+                dir.path().join(format!("catalog{i}.db")).display()
+            );
+            async move { url }
+        })
+        .await;
     }
 }
