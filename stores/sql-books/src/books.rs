@@ -64,6 +64,25 @@ where
         })
     }
 
+    /// The replicas whose `column` (owner or storer) is `id`.
+    async fn replicas_where(
+        &self,
+        column: &'static str,
+        id: &NodeId,
+        what: &'static str,
+    ) -> Result<Vec<ReplicaRecord>, StoreError> {
+        query::<D>(&format!(
+            "SELECT {REPLICA_COLUMNS} FROM replicas WHERE {column} = $1"
+        ))
+        .bind(&id.0[..])
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err::<D>(what))?
+        .iter()
+        .map(Self::replica_row)
+        .collect()
+    }
+
     fn replica_row(r: &<D::Db as Database>::Row) -> Result<ReplicaRecord, StoreError> {
         Ok(ReplicaRecord {
             owner: id32(r.get::<&[u8], _>(0), "node id", NodeId)?,
@@ -480,29 +499,13 @@ where
     }
 
     async fn replicas_of(&self, owner: &NodeId) -> Result<Vec<ReplicaRecord>, StoreError> {
-        query::<D>(&format!(
-            "SELECT {REPLICA_COLUMNS} FROM replicas WHERE owner = $1"
-        ))
-        .bind(&owner.0[..])
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_err::<D>("listing replicas"))?
-        .iter()
-        .map(Self::replica_row)
-        .collect()
+        self.replicas_where("owner", owner, "listing replicas")
+            .await
     }
 
     async fn replicas_held_by(&self, storer: &NodeId) -> Result<Vec<ReplicaRecord>, StoreError> {
-        query::<D>(&format!(
-            "SELECT {REPLICA_COLUMNS} FROM replicas WHERE storer = $1"
-        ))
-        .bind(&storer.0[..])
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_err::<D>("listing held replicas"))?
-        .iter()
-        .map(Self::replica_row)
-        .collect()
+        self.replicas_where("storer", storer, "listing held replicas")
+            .await
     }
 
     async fn put_manifest(
