@@ -291,14 +291,13 @@ impl Net {
                 .collect::<HashMap<_, _>>()
         };
         if let Ok(text) = serde_json::to_string_pretty(&snapshot) {
-            // A file write and its fsync: a worker thread's job. Two
-            // writes racing leave one whole file (write_atomic).
-            let path = self.peers_path.clone();
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = crate::home::write_atomic(&path, text.as_bytes()) {
-                    tracing::debug!("remembering transports: {e}");
-                }
-            });
+            // Written here, not on a worker thread: it happens once per peer
+            // and transport, the file is small, and it must be on disk, in
+            // order, before a command exits (two writes racing on worker
+            // threads lost a peer's entry).
+            if let Err(e) = crate::home::write_atomic(&self.peers_path, text.as_bytes()) {
+                tracing::debug!("remembering transports: {e}");
+            }
         }
     }
 
