@@ -77,7 +77,7 @@ pub enum DaemonError {
     },
     /// Placing packs failed as a whole.
     #[error("placing packs: {0}")]
-    Upload(String),
+    Upload(#[from] crate::peers::UploadError),
     /// A worker thread died.
     #[error("a worker thread failed: {0}")]
     Join(#[from] tokio::task::JoinError),
@@ -298,7 +298,7 @@ pub async fn upload(
     let path = up.placement_path.clone();
     let placement = tokio::task::spawn_blocking(move || Placement::load(&path))
         .await?
-        .map_err(DaemonError::Upload)?;
+        .map_err(crate::peers::UploadError::from)?;
     up.packs = Arc::new(PeerPacks::new(
         repo.packs.clone(),
         placement,
@@ -306,7 +306,7 @@ pub async fn upload(
         repo.keys.replica.clone(),
         tokio::runtime::Handle::current(),
     ));
-    let report = up.run(&packs).await.map_err(DaemonError::Upload)?;
+    let report = up.run(&packs).await?;
     if let Some(limit) = repo.config.local_cache {
         trim_cache(repo, limit).await?;
     }
@@ -324,7 +324,7 @@ async fn trim_cache(repo: &Repo, limit: u64) -> Result<(), DaemonError> {
     let (path, packs) = (repo.home.placement_path(), repo.packs.clone());
     let copies = usize::from(repo.config.placement.copies);
     tokio::task::spawn_blocking(move || {
-        let placement = Placement::load(&path).map_err(DaemonError::Config)?;
+        let placement = Placement::load(&path).map_err(crate::peers::UploadError::from)?;
         let local = packs.list()?;
         let mut total: u64 = local.iter().map(|p| p.1).sum();
         for (id, size) in local {

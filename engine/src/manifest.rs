@@ -106,18 +106,26 @@ impl Placement {
     }
 
     /// Reads the placement file; an absent one is empty.
-    pub fn load(path: &Path) -> Result<Self, String> {
+    pub fn load(path: &Path) -> Result<Self, ManifestError> {
         match std::fs::read(path) {
-            Ok(b) => Self::decode(&b).map_err(|e| format!("{}: {e}", path.display())),
+            Ok(b) => Self::decode(&b).map_err(|source| ManifestError::Decode {
+                path: path.display().to_string(),
+                source,
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(format!("reading {}: {e}", path.display())),
+            Err(source) => Err(ManifestError::Io {
+                context: format!("reading {}", path.display()),
+                source,
+            }),
         }
     }
 
     /// Writes the placement file atomically.
-    pub fn save(&self, path: &Path) -> Result<(), String> {
-        crate::home::write_atomic(path, &self.encode())
-            .map_err(|e| format!("writing {}: {e}", path.display()))
+    pub fn save(&self, path: &Path) -> Result<(), ManifestError> {
+        crate::home::write_atomic(path, &self.encode()).map_err(|source| ManifestError::Io {
+            context: format!("writing {}", path.display()),
+            source,
+        })
     }
 
     /// The signed, encrypted manifest of this placement.
@@ -136,20 +144,57 @@ impl Placement {
     }
 
     /// Opens a manifest of `owner`'s (signature first).
-    pub fn open(owner: &NodeId, metadata: &SealKey, blob: &[u8]) -> Result<Self, String> {
-        let version = verify(owner, blob).ok_or("the manifest is not signed by this node")?;
+    pub fn open(owner: &NodeId, metadata: &SealKey, blob: &[u8]) -> Result<Self, ManifestError> {
+        let version = verify(owner, blob).ok_or(ManifestError::NotSigned)?;
         let body = &blob[..blob.len() - 64];
         let plain = metadata
             .open(&body[..BODY_HEAD], &body[BODY_HEAD..])
-            .map_err(|e| format!("the manifest does not open: {e}"))?;
-        let raw = zstd::bulk::decompress(&plain, MAX_MANIFEST * 4)
-            .map_err(|e| format!("the manifest does not decompress: {e}"))?;
-        let p = Self::decode(&raw).map_err(|e| e.to_string())?;
+            .map_err(|e| ManifestError::Sealed(e.to_string()))?;
+        let raw =
+            zstd::bulk::decompress(&plain, MAX_MANIFEST * 4).map_err(ManifestError::Decompress)?;
+        let p = Self::decode(&raw).map_err(ManifestError::Malformed)?;
         if p.version != version {
-            return Err("the manifest's versions disagree".into());
+            return Err(ManifestError::Versions);
         }
         Ok(p)
     }
+}
+
+/// Why a placement file or a manifest could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ManifestError {
+    /// The placement file does not decode.
+    #[error("{path}: {source}")]
+    Decode {
+        /// The file.
+        path: String,
+        /// Why.
+        source: DecodeError,
+    },
+    /// A file could not be read or written.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The manifest is not this node's, or its signature does not hold.
+    #[error("the manifest is not signed by this node")]
+    NotSigned,
+    /// The manifest does not open with this node's metadata key.
+    #[error("the manifest does not open: {0}")]
+    Sealed(String),
+    /// The opened manifest does not decompress.
+    #[error("the manifest does not decompress: {0}")]
+    Decompress(std::io::Error),
+    /// The decompressed manifest does not decode.
+    #[error("the manifest does not decode: {0}")]
+    Malformed(DecodeError),
+    /// The signed version and the sealed one differ.
+    #[error("the manifest's versions disagree")]
+    Versions,
 }
 
 /// The version of a manifest when it is `owner`'s and signed by it.

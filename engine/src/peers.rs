@@ -46,15 +46,35 @@ pub const STALL: Duration = Duration::from_secs(60);
 /// which sets how many go at once on a slow line.
 const ROUND: Duration = Duration::from_secs(30);
 
+/// Why placing or repairing packs failed as a whole (one storer failing
+/// is a [`PeerFailure`], told in the report).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UploadError {
+    /// The placement file.
+    #[error(transparent)]
+    Placement(#[from] crate::manifest::ManifestError),
+    /// The coordinator.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// An answer that does not fit the question.
+    #[error("unexpected answer from the coordinator: {0}")]
+    Unexpected(String),
+    /// The placement settings.
+    #[error("config: {0}")]
+    Config(String),
+    /// A worker thread died.
+    #[error("a worker thread failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
 /// Saves `placement` on a worker thread (a file write and its fsync).
-async fn save_off_executor(placement: &Placement, path: &std::path::Path) -> Result<(), String> {
-    let (bytes, path) = (placement.encode(), path.to_path_buf());
-    tokio::task::spawn_blocking(move || {
-        crate::home::write_atomic(&path, &bytes)
-            .map_err(|e| format!("writing {}: {e}", path.display()))
-    })
-    .await
-    .map_err(|e| format!("saving the placement: {e}"))?
+async fn save_off_executor(
+    placement: &Placement,
+    path: &std::path::Path,
+) -> Result<(), UploadError> {
+    let (placement, path) = (placement.clone(), path.to_path_buf());
+    Ok(tokio::task::spawn_blocking(move || placement.save(&path)).await??)
 }
 
 /// How many packs of about `size` bytes, `copies` each, to send at once at
@@ -394,11 +414,11 @@ impl Uploader<'_> {
     /// released) and asks their storers, best effort, to delete them. The
     /// next [`Self::run`] places the missing copies elsewhere, from the
     /// local pack or from another replica. Call with the upload lock held.
-    pub async fn repair(&self) -> Result<RepairReport, String> {
+    pub async fn repair(&self) -> Result<RepairReport, UploadError> {
         let items = match self.net.client().request(&Message::GetRepairs).await {
             Ok(Message::Repairs(items)) => items,
-            Ok(other) => return Err(format!("unexpected answer to GetRepairs: {other:?}")),
-            Err(e) => return Err(e.to_string()),
+            Ok(other) => return Err(UploadError::Unexpected(format!("{other:?} to GetRepairs"))),
+            Err(e) => return Err(e.into()),
         };
         let mut rep = RepairReport::default();
         if items.is_empty() {
@@ -490,10 +510,10 @@ impl Uploader<'_> {
     /// Places every pack in `packs` (id, size) that lacks copies, saves the
     /// placement as it goes and publishes the manifest when anything
     /// changed. Call with the upload lock held.
-    pub async fn run(&self, packs: &[(PackId, u64)]) -> Result<UploadReport, String> {
+    pub async fn run(&self, packs: &[(PackId, u64)]) -> Result<UploadReport, UploadError> {
         let mut placement = Placement::load(&self.placement_path)?;
         let copies = usize::from(self.placement.copies);
-        let friends = self.placement.friend_ids()?;
+        let friends = self.placement.friend_ids().map_err(UploadError::Config)?;
         for (id, size) in packs {
             placement.packs.entry(*id).or_insert(PackPlacement {
                 size: *size,
