@@ -787,7 +787,7 @@ fn a_cheating_storer_is_caught_excluded_and_repaired() {
             .find(|n| n["id"] == cheater.as_str())
             .is_some_and(|n| n["excluded"] == true)
     };
-    wait_until("the cheater's exclusion", Duration::from_secs(30), || {
+    wait_until("the cheater's exclusion", Duration::from_secs(90), || {
         excluded(&net)
     });
     let peers = json(&ok(pluto(&home).args(["--json", "peers"])));
