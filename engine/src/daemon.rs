@@ -64,9 +64,6 @@ pub enum DaemonError {
     /// The home has no coordinator.
     #[error("no coordinator configured (pluto init --coordinator URL)")]
     NoCoordinator,
-    /// The config does not read.
-    #[error("config: {0}")]
-    Config(String),
     /// A file could not be used.
     #[error("{context}: {source}")]
     Io {
