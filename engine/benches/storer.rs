@@ -133,6 +133,7 @@ async fn main() {
                 root,
                 size,
                 attest,
+                resume: false,
             };
             mine.send(&put.encode()).await.unwrap();
             let ready = mine.recv().await.unwrap().unwrap();

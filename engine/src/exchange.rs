@@ -9,9 +9,11 @@
 //! ```text
 //! owner                                   storer
 //! Put{ticket, pack, root, size,  ------>  ticket checked, owner's signature checked,
-//!     attest}                             room checked
-//!                                <------  Ready | Have{size, receipt} (already held) | Error
-//! raw frames (size bytes)        ------>  hashed as they come
+//!     attest, resume}                     room checked
+//!                                <------  Ready | ReadyFrom{offset} (resume only)
+//!                                         | Have{size, receipt} (already held) | Error
+//! raw frames (size bytes, or     ------>  hashed as they come
+//!   size - offset after ReadyFrom)
 //!                                <------  Kept{receipt} (root matched, written, synced) | Error
 //! Get{root, offset, len}         ------>  only the replica's owner
 //!                                <------  Sending{len} + raw frames | Error
@@ -20,6 +22,11 @@
 //! PutManifest{blob}              ------>  owner-signed, newer than kept
 //! GetManifest                    ------>  Manifest{blob} | Error
 //! ```
+//!
+//! A `Put` with `resume` set (kind 13; storers that predate it refuse the
+//! kind as malformed, and the owner asks again without it) lets the storer
+//! answer `ReadyFrom{offset}` when it kept the first `offset` bytes of the
+//! same replica from a transfer that broke: only the rest is sent.
 //!
 //! `attest` and `receipt` are the owner's and the storer's signatures of
 //! the replica's statement (owner, storer, pack, size, root:
@@ -92,9 +99,16 @@ pub enum PeerMsg {
         size: u64,
         /// The owner's signature of the replica's statement.
         attest: [u8; 64],
+        /// The owner can resume: the storer may answer `ReadyFrom`.
+        resume: bool,
     },
     /// Storer: send the bytes.
     Ready,
+    /// Storer: the first `offset` bytes are here already; send the rest.
+    ReadyFrom {
+        /// Bytes kept from an earlier transfer.
+        offset: u64,
+    },
     /// Storer: already held for you, with this size.
     Have {
         /// Bytes.
@@ -178,8 +192,9 @@ impl PeerMsg {
                 root,
                 size,
                 attest,
+                resume,
             } => {
-                w.u8(1);
+                w.u8(if *resume { 13 } else { 1 });
                 w.bytes(ticket);
                 w.id(&pack.0);
                 w.id(root);
@@ -187,6 +202,10 @@ impl PeerMsg {
                 w.buf.extend_from_slice(attest);
             }
             Self::Ready => w.u8(2),
+            Self::ReadyFrom { offset } => {
+                w.u8(14);
+                w.u64(*offset);
+            }
             Self::Have { size, receipt } => {
                 w.u8(3);
                 w.u64(*size);
@@ -239,14 +258,16 @@ impl PeerMsg {
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(bytes, "peer message");
         let m = match r.u8()? {
-            1 => Self::Put {
+            k @ (1 | 13) => Self::Put {
                 ticket: r.bytes()?.to_vec(),
                 pack: PackId(r.id()?),
                 root: r.id()?,
                 size: r.u64()?,
                 attest: signature(&mut r)?,
+                resume: k == 13,
             },
             2 => Self::Ready,
+            14 => Self::ReadyFrom { offset: r.u64()? },
             3 => Self::Have {
                 size: r.u64()?,
                 receipt: signature(&mut r)?,
@@ -302,8 +323,18 @@ mod tests {
                 root: [3; 32],
                 size: 4,
                 attest: [13; 64],
+                resume: false,
+            },
+            PeerMsg::Put {
+                ticket: vec![1; 176],
+                pack: PackId([2; 32]),
+                root: [3; 32],
+                size: 4,
+                attest: [13; 64],
+                resume: true,
             },
             PeerMsg::Ready,
+            PeerMsg::ReadyFrom { offset: 77 },
             PeerMsg::Have {
                 size: 9,
                 receipt: [14; 64],

@@ -25,11 +25,14 @@ use std::time::Duration;
 use ed25519_dalek::SigningKey;
 use futures_util::{FutureExt, StreamExt};
 use pluto_plugins_api::{BlobKind, BlobStore, Link, NodeId, PackId, StoreError, TransportError};
-use pluto_protocol::{ErrorCode, Message, PeerReport, RepairItem, RepairReason, ReplicaStatement};
+use pluto_protocol::{
+    ErrorCode, Message, PeerReport, RepairItem, RepairReason, ReplicaStatement, Ticket,
+};
 
+use crate::client::now_ms;
 use crate::client::ClientError;
 use crate::crypto::SealKey;
-use crate::exchange::{PeerMsg, DATA_FRAME, MAX_CONTROL};
+use crate::exchange::{PeerError, PeerMsg, DATA_FRAME, MAX_CONTROL};
 use crate::keys::Keys;
 use crate::keystream::StreamKey;
 use crate::manifest::{PackPlacement, Placement, Replica};
@@ -100,7 +103,7 @@ async fn progress<T>(
 ) -> Result<T, PeerFailure> {
     tokio::time::timeout(STALL, f)
         .await
-        .map_err(|_| PeerFailure::Protocol(format!("{what}: no progress for {STALL:?}")))?
+        .map_err(|_| PeerFailure::Stalled(format!("{what}: no progress for {STALL:?}")))?
 }
 /// Rounds of matching per pack before it is left for later.
 const MATCH_ROUNDS: usize = 3;
@@ -116,8 +119,16 @@ pub enum PeerFailure {
     #[error(transparent)]
     Transport(#[from] TransportError),
     /// The peer refused.
-    #[error("refused: {0}")]
-    Refused(String),
+    #[error("refused: {message} ({code:?})")]
+    Refused {
+        /// Why, for programs.
+        code: PeerError,
+        /// Why, for people.
+        message: String,
+    },
+    /// Nothing moved for [`STALL`].
+    #[error("{0}")]
+    Stalled(String),
     /// The peer answered out of protocol or sent bad bytes.
     #[error("{0}")]
     Protocol(String),
@@ -169,9 +180,25 @@ async fn recv_msg(link: &mut dyn Link) -> Result<PeerMsg, PeerFailure> {
     }
     let m = PeerMsg::decode(&frame).map_err(|e| PeerFailure::Protocol(e.to_string()))?;
     if let PeerMsg::Error { code, message } = m {
-        return Err(PeerFailure::Refused(format!("{message} ({code:?})")));
+        return Err(PeerFailure::Refused { code, message });
     }
     Ok(m)
+}
+
+impl PeerFailure {
+    /// Whether asking again may go through: the way to the peer or the
+    /// link failed, or it stalled (a refusal or a broken protocol will not
+    /// change).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Net(_) | Self::Transport(_) | Self::Stalled(_))
+    }
+
+    /// Whether a storer refused a kind of request it does not know (one
+    /// that predates it).
+    fn unknown_request(&self) -> bool {
+        matches!(self, Self::Refused { code: PeerError::Malformed, message }
+            if message.contains("unknown peer message kind"))
+    }
 }
 
 /// A replica a storer keeps.
@@ -183,10 +210,20 @@ pub struct Placed {
     pub receipt: [u8; 64],
     /// How long sending it took (0 when nothing was sent).
     pub micros: u64,
+    /// Bytes sent this time (less than the replica when the storer had
+    /// kept the first bytes of a transfer that broke).
+    pub sent: u64,
 }
+
+/// Times a replica is sent again to the same storer, resuming, when the
+/// link breaks or stalls (the ticket allowing).
+pub const RESUME_TRIES: usize = 3;
 
 /// Sends one replica to `storer`, with the owner's signature (`identity`)
 /// of its statement; the storer's receipt is checked before it counts.
+/// When the storer kept the first bytes of an earlier transfer of it that
+/// broke, only the rest is sent. A storer that predates resuming is asked
+/// again the old way.
 pub async fn put_replica(
     net: &Net,
     identity: &SigningKey,
@@ -195,6 +232,25 @@ pub async fn put_replica(
     pack: PackId,
     replica: &[u8],
     root: [u8; 32],
+) -> Result<Placed, PeerFailure> {
+    let args = (net, identity, storer, pack, replica, root);
+    match put_once(args, ticket.clone(), true).await {
+        Err(e) if e.unknown_request() => put_once(args, ticket, false).await,
+        r => r,
+    }
+}
+
+async fn put_once(
+    (net, identity, storer, pack, replica, root): (
+        &Net,
+        &SigningKey,
+        &NodeId,
+        PackId,
+        &[u8],
+        [u8; 32],
+    ),
+    ticket: Vec<u8>,
+    resume: bool,
 ) -> Result<Placed, PeerFailure> {
     let statement = ReplicaStatement {
         owner: NodeId(identity.verifying_key().to_bytes()),
@@ -220,23 +276,35 @@ pub async fn put_replica(
         root,
         size: statement.size,
         attest: statement.sign(identity),
+        resume,
     };
     progress("asking to store", async {
         Ok(link.send(&put.encode()).await?)
     })
     .await?;
-    match progress("waiting for the storer", recv_msg(&mut *link)).await? {
+    let from = match progress("waiting for the storer", recv_msg(&mut *link)).await? {
         PeerMsg::Have { size, receipt } if size == statement.size => {
             return Ok(Placed {
                 already: true,
                 receipt: checked(receipt)?,
                 micros: 0,
+                sent: 0,
             });
         }
-        PeerMsg::Ready => {}
+        PeerMsg::Ready => 0,
+        PeerMsg::ReadyFrom { offset } if resume && offset <= statement.size => offset as usize,
         other => return Err(PeerFailure::Protocol(format!("{other:?} to a Put"))),
+    };
+    let rest = &replica[from..];
+    if from > 0 {
+        tracing::info!(
+            "storer {} kept {from} bytes of pack {}; sending the other {}",
+            storer.short(),
+            pack.short(),
+            rest.len()
+        );
     }
-    for frame in replica.chunks(DATA_FRAME) {
+    for frame in rest.chunks(DATA_FRAME) {
         if let Some(p) = net.pacer() {
             p.wait(frame.len()).await;
         }
@@ -245,12 +313,13 @@ pub async fn put_replica(
     match progress("waiting for the receipt", recv_msg(&mut *link)).await? {
         PeerMsg::Kept { receipt } => {
             let micros = started.elapsed().as_micros().max(1) as u64;
-            net.note_upload(statement.size, micros);
+            net.note_upload(rest.len() as u64, micros);
             let _ = link.finish().await;
             Ok(Placed {
                 already: false,
                 receipt: checked(receipt)?,
                 micros,
+                sent: rest.len() as u64,
             })
         }
         other => Err(PeerFailure::Protocol(format!("{other:?} after a replica"))),
@@ -667,17 +736,38 @@ impl Uploader<'_> {
                         return (*storer, [0; 32], Err(failed));
                     };
                     // A storer that stalls fails (`STALL`); a slow one that
-                    // moves is waited for.
-                    let r = put_replica(
-                        self.net,
-                        &self.keys.identity,
-                        storer,
-                        ticket,
-                        pack,
-                        &replica,
-                        root,
-                    )
-                    .await;
+                    // moves is waited for. A link that breaks or stalls is
+                    // tried again, resuming, while the ticket lasts.
+                    let deadline = Ticket::parse_unverified(&ticket).map_or(0, |t| t.expires_ms);
+                    let mut tries = 1;
+                    let r = loop {
+                        let r = put_replica(
+                            self.net,
+                            &self.keys.identity,
+                            storer,
+                            ticket.clone(),
+                            pack,
+                            &replica,
+                            root,
+                        )
+                        .await;
+                        match r {
+                            Err(e)
+                                if e.is_transient()
+                                    && tries < RESUME_TRIES
+                                    && now_ms() + 10_000 < deadline =>
+                            {
+                                tracing::info!(
+                                    "pack {}: storer {}: {e}; trying again",
+                                    pack.short(),
+                                    storer.short()
+                                );
+                                tokio::time::sleep(Duration::from_secs(2 << tries)).await;
+                                tries += 1;
+                            }
+                            r => break r,
+                        }
+                    };
                     (*storer, root, r)
                 }
                 .boxed()
@@ -705,7 +795,7 @@ impl Uploader<'_> {
                         }
                         if !p.already {
                             sent.0 += 1;
-                            sent.1 += size;
+                            sent.1 += p.sent;
                         }
                         placed.push(Replica { storer, root });
                     }
@@ -952,6 +1042,24 @@ pub fn data_only(kinds: &[BlobKind]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_storer_that_predates_resuming_is_asked_the_old_way() {
+        // What such a storer answers a kind-13 put: its decoder's error
+        // for a kind it does not know (250 is unknown here too).
+        let why = PeerMsg::decode(&[250]).unwrap_err().to_string();
+        let old = PeerFailure::Refused {
+            code: PeerError::Malformed,
+            message: why,
+        };
+        assert!(old.unknown_request());
+        let other = PeerFailure::Refused {
+            code: PeerError::Malformed,
+            message: "more bytes than announced".into(),
+        };
+        assert!(!other.unknown_request() && !other.is_transient());
+        assert!(PeerFailure::Stalled("sending".into()).is_transient());
+    }
 
     #[test]
     fn a_slow_line_sends_fewer_packs_at_once() {

@@ -84,6 +84,65 @@ pub trait BlobStore: Send + Sync {
             .map_err(|e| StoreError::io(format!("reading object {id}"), e))?;
         self.put(id, &bytes)
     }
+
+    /// Gives the object `from` the name `to`, with the promise of
+    /// [`put`](BlobStore::put) for `to`; afterwards `from` is gone. When
+    /// `to` exists already it is kept (objects are immutable) and `from` is
+    /// removed. `from` absent is [`StoreError::NotFound`].
+    ///
+    /// A store that can rename in place (a file system) should: a storer
+    /// names a replica it received this way. The default copies the object
+    /// through [`put_stream`](BlobStore::put_stream) a window at a time,
+    /// then deletes `from`.
+    fn rename(&self, from: &PackId, to: &PackId) -> Result<(), StoreError> {
+        let size = self
+            .size(from)?
+            .ok_or_else(|| StoreError::NotFound(format!("object {from}")))?;
+        if self.size(to)?.is_none() {
+            let mut src = Copying {
+                store: self,
+                id: from,
+                size,
+                at: 0,
+                window: Vec::new(),
+                pos: 0,
+            };
+            self.put_stream(to, &mut src)?;
+        }
+        self.delete(from)
+    }
+}
+
+/// An object read a window at a time, as [`BlobStore::rename`]'s default
+/// copies it.
+struct Copying<'a, S: ?Sized> {
+    store: &'a S,
+    id: &'a PackId,
+    size: u64,
+    at: u64,
+    window: Vec<u8>,
+    pos: usize,
+}
+
+impl<S: BlobStore + ?Sized> std::io::Read for Copying<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos == self.window.len() {
+            if self.at == self.size {
+                return Ok(0);
+            }
+            let n = (self.size - self.at).min(1 << 20);
+            self.window = self
+                .store
+                .get_range(self.id, self.at, n)
+                .map_err(std::io::Error::other)?;
+            self.at += n;
+            self.pos = 0;
+        }
+        let n = buf.len().min(self.window.len() - self.pos);
+        buf[..n].copy_from_slice(&self.window[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
 }
 
 /// Where one blob lives.

@@ -79,7 +79,9 @@ impl World {
             while let Some(link) = t.accept().await {
                 let h = h.clone();
                 tokio::spawn(async move {
-                    let _ = h.serve(link).await;
+                    if let Err(e) = h.serve(link).await {
+                        eprintln!("storer: {e}");
+                    }
                 });
             }
         });
@@ -204,6 +206,7 @@ async fn put_attested(
             root,
             size,
             attest,
+            resume: false,
         }
         .encode(),
     )
@@ -697,6 +700,7 @@ async fn a_replica_that_does_not_match_its_root_or_stops_short_leaves_nothing() 
             root: r,
             size,
             attest,
+            resume: false,
         }
         .encode(),
     )
@@ -707,28 +711,202 @@ async fn a_replica_that_does_not_match_its_root_or_stops_short_leaves_nothing() 
         l.send(f).await.unwrap();
     }
     let _ = l.finish().await;
+    refused(recv(&mut l).await, PeerError::Malformed);
     drop(l);
-    // Nothing is held, listed or left in the store's temporary files once
-    // the storer has given up on the link.
+    // Nothing is held or left in the store's temporary files once the
+    // storer has given up on the link; what came is kept under another
+    // name, for resuming, and never taken for the replica.
     let store = FsBlobStore::open(w.dir.join("held")).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(45);
-    loop {
-        let tmp = std::fs::read_dir(w.dir.join("held/tmp")).unwrap().count();
-        if tmp == 0 || std::time::Instant::now() > deadline {
-            assert_eq!(tmp, 0, "a temporary file is left");
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for("the broken transfer to be kept", || {
+        w.held.kept_transfers() == (2 << 20, 1)
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_dir(w.dir.join("held/tmp")).unwrap().count(),
+        0
+    );
     assert_eq!(w.held.usage(), (0, 0));
-    assert!(store.list().unwrap().is_empty());
-    // The whole replica still goes in afterwards.
+    assert_eq!(store.size(&PackId(r)).unwrap(), None);
+    let reopened = open_held(&w.dir, &w.storer, &w.coordinator, 64 << 20);
+    assert_eq!(
+        reopened.usage(),
+        (0, 0),
+        "nothing half-written is held after a restart"
+    );
+    assert_eq!(reopened.kept_transfers(), (2 << 20, 1));
+    // The whole replica still goes in afterwards, started over by an owner
+    // that does not resume; what was kept goes.
     let frames: Vec<&[u8]> = replica.chunks(1 << 20).collect();
     let t = w.ticket(&owner, pack, size, later);
     assert_eq!(
         put(&w, &owner, t, pack, r, size, &frames).await,
         kept(&w, &owner, pack, size, r)
     );
+    assert_eq!(w.held.kept_transfers(), (0, 0));
+    assert_eq!(
+        store.list().unwrap().len(),
+        2,
+        "the replica and its outboard"
+    );
+}
+
+async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(45);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Puts with `resume`, sends `frames` after the storer's answer (all of
+/// them, or only what follows the offset it kept when `skip_kept`), and
+/// closes the link after `stop_after` frames when set. The storer's
+/// first answer and its last.
+#[allow(clippy::too_many_arguments)]
+async fn put_resuming(
+    w: &World,
+    owner: &Keys,
+    ticket: Vec<u8>,
+    pack: PackId,
+    replica: &[u8],
+    stop_after: Option<usize>,
+) -> (PeerMsg, Option<PeerMsg>) {
+    let (r, size) = (root(replica), replica.len() as u64);
+    let attest = statement(w, owner, pack, size, r).sign(&owner.identity);
+    let mut l = w.link(owner).await;
+    let put = PeerMsg::Put {
+        ticket,
+        pack,
+        root: r,
+        size,
+        attest,
+        resume: true,
+    };
+    l.send(&put.encode()).await.unwrap();
+    let first = recv(&mut l).await;
+    let from = match first {
+        PeerMsg::Ready => 0,
+        PeerMsg::ReadyFrom { offset } => offset as usize,
+        _ => return (first, None),
+    };
+    for (i, f) in replica[from..].chunks(1 << 20).enumerate() {
+        if stop_after == Some(i) {
+            // The storer's answer is awaited: a connection dropped at once
+            // may lose the frames still in flight.
+            let _ = l.finish().await;
+            refused(recv(&mut l).await, PeerError::Malformed);
+            return (first, None);
+        }
+        l.send(f).await.unwrap();
+    }
+    let _ = l.finish().await;
+    (first, Some(recv(&mut l).await))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_transfer_is_resumed_and_only_the_rest_is_sent() {
+    let w = World::new(64 << 20).await;
+    let owner = MasterKey::generate().keys();
+    let replica = noise((5 << 20) + 1234, 4);
+    let (pack, r, size) = (PackId([9; 32]), root(&replica), replica.len() as u64);
+    let later = now_ms() + 60_000;
+    let t = w.ticket(&owner, pack, size, later);
+    // Three MiB, then the link breaks.
+    let (first, _) = put_resuming(&w, &owner, t.clone(), pack, &replica, Some(3)).await;
+    assert_eq!(first, PeerMsg::Ready);
+    wait_for("the broken transfer to be kept", || {
+        w.held.kept_transfers() == (3 << 20, 1)
+    })
+    .await;
+    assert_eq!(w.held.usage(), (0, 0));
+    // Someone else who knew the root cannot resume it: they start from
+    // nothing, and what was kept for the owner is dropped.
+    let stranger = MasterKey::generate().keys();
+    let ts = w.ticket(&stranger, pack, size, later);
+    let (first, _) = put_resuming(&w, &stranger, ts, pack, &replica, Some(0)).await;
+    assert_eq!(first, PeerMsg::Ready, "a stranger starts from nothing");
+    wait_for("the stranger's transfer to end", || {
+        w.held.kept_transfers() == (0, 0)
+    })
+    .await;
+    // The owner again: a transfer of 2 MiB breaks, then resumes with the
+    // same ticket after a restart of the storer's books.
+    let (first, _) = put_resuming(&w, &owner, t.clone(), pack, &replica, Some(2)).await;
+    assert_eq!(first, PeerMsg::Ready);
+    wait_for("the second broken transfer to be kept", || {
+        w.held.kept_transfers() == (2 << 20, 1)
+    })
+    .await;
+    let reopened = open_held(&w.dir, &w.storer, &w.coordinator, 64 << 20);
+    assert_eq!(reopened.kept_transfers(), (2 << 20, 1));
+    drop(reopened);
+    let (first, last) = put_resuming(&w, &owner, t.clone(), pack, &replica, Some(1)).await;
+    assert_eq!(first, PeerMsg::ReadyFrom { offset: 2 << 20 });
+    assert_eq!(last, None);
+    wait_for("the resumed transfer to be kept", || {
+        w.held.kept_transfers() == (3 << 20, 1)
+    })
+    .await;
+    let (first, last) = put_resuming(&w, &owner, t, pack, &replica, None).await;
+    assert_eq!(first, PeerMsg::ReadyFrom { offset: 3 << 20 });
+    assert_eq!(last, Some(kept(&w, &owner, pack, size, r)));
+    assert_eq!(w.held.usage(), (size, 1));
+    assert_eq!(w.held.kept_transfers(), (0, 0));
+    assert_eq!(get(&w, &owner, r, 0, size).await.unwrap(), replica);
+    let store = FsBlobStore::open(w.dir.join("held")).unwrap();
+    assert_eq!(
+        store.list().unwrap().len(),
+        2,
+        "the replica and its outboard"
+    );
+    assert!(
+        !std::fs::read_dir(w.dir.join("manifests"))
+            .unwrap()
+            .any(|e| e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("partial-")),
+        "the transfer's index entry is gone"
+    );
+    let reopened = open_held(&w.dir, &w.storer, &w.coordinator, 64 << 20);
+    assert_eq!(reopened.usage(), (size, 1));
+    let answer = reopened
+        .prove(&owner.node_id(), &pack, r, size, 4 << 20, 1024)
+        .await;
+    assert!(matches!(answer, ProofAnswer::Held(_)), "{answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_bytes_damaged_on_disk_fail_the_root_and_are_dropped() {
+    let w = World::new(64 << 20).await;
+    let owner = MasterKey::generate().keys();
+    let replica = noise(4 << 20, 5);
+    let (pack, r, size) = (PackId([10; 32]), root(&replica), replica.len() as u64);
+    let t = w.ticket(&owner, pack, size, now_ms() + 60_000);
+    put_resuming(&w, &owner, t.clone(), pack, &replica, Some(2)).await;
+    wait_for("the broken transfer to be kept", || {
+        w.held.kept_transfers() == (2 << 20, 1)
+    })
+    .await;
+    // One bit of the kept bytes flips on the storer's disk.
+    let store = FsBlobStore::open(w.dir.join("held")).unwrap();
+    let (id, _) = store.list().unwrap()[0];
+    let hex = id.to_hex();
+    let path = w.dir.join("held").join(&hex[..2]).join(&hex);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.len() - 100;
+    bytes[at] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    let (first, last) = put_resuming(&w, &owner, t.clone(), pack, &replica, None).await;
+    assert_eq!(first, PeerMsg::ReadyFrom { offset: 2 << 20 });
+    refused(last.unwrap(), PeerError::BadRoot);
+    assert_eq!(w.held.kept_transfers(), (0, 0));
+    assert_eq!((w.held.usage(), store.list().unwrap().len()), ((0, 0), 0));
+    // Sent whole again, it is kept.
+    let (first, last) = put_resuming(&w, &owner, t, pack, &replica, None).await;
+    assert_eq!(first, PeerMsg::Ready);
+    assert_eq!(last, Some(kept(&w, &owner, pack, size, r)));
 }
 
 /// Replica size for the memory test, MiB (`PLUTO_TEST_RSS_REPLICA_MIB`).
@@ -876,6 +1054,7 @@ async fn receiving_sixteen_large_replicas_at_once_stays_small() {
                 root,
                 size,
                 attest: statement.sign(&owner.identity),
+                resume: false,
             };
             l.send(&put.encode()).await.unwrap();
             assert_eq!(recv(&mut l).await, PeerMsg::Ready);

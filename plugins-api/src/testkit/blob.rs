@@ -25,6 +25,7 @@ pub fn blob_store_conformance(store: &dyn BlobStore) {
     ranges_are_checked(store);
     a_stream_is_stored_whole(store);
     a_failed_stream_leaves_nothing(store);
+    objects_are_renamed(store);
     assert!(store.list().unwrap().is_empty(), "the store ends empty");
 }
 
@@ -139,6 +140,28 @@ fn a_failed_stream_leaves_nothing(s: &dyn BlobStore) {
     );
 }
 
+fn objects_are_renamed(s: &dyn BlobStore) {
+    let a = bytes((2 << 20) + 17, 5);
+    let (from, to) = (PackId::of(b"from"), PackId::of(&a));
+    s.put(&from, &a).unwrap();
+    s.rename(&from, &to).unwrap();
+    assert_eq!(s.size(&from).unwrap(), None, "the old name is gone");
+    assert!(
+        s.get(&to).unwrap() == a,
+        "a renamed object reads back whole"
+    );
+    // A name taken already keeps its object; the source goes.
+    s.put(&from, b"other").unwrap();
+    s.rename(&from, &to).unwrap();
+    assert_eq!(s.size(&from).unwrap(), None);
+    assert_eq!(s.size(&to).unwrap(), Some(a.len() as u64));
+    assert!(
+        matches!(s.rename(&from, &to), Err(StoreError::NotFound(_))),
+        "renaming an absent object is NotFound"
+    );
+    s.delete(&to).unwrap();
+}
+
 /// A store that counts the bytes read from the store it wraps (what an
 /// audit or a restore costs in reads).
 #[derive(Debug)]
@@ -192,5 +215,8 @@ impl<S: BlobStore> BlobStore for CountingStore<S> {
     }
     fn delete(&self, id: &PackId) -> Result<(), StoreError> {
         self.inner.delete(id)
+    }
+    fn rename(&self, from: &PackId, to: &PackId) -> Result<(), StoreError> {
+        self.inner.rename(from, to)
     }
 }

@@ -208,6 +208,28 @@ impl BlobStore for FsBlobStore {
         Ok(out)
     }
 
+    fn rename(&self, from: &PackId, to: &PackId) -> Result<(), StoreError> {
+        self.lock().remove(from);
+        let (src, dest) = (self.path(from), self.path(to));
+        if !src.exists() {
+            return Err(StoreError::NotFound(src.display().to_string()));
+        }
+        if dest.exists() {
+            return self.delete(from);
+        }
+        let dir = dest.parent().unwrap_or(&self.root);
+        fs::create_dir_all(dir)
+            .and_then(|_| fs::rename(&src, &dest))
+            .map_err(|e| {
+                StoreError::io(format!("moving {} to {}", src.display(), dest.display()), e)
+            })?;
+        sync_dir(dir)?;
+        match src.parent() {
+            Some(d) if d != dir => sync_dir(d),
+            _ => Ok(()),
+        }
+    }
+
     fn delete(&self, id: &PackId) -> Result<(), StoreError> {
         self.lock().remove(id);
         match fs::remove_file(self.path(id)) {
