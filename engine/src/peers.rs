@@ -62,7 +62,7 @@ pub enum UploadError {
     Unexpected(String),
     /// The placement settings.
     #[error("config: {0}")]
-    Config(String),
+    Config(#[from] crate::home::SettingError),
     /// A worker thread died.
     #[error("a worker thread failed: {0}")]
     Join(#[from] tokio::task::JoinError),
