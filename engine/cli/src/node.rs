@@ -319,8 +319,7 @@ pub(crate) async fn status(ui: &Ui, home: Home) -> Result<u8> {
         }),
     };
     let all = repo.catalog.packs().await?;
-    let placement = pluto_engine::manifest::Placement::load(&home.placement_path())
-        .map_err(anyhow::Error::msg)?;
+    let placement = pluto_engine::manifest::Placement::load(&home.placement_path())?;
     let copies = repo.config.placement.copies;
     let packs_placed = all
         .iter()
