@@ -137,23 +137,16 @@ impl Excludes {
         let mut names = GlobSetBuilder::new();
         let mut paths = GlobSetBuilder::new();
         for p in patterns {
-            let glob = GlobBuilder::new(p)
-                .literal_separator(true)
-                .build()
-                .map_err(|e| RepoError::Config(format!("exclude pattern {p:?}: {e}")))?;
+            let glob = GlobBuilder::new(p).literal_separator(true).build()?;
             if p.contains('/') {
                 paths.add(glob);
             } else {
                 names.add(glob);
             }
         }
-        let build = |b: GlobSetBuilder| {
-            b.build()
-                .map_err(|e| RepoError::Config(format!("exclude patterns: {e}")))
-        };
         Ok(Self {
-            names: build(names)?,
-            paths: build(paths)?,
+            names: names.build()?,
+            paths: paths.build()?,
             own,
         })
     }
@@ -703,9 +696,7 @@ pub fn backup(
 ) -> Result<BackupReport, RepoError> {
     let started = Instant::now();
     if opts.paths.is_empty() {
-        return Err(RepoError::Config(
-            "nothing to back up: give at least one path".into(),
-        ));
+        return Err(RepoError::NothingToBackUp);
     }
     let index = rt.block_on(repo.sync_catalog())?;
     let mut paths = Vec::new();
@@ -722,11 +713,10 @@ pub fn backup(
         .iter()
         .find_map(|p| own.iter().find(|o| p.starts_with(o)).map(|o| (p, o)))
     {
-        return Err(RepoError::Config(format!(
-            "refusing to back up {}: it is inside pluto's own {}",
-            p.display(),
-            o.display()
-        )));
+        return Err(RepoError::OwnFiles {
+            path: p.clone(),
+            own: o.clone(),
+        });
     }
     let host = opts.host.clone().unwrap_or_else(hostname);
     let path_strings: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();

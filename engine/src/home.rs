@@ -17,7 +17,168 @@ use std::fs;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
+use pluto_plugins_api::NodeId;
 use serde::{Deserialize, Serialize};
+
+/// A setting that breaks a rule, named by its key in `config.toml`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SettingError {
+    /// `[chunker]` sizes out of FastCDC's bounds or out of order.
+    #[error(
+        "chunker sizes must satisfy min <= avg <= max with min in 64 B..1 MiB, \
+         avg in 256 B..4 MiB, max in 1 KiB..16 MiB (got {min}/{avg}/{max}); \
+         fix [chunker] or remove it for the defaults"
+    )]
+    ChunkerSizes {
+        /// `chunker.min`.
+        min: u32,
+        /// `chunker.avg`.
+        avg: u32,
+        /// `chunker.max`.
+        max: u32,
+    },
+    /// `pack_size` out of bounds.
+    #[error("pack_size {0} is outside 64 KiB..1 GiB; set it between them")]
+    PackSize(usize),
+    /// `placement.copies` out of bounds.
+    #[error("placement.copies {0} is outside 1..={MAX_COPIES}; set it between them")]
+    Copies(u8),
+    /// `placement.friend_copies` above `placement.copies`.
+    #[error(
+        "placement.friend_copies {friend_copies} is more than copies {copies}; \
+         lower friend_copies or raise copies"
+    )]
+    FriendCopies {
+        /// `placement.friend_copies`.
+        friend_copies: u8,
+        /// `placement.copies`.
+        copies: u8,
+    },
+    /// `placement.friend_copies` without any friend.
+    #[error(
+        "placement.friend_copies is set but placement.friends is empty; \
+         list the friends' node ids or set friend_copies = 0"
+    )]
+    NoFriends,
+    /// An entry of `placement.friends` that is not a node id.
+    #[error(
+        "placement.friends: {0:?} is not a node id \
+         (64 hex digits, as `pluto status` shows them)"
+    )]
+    Friend(String),
+    /// `daemon_every` is 0.
+    #[error("daemon_every must be at least 1 (seconds)")]
+    DaemonEvery,
+    /// `upload_limit` too low to be meant.
+    #[error(
+        "upload_limit {0} is below 1024 (bytes a second); \
+         raise it, or remove it for no limit"
+    )]
+    UploadLimit(u64),
+    /// `transports` is empty.
+    #[error("transports is empty: list at least one (quic, relay)")]
+    NoTransports,
+    /// `listen` is not a socket address.
+    #[error("listen {0:?} is not IP:PORT (say \"0.0.0.0:0\"; port 0 picks one)")]
+    Listen(String),
+    /// `compression` out of zstd's levels.
+    #[error("compression level {0} is outside 0..=19 (0 turns compression off)")]
+    Compression(i32),
+}
+
+/// Why the config file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file is there but could not be read.
+    #[error("reading {}: {source}", .path.display())]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not TOML, or a key is unknown or has a value of the
+    /// wrong type.
+    #[error(
+        "{}{}: {message}; correct it or remove it (every setting has a default)",
+        .path.display(),
+        at(.line, .key)
+    )]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// The line at fault (1-based), when known.
+        line: Option<usize>,
+        /// The key at fault (`placement.copies`), when known.
+        key: Option<String>,
+        /// What is wrong.
+        message: String,
+    },
+    /// A setting breaks a rule.
+    #[error("{}: {source}", .path.display())]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// The setting.
+        source: SettingError,
+    },
+    /// The config could not be encoded (a bug: every setting is TOML).
+    #[error("encoding the config: {0}")]
+    Encode(#[from] toml::ser::Error),
+    /// The file could not be written.
+    #[error("writing {}: {source}", .path.display())]
+    Write {
+        /// The config file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// `" line N, KEY"` for a parse error's message.
+fn at(line: &Option<usize>, key: &Option<String>) -> String {
+    match (line, key) {
+        (Some(l), Some(k)) => format!(" line {l}, {k}"),
+        (Some(l), None) => format!(" line {l}"),
+        (None, Some(k)) => format!(", {k}"),
+        (None, None) => String::new(),
+    }
+}
+
+/// The line (1-based) and the key (with its table, `placement.copies`) at
+/// byte `at` of a TOML text, as far as a plain reading of the lines finds
+/// them.
+fn locate(text: &str, at: usize) -> (Option<usize>, Option<String>) {
+    let Some(before) = text.get(..at) else {
+        return (None, None);
+    };
+    let line = before.matches('\n').count() + 1;
+    let mut table = None;
+    for l in before.lines() {
+        let l = l.trim();
+        if let Some(name) = l.strip_prefix('[') {
+            let name = name.trim_start_matches('[');
+            table = name.split(']').next().map(|t| t.trim().to_string());
+        }
+    }
+    let key = text
+        .lines()
+        .nth(line - 1)
+        .and_then(|l| l.split_once('='))
+        .map(|(k, _)| k.trim().trim_matches('"').to_string())
+        .filter(|k| {
+            !k.is_empty()
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+        })
+        .map(|k| match &table {
+            Some(t) if !t.is_empty() => format!("{t}.{k}"),
+            _ => k,
+        });
+    (Some(line), key)
+}
 
 /// Settings of a node, from `HOME/config.toml`. Every field has a default.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,31 +263,25 @@ impl Default for PlacementConfig {
 
 impl PlacementConfig {
     /// The friends as node ids.
-    pub fn friend_ids(&self) -> Result<Vec<pluto_plugins_api::NodeId>, String> {
+    pub fn friend_ids(&self) -> Result<Vec<NodeId>, SettingError> {
         self.friends
             .iter()
-            .map(|f| {
-                f.parse()
-                    .map_err(|e| format!("placement.friends: {f:?} is not a node id: {e}"))
-            })
+            .map(|f| f.parse().map_err(|_| SettingError::Friend(f.clone())))
             .collect()
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), SettingError> {
         if !(1..=MAX_COPIES).contains(&self.copies) {
-            return Err(format!(
-                "placement.copies {} is outside 1..={MAX_COPIES}",
-                self.copies
-            ));
+            return Err(SettingError::Copies(self.copies));
         }
         if self.friend_copies > self.copies {
-            return Err(format!(
-                "placement.friend_copies {} is more than copies {}",
-                self.friend_copies, self.copies
-            ));
+            return Err(SettingError::FriendCopies {
+                friend_copies: self.friend_copies,
+                copies: self.copies,
+            });
         }
         if self.friend_copies > 0 && self.friends.is_empty() {
-            return Err("placement.friend_copies is set but placement.friends is empty".into());
+            return Err(SettingError::NoFriends);
         }
         self.friend_ids().map(|_| ())
     }
@@ -182,7 +337,7 @@ impl Default for Config {
 
 impl Config {
     /// Checks that the values are usable.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SettingError> {
         let c = &self.chunker;
         // FastCDC 2020's own bounds.
         if !(64..=1 << 20).contains(&c.min)
@@ -191,36 +346,30 @@ impl Config {
             || c.min > c.avg
             || c.avg > c.max
         {
-            return Err(format!(
-                "chunker sizes must satisfy min <= avg <= max with min in 64 B..1 MiB, \
-                 avg in 256 B..4 MiB, max in 1 KiB..16 MiB (got {}/{}/{})",
-                c.min, c.avg, c.max
-            ));
+            return Err(SettingError::ChunkerSizes {
+                min: c.min,
+                avg: c.avg,
+                max: c.max,
+            });
         }
         if !(1 << 16..=1 << 30).contains(&self.pack_size) {
-            return Err(format!(
-                "pack_size {} is outside 64 KiB..1 GiB",
-                self.pack_size
-            ));
+            return Err(SettingError::PackSize(self.pack_size));
         }
         self.placement.validate()?;
         if self.daemon_every == 0 {
-            return Err("daemon_every must be at least 1 (seconds)".into());
+            return Err(SettingError::DaemonEvery);
         }
-        if self.upload_limit.is_some_and(|l| l < 1024) {
-            return Err("upload_limit must be at least 1024 (bytes a second)".into());
+        if let Some(l) = self.upload_limit.filter(|l| *l < 1024) {
+            return Err(SettingError::UploadLimit(l));
         }
         if self.transports.is_empty() {
-            return Err("transports is empty: list at least one (quic, relay)".into());
+            return Err(SettingError::NoTransports);
         }
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(format!("listen {:?} is not IP:PORT", self.listen));
+            return Err(SettingError::Listen(self.listen.clone()));
         }
         if !(0..=19).contains(&self.compression) {
-            return Err(format!(
-                "compression level {} is outside 0..19",
-                self.compression
-            ));
+            return Err(SettingError::Compression(self.compression));
         }
         Ok(())
     }
@@ -276,23 +425,33 @@ impl Home {
         url.to_string()
     }
     /// Reads the config; a missing file means defaults.
-    pub fn load_config(&self) -> Result<Config, String> {
+    pub fn load_config(&self) -> Result<Config, ConfigError> {
         let path = self.config_path();
         let cfg = match fs::read_to_string(&path) {
-            Ok(text) => toml::from_str::<Config>(&text)
-                .map_err(|e| format!("{}: {}", path.display(), e.message()))?,
+            Ok(text) => toml::from_str::<Config>(&text).map_err(|e| {
+                let (line, key) = e
+                    .span()
+                    .map_or((None, None), |span| locate(&text, span.start));
+                ConfigError::Parse {
+                    path: path.clone(),
+                    line,
+                    key,
+                    message: e.message().to_string(),
+                }
+            })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
-            Err(e) => return Err(format!("reading {}: {e}", path.display())),
+            Err(source) => return Err(ConfigError::Read { path, source }),
         };
-        cfg.validate()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(cfg)
+        match cfg.validate() {
+            Ok(()) => Ok(cfg),
+            Err(source) => Err(ConfigError::Invalid { path, source }),
+        }
     }
     /// Writes the config (atomically: a daemon may be reading it).
-    pub fn save_config(&self, cfg: &Config) -> Result<(), String> {
-        let text = toml::to_string(cfg).map_err(|e| e.to_string())?;
+    pub fn save_config(&self, cfg: &Config) -> Result<(), ConfigError> {
+        let text = toml::to_string(cfg)?;
         let path = self.config_path();
-        write_atomic(&path, text.as_bytes()).map_err(|e| format!("writing {}: {e}", path.display()))
+        write_atomic(&path, text.as_bytes()).map_err(|source| ConfigError::Write { path, source })
     }
     /// Where this node's replicas are.
     pub fn placement_path(&self) -> PathBuf {
@@ -361,9 +520,35 @@ mod tests {
         h.save_config(&c).unwrap();
         assert_eq!(h.load_config().unwrap(), c);
         fs::write(h.config_path(), "nonsense = 1\n").unwrap();
-        assert!(h.load_config().unwrap_err().contains("nonsense"));
+        let e = h.load_config().unwrap_err().to_string();
+        assert!(
+            e.contains("config.toml line 1, nonsense: unknown field"),
+            "{e}"
+        );
+        fs::write(
+            h.config_path(),
+            "offer = 1\n[placement]\ncopies = \"two\"\n",
+        )
+        .unwrap();
+        let e = h.load_config().unwrap_err().to_string();
+        assert!(
+            e.contains("config.toml line 3, placement.copies: invalid type"),
+            "{e}"
+        );
         fs::write(h.config_path(), "[chunker]\nmin = 10\navg = 5\nmax = 1\n").unwrap();
-        assert!(h.load_config().is_err());
+        assert!(matches!(
+            h.load_config(),
+            Err(ConfigError::Invalid {
+                source: SettingError::ChunkerSizes { .. },
+                ..
+            })
+        ));
+        fs::write(h.config_path(), "[placement]\nfriends = [\"x\"]\n").unwrap();
+        let e = h.load_config().unwrap_err().to_string();
+        assert!(
+            e.contains("config.toml: placement.friends: \"x\" is not"),
+            "{e}"
+        );
         assert_eq!(
             h.resolve_url("fs:packs"),
             format!("fs:{}/packs", dir.path().display())

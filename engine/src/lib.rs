@@ -40,7 +40,9 @@ pub mod restore;
 pub mod snapshot;
 pub mod tree;
 
-pub use home::{ChunkerConfig, Config, Home, PlacementConfig, MAX_COPIES};
+pub use home::{
+    ChunkerConfig, Config, ConfigError, Home, PlacementConfig, SettingError, MAX_COPIES,
+};
 /// The byte-level codec every format is built from.
 pub use pluto_plugins_api::wire;
 pub use repo::{LockMode, Repo, RepoError};

@@ -65,7 +65,7 @@ pub enum UploadError {
     Unexpected(String),
     /// The placement settings.
     #[error("config: {0}")]
-    Config(String),
+    Config(#[from] crate::home::SettingError),
     /// A worker thread died.
     #[error("a worker thread failed: {0}")]
     Join(#[from] tokio::task::JoinError),
@@ -854,7 +854,7 @@ impl Uploader<'_> {
 
 /// The newest manifest of this node that opens: the coordinator's, or any
 /// storer's (those the coordinator lists as holding for this node).
-pub async fn fetch_manifest(net: &Net, keys: &Keys) -> Result<Option<Placement>, String> {
+pub async fn fetch_manifest(net: &Net, keys: &Keys) -> Result<Option<Placement>, ClientError> {
     Ok(lookup_manifest(net, keys).await?.0)
 }
 
@@ -863,7 +863,7 @@ pub async fn fetch_manifest(net: &Net, keys: &Keys) -> Result<Option<Placement>,
 async fn lookup_manifest(
     net: &Net,
     keys: &Keys,
-) -> Result<(Option<Placement>, Vec<PeerReport>), String> {
+) -> Result<(Option<Placement>, Vec<PeerReport>), ClientError> {
     let me = keys.node_id();
     let key = SealKey::new(&keys.metadata);
     let mut best: Option<Placement> = None;
@@ -884,7 +884,7 @@ async fn lookup_manifest(
             code: ErrorCode::NotFound,
             ..
         }) => {}
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(e),
     }
     let peers = match net.client().request(&Message::ListPeers).await {
         Ok(Message::Peers(list)) => list,
@@ -944,7 +944,7 @@ pub fn packs_away(placement: &Placement, peers: &[PeerReport]) -> usize {
 }
 
 /// Why a manifest search is still waiting (passed to its progress callback).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum ManifestWait {
     /// Neither the coordinator nor any storer it lists has a manifest of
@@ -962,8 +962,27 @@ pub enum ManifestWait {
         away: usize,
     },
     /// Asking the coordinator failed.
-    Failed(String),
+    Failed(Arc<ClientError>),
 }
+
+/// The same reason to wait (two failures are the same when they read the
+/// same), so that a caller can tell a repeat from news.
+impl PartialEq for ManifestWait {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::NoManifest { storers: a }, Self::NoManifest { storers: b }) => a == b,
+            (Self::Storers { packs, away }, Self::Storers { packs: p, away: a }) => {
+                packs == p && away == a
+            }
+            (Self::Failed(a), Self::Failed(b)) => {
+                Arc::ptr_eq(a, b) || a.to_string() == b.to_string()
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Eq for ManifestWait {}
 
 /// What a manifest search found.
 #[derive(Clone, Debug)]
@@ -1019,7 +1038,7 @@ pub async fn search_manifest(
                     },
                 }
             }
-            Err(e) => ManifestWait::Failed(e),
+            Err(e) => ManifestWait::Failed(Arc::new(e)),
         };
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         if left.is_zero() {

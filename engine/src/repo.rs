@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::fs::{self, File};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use pluto_plugins_api::{
@@ -12,7 +12,7 @@ use pluto_plugins_api::{
 };
 
 use crate::crypto::{open_blob, seal_blob, seal_blob_into, OpenError, SealKey};
-use crate::home::{Config, Home};
+use crate::home::{Config, ConfigError, Home, SettingError};
 use crate::index::Index;
 use crate::keys::{KeyError, Keys, MasterKey};
 use crate::pack::{self, FinishedPack, PackError, PackWriter, TRAILER_LEN};
@@ -33,9 +33,26 @@ pub enum RepoError {
     /// Another process holds the home.
     #[error("another pluto process is using {0}; try again when it has finished")]
     Locked(String),
-    /// The config file is wrong.
+    /// The config file could not be read, or a setting in it is wrong.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A setting is wrong (in a config not read from a file).
     #[error("config: {0}")]
-    Config(String),
+    Setting(#[from] SettingError),
+    /// An exclude pattern does not parse.
+    #[error("--exclude: {0}")]
+    Exclude(#[from] globset::Error),
+    /// A backup was asked for without anything to back up.
+    #[error("nothing to back up: give at least one path")]
+    NothingToBackUp,
+    /// A path to back up is inside pluto's own files.
+    #[error("refusing to back up {}: it is inside pluto's own {}", .path.display(), .own.display())]
+    OwnFiles {
+        /// The path asked for.
+        path: PathBuf,
+        /// pluto's file or directory that holds it.
+        own: PathBuf,
+    },
     /// Keys or the secrets file.
     #[error(transparent)]
     Key(#[from] KeyError),
@@ -173,10 +190,10 @@ impl Repo {
                 home.root().display().to_string(),
             ));
         }
-        config.validate().map_err(RepoError::Config)?;
+        config.validate()?;
         home.create_dir()
             .map_err(|e| RepoError::io(format!("creating {}", home.root().display()), e))?;
-        home.save_config(config).map_err(RepoError::Config)?;
+        home.save_config(config)?;
         master.save(&home.secrets())?;
         Ok(())
     }
@@ -187,7 +204,7 @@ impl Repo {
             return Err(RepoError::NotInitialized(home.root().display().to_string()));
         }
         let lock = lock_home(&home, mode)?;
-        let config = home.load_config().map_err(RepoError::Config)?;
+        let config = home.load_config()?;
         let keys = MasterKey::load(&home.secrets())?.keys();
         let catalog: Arc<dyn MetaStore> =
             pluto_plugins_api::open_meta_store(&home.resolve_url(&config.catalog))

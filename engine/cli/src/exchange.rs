@@ -91,7 +91,7 @@ pub(crate) async fn attach_peers(repo: &mut Repo, prefetch: bool) -> Result<Opti
     if repo.config.coordinator.is_none() {
         return Ok(None);
     }
-    let placement = Placement::load(&repo.home.placement_path()).map_err(anyhow::Error::msg)?;
+    let placement = Placement::load(&repo.home.placement_path())?;
     let local: std::collections::HashSet<PackId> =
         repo.packs.list()?.into_iter().map(|p| p.0).collect();
     if placement.packs.keys().all(|p| local.contains(p)) {
@@ -223,9 +223,7 @@ async fn recover_over(
     }
     // Only a recovery that brought snapshots back leaves a placement: the
     // next upload builds on it.
-    placement
-        .save(&repo.home.placement_path())
-        .map_err(anyhow::Error::msg)?;
+    placement.save(&repo.home.placement_path())?;
     Ok(Recovered {
         version,
         packs,
@@ -241,7 +239,7 @@ async fn recover_over(
 pub(crate) async fn check_remote(ui: &Ui, home: Home) -> Result<u8> {
     let mut repo = Repo::open(home.clone(), LockMode::Shared).await?;
     let net = open_net(&repo, &home, false).await?;
-    let placement = Placement::load(&home.placement_path()).map_err(anyhow::Error::msg)?;
+    let placement = Placement::load(&home.placement_path())?;
     let snapshot = repo.find_snapshot("latest").await?;
     // The trees may be at peers only.
     repo.packs = Arc::new(PeerPacks::new(

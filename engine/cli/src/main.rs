@@ -468,7 +468,7 @@ async fn recover_cmd(
                 theirs.short()
             );
         }
-        home.save_config(config).map_err(anyhow::Error::msg)?;
+        home.save_config(config)?;
         None
     } else {
         let before = entries(home.root())?;

@@ -206,9 +206,9 @@ pub(crate) async fn offer(ui: &Ui, home: Home, size: u64) -> Result<u8> {
             }
         }
     }
-    let mut cfg = home.load_config().map_err(anyhow::Error::msg)?;
+    let mut cfg = home.load_config()?;
     cfg.offer = size;
-    home.save_config(&cfg).map_err(anyhow::Error::msg)?;
+    home.save_config(&cfg)?;
     if ui.json {
         ui.print_json(&serde_json::json!({ "offer": size, "coordinator_updated": applied }))?;
     } else if !ui.quiet {
@@ -236,7 +236,7 @@ pub(crate) async fn match_cmd(ui: &Ui, home: Home, size: u64, copies: Option<u8>
     if !(1..=pluto_engine::MAX_COPIES).contains(&copies) {
         anyhow::bail!("--copies must be 1..={}", pluto_engine::MAX_COPIES);
     }
-    let friends = placement.friend_ids().map_err(anyhow::Error::msg)?;
+    let friends = placement.friend_ids()?;
     let client = connect(&repo, &home, &url).await?;
     let answer = client
         .request(&Message::MatchRequest {
@@ -319,8 +319,7 @@ pub(crate) async fn status(ui: &Ui, home: Home) -> Result<u8> {
         }),
     };
     let all = repo.catalog.packs().await?;
-    let placement = pluto_engine::manifest::Placement::load(&home.placement_path())
-        .map_err(anyhow::Error::msg)?;
+    let placement = pluto_engine::manifest::Placement::load(&home.placement_path())?;
     let copies = repo.config.placement.copies;
     let packs_placed = all
         .iter()

@@ -105,28 +105,59 @@ impl QuicTransport {
             .map_err(|e| TransportError::Other(e.to_string()))
     }
 
-    async fn dial(&self, peer: &NodeId, addr: &str) -> Result<quinn::Connection, String> {
-        let addr: SocketAddr = addr.parse().map_err(|e| format!("address {addr:?}: {e}"))?;
-        let mut client =
-            quinn::ClientConfig::new(self.tls.client_config(*peer).map_err(|e| e.to_string())?);
+    async fn dial(&self, peer: &NodeId, addr: &str) -> Result<quinn::Connection, DialError> {
+        let addr: SocketAddr = addr.parse().map_err(|source| DialError::Address {
+            addr: addr.to_string(),
+            source,
+        })?;
+        let mut client = quinn::ClientConfig::new(self.tls.client_config(*peer)?);
         client.transport_config(transport_config());
         let connecting = self
             .endpoint
             .connect_with(client, addr, tls::SERVER_NAME)
-            .map_err(|e| e.to_string())?;
+            .map_err(|source| DialError::Connect { addr, source })?;
         let conn = tokio::time::timeout(DIAL_TIMEOUT, connecting)
             .await
-            .map_err(|_| format!("{addr}: no answer within {DIAL_TIMEOUT:?}"))?
-            .map_err(|e| format!("{addr}: {e}"))?;
+            .map_err(|_| DialError::Timeout(addr))?
+            .map_err(|source| DialError::Connection { addr, source })?;
         // The verifier already refused any other key; this is belt and braces.
         match tls::peer_of(&conn) {
             Some(p) if p == *peer => Ok(conn),
             other => {
                 conn.close(quinn::VarInt::from_u32(1), b"wrong peer");
-                Err(format!("{addr} answered as {other:?}"))
+                Err(DialError::WrongPeer { addr, seen: other })
             }
         }
     }
+}
+
+/// Why dialling one address of a peer failed.
+#[derive(Debug, thiserror::Error)]
+enum DialError {
+    #[error("address {addr:?}: {source}")]
+    Address {
+        addr: String,
+        source: std::net::AddrParseError,
+    },
+    #[error(transparent)]
+    Tls(#[from] TransportError),
+    #[error("{addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: quinn::ConnectError,
+    },
+    #[error("{0}: no answer within {DIAL_TIMEOUT:?}")]
+    Timeout(SocketAddr),
+    #[error("{addr}: {source}")]
+    Connection {
+        addr: SocketAddr,
+        source: quinn::ConnectionError,
+    },
+    #[error("{addr} answered as {seen:?}")]
+    WrongPeer {
+        addr: SocketAddr,
+        seen: Option<NodeId>,
+    },
 }
 
 async fn accept_loop(endpoint: quinn::Endpoint, tx: mpsc::Sender<Box<dyn Link>>, max_frame: usize) {
@@ -188,7 +219,7 @@ impl Transport for QuicTransport {
                             found = Some(c);
                             break;
                         }
-                        Err(e) => why.push(e),
+                        Err(e) => why.push(e.to_string()),
                     }
                 }
                 let Some(c) = found else {

@@ -202,6 +202,36 @@ struct Entry {
     queued: Arc<AtomicUsize>,
 }
 
+/// Why a session could not be registered.
+#[derive(Debug, thiserror::Error)]
+enum RegisterError {
+    #[error("session id in use")]
+    InUse,
+    #[error("{0} relay sessions open, the limit")]
+    Sessions(usize),
+    #[error("{count} relay sessions with {} open, the limit", .peer.short())]
+    PeerSessions { count: usize, peer: NodeId },
+}
+
+/// Why an opening (a HELLO) from a peer was refused.
+#[derive(Debug, thiserror::Error)]
+enum HelloRefused {
+    #[error(transparent)]
+    Wire(#[from] wire::WireError),
+    #[error("it is for another node")]
+    OtherResponder,
+    #[error("it names another initiator than the coordinator does")]
+    OtherInitiator,
+    #[error("the transport is closed")]
+    Closed,
+    #[error("too many links waiting to be accepted")]
+    TooManyPending,
+    #[error(transparent)]
+    Handshake(#[from] crypto::HandshakeError),
+    #[error(transparent)]
+    Register(#[from] RegisterError),
+}
+
 /// What the transport's tasks share.
 pub(crate) struct Inner {
     me: NodeId,
@@ -224,20 +254,20 @@ impl Inner {
     }
 
     /// Registers `sid` for `peer` within the session limits.
-    fn register(self: &Arc<Self>, sid: SessionId, peer: NodeId) -> Result<Slot, String> {
+    fn register(self: &Arc<Self>, sid: SessionId, peer: NodeId) -> Result<Slot, RegisterError> {
         let mut sessions = lock(&self.sessions);
         if sessions.contains_key(&sid) {
-            return Err("session id in use".into());
+            return Err(RegisterError::InUse);
         }
         if sessions.len() >= self.cfg.max_sessions {
-            return Err(format!("{} relay sessions open, the limit", sessions.len()));
+            return Err(RegisterError::Sessions(sessions.len()));
         }
         let with_peer = sessions.values().filter(|e| e.peer == peer).count();
         if with_peer >= self.cfg.max_sessions_per_peer {
-            return Err(format!(
-                "{with_peer} relay sessions with {} open, the limit",
-                peer.short()
-            ));
+            return Err(RegisterError::PeerSessions {
+                count: with_peer,
+                peer,
+            });
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
@@ -301,24 +331,23 @@ impl Inner {
     }
 
     /// A HELLO for a new session: check it, answer, start a responder session.
-    fn on_hello(self: &Arc<Self>, from: NodeId, payload: &[u8]) -> Result<(), String> {
-        let hello = Hello::decode(payload).map_err(|e| e.to_string())?;
+    fn on_hello(self: &Arc<Self>, from: NodeId, payload: &[u8]) -> Result<(), HelloRefused> {
+        let hello = Hello::decode(payload)?;
         if hello.responder != self.me.0 {
-            return Err("it is for another node".into());
+            return Err(HelloRefused::OtherResponder);
         }
         if hello.initiator != from.0 {
-            return Err("it names another initiator than the coordinator does".into());
+            return Err(HelloRefused::OtherInitiator);
         }
         if self.closed() {
-            return Err("the transport is closed".into());
+            return Err(HelloRefused::Closed);
         }
         if self.pending_accepts.load(Ordering::Relaxed) >= self.cfg.max_pending_accepts {
-            return Err("too many links waiting to be accepted".into());
+            return Err(HelloRefused::TooManyPending);
         }
-        crypto::verify_hello(&hello).map_err(|e| e.to_string())?;
+        crypto::verify_hello(&hello)?;
         let eph = StaticSecret::random_from_rng(OsRng);
-        let (welcome, keys) =
-            crypto::respond(&self.key, &hello, &eph).map_err(|e| e.to_string())?;
+        let (welcome, keys) = crypto::respond(&self.key, &hello, &eph)?;
         let slot = self.register(hello.sid, from)?;
         self.pending_accepts.fetch_add(1, Ordering::Relaxed);
         let guard = PendingGuard(self.clone());
@@ -465,7 +494,7 @@ impl RelayTransport {
         let hello_bytes = hello.encode();
         let mut slot = inner
             .register(sid, *peer)
-            .map_err(|why| TransportError::Unreachable(*peer, why))?;
+            .map_err(|why| TransportError::Unreachable(*peer, why.to_string()))?;
         let deadline = Instant::now() + inner.cfg.handshake_timeout;
         let mut refused = 0usize;
         let mut carrier_error = None;
