@@ -4,6 +4,8 @@
 //!
 //! ```text
 //! upload:  for each local pack with fewer than `copies` confirmed replicas
+//!          (the first alone while the line is unmeasured, then
+//!          `uploads_at_once` at a time)
 //!            match (the pack, its size, copies missing, storers to avoid)
 //!            for each storer: replica = pack XOR replica key(pack, storer)
 //!              Put + bytes -> Ok (root checked, synced) -> RecordReplica
@@ -599,37 +601,51 @@ impl Uploader<'_> {
         // The placements come back on this task: plain state suffices.
         let changed = !todo.is_empty();
         let typical = todo.iter().map(|t| t.1).max().unwrap_or(0);
-        let at_once = uploads_at_once(self.net.upload_rate(), typical, copies);
+        // On a line not measured yet, the first pack goes alone and
+        // measures it; the rest go as many at once as it moves. Sent all
+        // at once, packs on a slow uplink would each crawl, and each
+        // storer would be measured (by the coordinator too) at a fraction
+        // of the line.
+        let mut todo = todo;
+        let rest = if self.net.upload_rate() == 0 && todo.len() > 1 {
+            todo.split_off(1)
+        } else {
+            Vec::new()
+        };
         let mut rep = UploadReport::default();
         let mut problems = BTreeMap::<String, usize>::new();
         let mut saved_at = std::time::Instant::now();
-        let mut stream = futures_util::stream::iter(todo.into_iter().map(|(pack, size, have)| {
-            let friends = &friends;
-            // Boxed: the stream's future must be Send for every lifetime,
-            // which the compiler cannot see through an unboxed closure.
-            async move { (pack, self.place(pack, size, have, copies, friends).await) }.boxed()
-        }))
-        .buffer_unordered(at_once)
-        .boxed();
-        while let Some((pack, (placed, sent, errs))) = stream.next().await {
-            if let Some(p) = placement.packs.get_mut(&pack) {
-                for r in placed {
-                    if !p.replicas.iter().any(|x| x.storer == r.storer) {
-                        p.replicas.push(r);
+        for batch in [todo, rest] {
+            let at_once = uploads_at_once(self.net.upload_rate(), typical, copies);
+            let mut stream =
+                futures_util::stream::iter(batch.into_iter().map(|(pack, size, have)| {
+                    let friends = &friends;
+                    // Boxed: the stream's future must be Send for every lifetime,
+                    // which the compiler cannot see through an unboxed closure.
+                    async move { (pack, self.place(pack, size, have, copies, friends).await) }
+                        .boxed()
+                }))
+                .buffer_unordered(at_once)
+                .boxed();
+            while let Some((pack, (placed, sent, errs))) = stream.next().await {
+                if let Some(p) = placement.packs.get_mut(&pack) {
+                    for r in placed {
+                        if !p.replicas.iter().any(|x| x.storer == r.storer) {
+                            p.replicas.push(r);
+                        }
                     }
                 }
-            }
-            rep.replicas_sent += sent.0;
-            rep.bytes_sent += sent.1;
-            for e in errs {
-                *problems.entry(e).or_insert(0) += 1;
-            }
-            if saved_at.elapsed() > Duration::from_secs(2) {
-                save_off_executor(&placement, &self.placement_path).await?;
-                saved_at = std::time::Instant::now();
+                rep.replicas_sent += sent.0;
+                rep.bytes_sent += sent.1;
+                for e in errs {
+                    *problems.entry(e).or_insert(0) += 1;
+                }
+                if saved_at.elapsed() > Duration::from_secs(2) {
+                    save_off_executor(&placement, &self.placement_path).await?;
+                    saved_at = std::time::Instant::now();
+                }
             }
         }
-        drop(stream);
         if changed {
             placement.version += 1;
             save_off_executor(&placement, &self.placement_path).await?;

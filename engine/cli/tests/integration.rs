@@ -7,5 +7,7 @@ mod integration {
     mod coordinator;
     mod exchange;
     mod faults;
+    pub mod netns;
     pub mod network;
+    mod uplink;
 }

@@ -35,6 +35,13 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Links waiting to be accepted at most.
 const ACCEPT_QUEUE: usize = 256;
+/// Bytes a connection may have written but not yet acknowledged. A send
+/// returns once its frame is within this window, so it bounds how far the
+/// sender runs ahead of the line: on a 2 Mbit/s uplink 2 MiB is 8 s of
+/// it, so a send that waits means the line does not move, and an owner's
+/// wait for a storer's answer after the last frame is short. 2 MiB in
+/// flight still fill a line of 300 Mbit/s at 50 ms round trip.
+const SEND_WINDOW: u64 = 2 << 20;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -66,10 +73,12 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok())
         .keep_alive_interval(Some(IDLE_TIMEOUT / 3))
-        // Room for a pack in flight on a fast link.
+        // Room for a pack in flight on a fast link when receiving...
         .stream_receive_window(quinn::VarInt::from_u32(16 << 20))
         .receive_window(quinn::VarInt::from_u32(64 << 20))
-        .send_window(64 << 20);
+        // ...but not when sending: what is written and not yet on its way
+        // would count as progress while it waits for the line.
+        .send_window(SEND_WINDOW);
     Arc::new(t)
 }
 

@@ -12,15 +12,15 @@ use super::common::*;
 use super::network::{coordinator_bin, free_port, now_ms, Coordinator, Proc};
 
 /// A small network: a coordinator and storers with daemons running.
-struct Net {
+pub(super) struct Net {
     dir: tempfile::TempDir,
-    url: String,
-    coordinator: Coordinator,
+    pub(super) url: String,
+    pub(super) coordinator: Coordinator,
     running: Proc,
-    storers: Vec<(PathBuf, Proc)>,
+    pub(super) storers: Vec<(PathBuf, Proc)>,
 }
 
-fn set(home: &Path, key: &str, value: &str) {
+pub(super) fn set(home: &Path, key: &str, value: &str) {
     let path = home.join("config.toml");
     let text = std::fs::read_to_string(&path).unwrap();
     let mut out = String::new();
@@ -54,9 +54,20 @@ impl Net {
 
     /// With more coordinator settings (TOML lines).
     fn start_with(storers: usize, storer_config: &[(&str, &str)], coordinator: &str) -> Self {
+        Self::start_at("127.0.0.1", storers, storer_config, coordinator)
+    }
+
+    /// With the coordinator listening on `host` (an IPv4 address of this
+    /// machine).
+    pub(super) fn start_at(
+        host: &str,
+        storers: usize,
+        storer_config: &[(&str, &str)],
+        coordinator: &str,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let url = format!("mqtt://127.0.0.1:{port}");
+        let url = format!("mqtt://{host}:{port}");
         let config = dir.path().join("coordinator.toml");
         std::fs::write(
             &config,
@@ -69,7 +80,7 @@ impl Net {
                 "--config".into(),
                 config.display().to_string(),
                 "--listen".into(),
-                format!("127.0.0.1:{port}"),
+                format!("{host}:{port}"),
             ],
         };
         let (running, _) = coordinator.start();
@@ -105,7 +116,7 @@ impl Net {
         (home, r["mnemonic"].as_str().unwrap().to_string())
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(super) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
@@ -174,7 +185,7 @@ impl Net {
     }
 }
 
-fn corpus(dir: &Path) {
+pub(super) fn corpus(dir: &Path) {
     std::fs::create_dir_all(dir.join("sub/deeper")).unwrap();
     std::fs::write(dir.join("big.bin"), noise(1, 1_500_000)).unwrap();
     std::fs::write(dir.join("sub/medium.bin"), noise(2, 300_000)).unwrap();
@@ -508,7 +519,7 @@ fn udp_unread(pid: u32) -> u64 {
     unread
 }
 
-fn node_id(home: &Path) -> String {
+pub(super) fn node_id(home: &Path) -> String {
     json(&ok(pluto(home).args(["--json", "status"])))["node_id"]
         .as_str()
         .unwrap()
@@ -663,7 +674,7 @@ fn too_few_storers_exit_4_and_the_daemon_finishes() {
 }
 
 /// The coordinator's view of every node (`pluto-coordinator status --json`).
-fn standings(net: &Net) -> Vec<serde_json::Value> {
+pub(super) fn standings(net: &Net) -> Vec<serde_json::Value> {
     let r = ok(Command::new(coordinator_bin())
         .arg("--home")
         .arg(&net.coordinator.home)
@@ -672,7 +683,7 @@ fn standings(net: &Net) -> Vec<serde_json::Value> {
 }
 
 /// Files under a storer's held store (one per replica).
-fn held_objects(home: &Path) -> Vec<PathBuf> {
+pub(super) fn held_objects(home: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut todo = vec![home.join("held")];
     while let Some(d) = todo.pop() {
@@ -699,7 +710,7 @@ fn is_outboard(path: &Path) -> bool {
         .is_ok_and(|()| &magic == b"PLUTOOB1")
 }
 
-fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+pub(super) fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + within;
     while !f() {
         assert!(
@@ -852,7 +863,7 @@ fn a_cheating_storer_is_caught_excluded_and_repaired() {
 }
 
 /// A node's line in the coordinator's books.
-fn standing(net: &Net, id: &str) -> serde_json::Value {
+pub(super) fn standing(net: &Net, id: &str) -> serde_json::Value {
     standings(net)
         .into_iter()
         .find(|n| n["id"] == id)
