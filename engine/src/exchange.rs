@@ -39,6 +39,10 @@ pub use pluto_protocol::delete_message;
 
 /// Largest raw frame a sender uses.
 pub const DATA_FRAME: usize = 1 << 20;
+/// Raw frames an owner sends a replica in: small enough that a frame
+/// crosses even a slow, shared uplink well within the storer's patience
+/// for a silent link (256 KiB take 33 s at 64 kbit/s).
+pub const UPLOAD_FRAME: usize = 256 << 10;
 /// Largest control frame (a manifest is the biggest).
 pub const MAX_CONTROL: usize = 16 << 20;
 /// Largest frame on a link.

@@ -34,7 +34,7 @@ use pluto_protocol::{
 use crate::client::now_ms;
 use crate::client::ClientError;
 use crate::crypto::SealKey;
-use crate::exchange::{PeerError, PeerMsg, DATA_FRAME, MAX_CONTROL};
+use crate::exchange::{PeerError, PeerMsg, MAX_CONTROL, UPLOAD_FRAME};
 use crate::keys::Keys;
 use crate::keystream::StreamKey;
 use crate::manifest::{PackPlacement, Placement, Replica};
@@ -306,7 +306,7 @@ async fn put_once(
             rest.len()
         );
     }
-    for frame in rest.chunks(DATA_FRAME) {
+    for frame in rest.chunks(UPLOAD_FRAME) {
         if let Some(p) = net.pacer() {
             p.wait(frame.len()).await;
         }

@@ -70,9 +70,10 @@ pub const MAX_REPLICA: u64 = 1 << 30;
 /// Bytes of replicas received but not yet written, all links together: a
 /// link whose peer sends faster than the disk writes waits for room.
 pub const RECEIVE_BUDGET: usize = 64 << 20;
-/// How long a peer may keep a link open without sending (a slot held by a
-/// silent peer is a slot nobody else gets).
-const IDLE_LINK: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a peer may keep a link open without sending a frame (a slot
+/// held by a silent peer is a slot nobody else gets); as long as an owner
+/// waits for a storer that makes no progress.
+const IDLE_LINK: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The next frame, or a refusal when the peer stays silent too long.
 async fn recv_within(link: &mut dyn Link) -> Result<Option<Vec<u8>>, ServeError> {
