@@ -9,7 +9,7 @@
 //!                   replicas live at peers (see `local_cache`)
 //! HOME/held/        replicas held for others (default `fs:held`)
 //! HOME/placement    where this node's pack replicas are (the manifest's content)
-//! HOME/peers.json   which transport reached each peer last
+//! HOME/peers.json   how each peer was reached last, and why not by the transports before
 //! HOME/lock         held shared by readers, exclusively by writers
 //! ```
 

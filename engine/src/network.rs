@@ -2,10 +2,14 @@
 //! their order, over one coordinator session.
 //!
 //! ```text
-//! connect(peer): the transport that worked last for this peer first, then
-//!                the others in config order; each with the addresses the
-//!                peer announced for it (asked of the coordinator), within
-//!                CONNECT_TIMEOUT; what worked is remembered (HOME/peers.json)
+//! connect(peer): the transports in config order, each with the addresses
+//!                the peer announced for it (asked of the coordinator),
+//!                within its connect timeout; what worked, and why the ones
+//!                before it did not, is remembered (HOME/peers.json). For
+//!                RETRY_PREFERRED after that, the one that worked goes
+//!                first; then the config's order is tried again, so one
+//!                failure (a peer not announced yet, a dropped packet) does
+//!                not leave a peer on the relay for good.
 //! serve(held):   every transport's incoming links, each served on a task
 //! ```
 
@@ -55,7 +59,7 @@ pub struct Net {
     transports: Vec<Arc<dyn Transport>>,
     announce: Vec<String>,
     addresses: Mutex<HashMap<NodeId, Vec<String>>>,
-    remembered: Mutex<HashMap<NodeId, String>>,
+    remembered: Mutex<HashMap<NodeId, Route>>,
     peers_path: PathBuf,
     pacer: Option<Pacer>,
     /// Upload speed as last measured, bytes a second (0: not yet).
@@ -98,15 +102,74 @@ impl std::fmt::Debug for Net {
     }
 }
 
-/// Which transport reached each peer last, from `HOME/peers.json`.
-pub fn remembered_transports(home: &Home) -> HashMap<NodeId, String> {
+/// How long the transport that reached a peer is tried first before the
+/// config's order (preferred transports first) is tried again.
+pub const RETRY_PREFERRED: Duration = Duration::from_secs(600);
+
+/// How a peer was reached last, and why the transports before it did not.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Route {
+    /// The transport that worked.
+    pub via: String,
+    /// Transports tried before it that failed: name and why.
+    #[serde(default)]
+    pub passed_over: Vec<(String, String)>,
+    /// When the config's order was last tried, ms since the epoch (0: not
+    /// known, from an older file).
+    #[serde(default)]
+    pub at_ms: u64,
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.via)?;
+        for (t, why) in &self.passed_over {
+            write!(f, " ({t}: {why})")?;
+        }
+        Ok(())
+    }
+}
+
+/// What `HOME/peers.json` holds per peer: a route, or (files written
+/// before routes) the name of the transport alone.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Stored {
+    Route(Route),
+    Name(String),
+}
+
+/// How each peer was reached last, from `HOME/peers.json`.
+pub fn remembered_transports(home: &Home) -> HashMap<NodeId, Route> {
     let Ok(text) = std::fs::read_to_string(home.peers_path()) else {
         return HashMap::new();
     };
-    let raw: HashMap<String, String> = serde_json::from_str(&text).unwrap_or_default();
+    let raw: HashMap<String, Stored> = serde_json::from_str(&text).unwrap_or_default();
     raw.into_iter()
-        .filter_map(|(k, v)| Some((k.parse().ok()?, v)))
+        .filter_map(|(k, v)| {
+            let route = match v {
+                Stored::Route(r) => r,
+                Stored::Name(via) => Route {
+                    via,
+                    ..Route::default()
+                },
+            };
+            Some((k.parse().ok()?, route))
+        })
         .collect()
+}
+
+/// The order to try the transports named `names` (the config's order) in
+/// for a peer last reached by `route`, as indices: the config's, with the
+/// one that worked first while it is recent.
+fn order(names: &[&str], route: Option<&Route>, now_ms: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..names.len()).collect();
+    let recent =
+        route.filter(|r| now_ms.saturating_sub(r.at_ms) < RETRY_PREFERRED.as_millis() as u64);
+    if let Some(r) = recent {
+        order.sort_by_key(|i| names[*i] != r.via.as_str());
+    }
+    order
 }
 
 impl Net {
@@ -238,14 +301,15 @@ impl Net {
 
     /// A link to `peer` through the first transport that works.
     pub async fn connect(&self, peer: &NodeId) -> Result<Box<dyn Link>, NetError> {
-        let first = lock(&self.remembered).get(peer).cloned();
-        let mut order: Vec<&Arc<dyn Transport>> = self.transports.iter().collect();
-        if let Some(name) = &first {
-            order.sort_by_key(|t| t.name() != name.as_str());
-        }
+        let route = lock(&self.remembered).get(peer).cloned();
+        let now = crate::client::now_ms();
+        let names: Vec<&str> = self.transports.iter().map(|t| t.name()).collect();
+        let order = order(&names, route.as_ref(), now);
+        let in_config_order = order.iter().copied().eq(0..names.len());
         let mut why = Vec::new();
+        let mut failed = Vec::new();
         let mut fresh = false;
-        for t in order {
+        for t in order.into_iter().map(|i| &self.transports[i]) {
             let prefix = format!("{}:", t.name());
             let wanted = |all: Vec<String>| -> Vec<String> {
                 all.iter()
@@ -260,18 +324,55 @@ impl Net {
             }
             let reach = t.reach();
             if addrs.is_empty() && reach.addresses {
-                why.push(format!("{}: no address announced", t.name()));
+                failed.push((t.name().to_string(), "no address announced".to_string()));
                 continue;
             }
             let limit = reach.connect_timeout;
-            match tokio::time::timeout(limit, t.connect(peer, &addrs)).await {
+            let mut attempt = tokio::time::timeout(limit, t.connect(peer, &addrs)).await;
+            if !matches!(attempt, Ok(Ok(_))) && !fresh && reach.addresses {
+                // The addresses may be stale (the peer restarted on another
+                // port): asked again, and tried again when they changed.
+                fresh = true;
+                let now_known = wanted(self.addresses_of(peer, true).await);
+                if !now_known.is_empty() && now_known != addrs {
+                    attempt = tokio::time::timeout(limit, t.connect(peer, &now_known)).await;
+                }
+            }
+            match attempt {
                 Ok(Ok(link)) => {
-                    self.remember(peer, t.name());
+                    // A route tried in the config's order replaces the one
+                    // remembered; the remembered one working again keeps
+                    // its time, so the preferred ones are retried in time.
+                    let new = Route {
+                        via: t.name().to_string(),
+                        passed_over: std::mem::take(&mut failed),
+                        at_ms: now,
+                    };
+                    let changed = route.as_ref().is_none_or(|r| {
+                        r.via != new.via
+                            || r.passed_over != new.passed_over
+                            || now.saturating_sub(r.at_ms) >= RETRY_PREFERRED.as_millis() as u64
+                    });
+                    if changed
+                        && (in_config_order || route.as_ref().is_none_or(|r| r.via != new.via))
+                    {
+                        for (name, e) in &new.passed_over {
+                            tracing::info!(
+                                "{} not reached by {name} ({e}); {} worked",
+                                peer.short(),
+                                new.via
+                            );
+                        }
+                        self.remember(peer, new);
+                    }
                     return Ok(link);
                 }
-                Ok(Err(e)) => why.push(format!("{}: {e}", t.name())),
-                Err(_) => why.push(format!("{}: no answer in {limit:?}", t.name())),
+                Ok(Err(e)) => failed.push((t.name().to_string(), e.to_string())),
+                Err(_) => failed.push((t.name().to_string(), format!("no answer in {limit:?}"))),
             }
+        }
+        for (name, e) in failed {
+            why.push(format!("{name}: {e}"));
         }
         Err(NetError::Unreachable {
             peer: *peer,
@@ -279,13 +380,13 @@ impl Net {
         })
     }
 
-    fn remember(&self, peer: &NodeId, transport: &str) {
+    fn remember(&self, peer: &NodeId, route: Route) {
         let snapshot = {
             let mut r = lock(&self.remembered);
-            if r.get(peer).map(String::as_str) == Some(transport) {
+            if r.get(peer) == Some(&route) {
                 return;
             }
-            r.insert(*peer, transport.to_string());
+            r.insert(*peer, route);
             r.iter()
                 .map(|(k, v)| (k.to_hex(), v.clone()))
                 .collect::<HashMap<_, _>>()
@@ -387,4 +488,53 @@ fn local_ips() -> Vec<IpAddr> {
     }
     ips.push(IpAddr::from([127, 0, 0, 1]));
     ips
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NAMES: [&str; 2] = ["quic", "relay"];
+
+    fn via(name: &str, at_ms: u64) -> Route {
+        Route {
+            via: name.into(),
+            passed_over: vec![("quic".into(), "no address announced".into())],
+            at_ms,
+        }
+    }
+
+    #[test]
+    fn the_relay_is_first_only_for_a_while_then_quic_is_tried_again() {
+        let r = via("relay", 1_000);
+        assert_eq!(order(&NAMES, None, 0), [0, 1]);
+        assert_eq!(order(&NAMES, Some(&r), 1_000), [1, 0]);
+        let later = 1_000 + RETRY_PREFERRED.as_millis() as u64;
+        assert_eq!(order(&NAMES, Some(&r), later), [0, 1], "quic again");
+        assert_eq!(r.to_string(), "relay (quic: no address announced)");
+    }
+
+    #[test]
+    fn peers_files_of_both_forms_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::new(dir.path().to_path_buf());
+        let (a, b) = (NodeId([1; 32]), NodeId([2; 32]));
+        let text = format!(
+            r#"{{"{}": "relay", "{}": {{"via": "quic", "passed_over": [], "at_ms": 5}}}}"#,
+            a.to_hex(),
+            b.to_hex()
+        );
+        std::fs::write(home.peers_path(), text).unwrap();
+        let r = remembered_transports(&home);
+        assert_eq!(r[&a].via, "relay");
+        assert_eq!(r[&a].at_ms, 0, "an old entry is stale: quic is tried first");
+        assert_eq!(r[&b], via("quic", 5).with_no_failures());
+    }
+
+    impl Route {
+        fn with_no_failures(mut self) -> Self {
+            self.passed_over.clear();
+            self
+        }
+    }
 }

@@ -11,7 +11,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 src=$(realpath "${1:-engine}")
 # The test profile: built by `cargo test` already, and a little optimised.
-cargo build -q --profile test -p pluto-cli -p pluto-coordinator-bin
+# On a fresh clone the first build takes several minutes on two cores; cargo
+# shows its progress (a bar on a terminal, one line per crate otherwise).
+echo "== building pluto and pluto-coordinator (the first build takes a few minutes)" >&2
+cargo build --profile test -p pluto-cli -p pluto-coordinator-bin
+echo "== built" >&2
 bin=$(realpath "${CARGO_TARGET_DIR:-target}")/debug
 work=$(mktemp -d)
 pids=()

@@ -30,18 +30,22 @@
 //! doc shows a call in full: the transport suite's says how nodes that go
 //! through something shared (the relay's coordinator) are made.
 //!
-//! Also here: [`memory_link_pair`] (a link without a network) and
-//! [`CountingStore`] (a blob store that counts what is read from it).
+//! Also here: [`memory_link_pair`] (a link without a network),
+//! [`CountingStore`] (a blob store that counts what is read from it) and
+//! [`service_url`] (an external service's URL from the environment, or one
+//! clear line saying which variable to set).
 
 #![allow(clippy::unwrap_used)] // a test kit: a failure is a panic naming what broke
 
 mod blob;
 mod link;
 mod meta;
+mod service;
 mod transport;
 pub use blob::{blob_store_conformance, CountingStore};
 pub use link::memory_link_pair;
 pub use meta::meta_store_conformance;
+pub use service::service_url;
 pub use transport::transport_conformance;
 
 use std::future::Future;

@@ -72,6 +72,8 @@ struct Peer {
     bytes_stored: u64,
     /// The transport that reached it last (none yet: never reached).
     transport: Option<String>,
+    /// That, with the transports tried before it and why they failed.
+    route: Option<pluto_engine::network::Route>,
     /// Its reputation per track (0..1): right answers to audits, answers
     /// in time, and recent time online.
     scores: Scores,
@@ -113,7 +115,8 @@ pub(crate) async fn peers(ui: &Ui, home: Home) -> Result<u8> {
     let peers: Vec<Peer> = list
         .iter()
         .map(|p| Peer {
-            transport: transports.get(&p.id).cloned(),
+            transport: transports.get(&p.id).map(|r| r.via.clone()),
+            route: transports.get(&p.id).cloned(),
             id: p.id.to_hex(),
             online: p.online,
             last_seen_ms: p.last_seen_ms,
@@ -178,7 +181,9 @@ pub(crate) async fn peers(ui: &Ui, home: Home) -> Result<u8> {
             },
             format!("{} ({})", p.replicas_held, bytes(p.bytes_held)),
             format!("{} ({})", p.replicas_stored, bytes(p.bytes_stored)),
-            p.transport.as_deref().unwrap_or("-"),
+            p.route
+                .as_ref()
+                .map_or_else(|| "-".to_string(), |r| r.to_string()),
         );
     }
     Ok(0)

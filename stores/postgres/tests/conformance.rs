@@ -9,8 +9,10 @@ use sqlx::postgres::PgPoolOptions;
 use pluto_store_postgres as _;
 
 fn base_url() -> String {
-    std::env::var("PLUTO_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    pluto_plugins_api::testkit::service_url(
+        "PLUTO_TEST_POSTGRES_URL",
+        "postgres://postgres@127.0.0.1:5432/test",
+    )
 }
 
 /// The base URL with another database name.

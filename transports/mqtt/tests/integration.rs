@@ -20,7 +20,7 @@ use tokio::time::timeout;
 const MAX: usize = 64 << 10;
 
 fn mosquitto() -> String {
-    std::env::var("PLUTO_TEST_MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".into())
+    pluto_plugins_api::testkit::service_url("PLUTO_TEST_MQTT_URL", "mqtt://127.0.0.1:1883")
 }
 
 fn embedded() -> String {

@@ -131,7 +131,7 @@ fn nodes_join_a_coordinator_on_the_embedded_broker() {
 #[test]
 fn nodes_join_a_coordinator_on_mosquitto() {
     let url =
-        std::env::var("PLUTO_TEST_MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".into());
+        pluto_plugins_api::testkit::service_url("PLUTO_TEST_MQTT_URL", "mqtt://127.0.0.1:1883");
     nodes_join_and_report(format!(
         "{url}/t{:016x}",
         rand_core::RngCore::next_u64(&mut OsRng)

@@ -144,10 +144,15 @@ fn mosquitto(port: u16, dir: &Path) -> Proc {
         format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
     )
     .unwrap();
+    let bin = std::env::var("PLUTO_TEST_MOSQUITTO").unwrap_or_else(|_| "mosquitto".into());
+    if let Err(e) = Command::new(&bin).arg("-h").output() {
+        panic!(
+            "PLUTO_TEST_MOSQUITTO: cannot run {bin} ({e}); install mosquitto or set \
+             PLUTO_TEST_MOSQUITTO to its path (README.md, \"Run the tests\")"
+        );
+    }
     let p = Proc::spawn(
-        Command::new(std::env::var("PLUTO_TEST_MOSQUITTO").unwrap_or_else(|_| "mosquitto".into()))
-            .arg("-c")
-            .arg(&conf),
+        Command::new(&bin).arg("-c").arg(&conf),
         &dir.join(format!("mosquitto-{}.log", now_ms())),
     );
     wait_port(port);
