@@ -516,15 +516,17 @@ async fn recover_cmd(
             "packs": rec.packs,
             "packs_away": rec.away,
             "catalog": rec.catalog,
+            "bytes_fetched": rec.fetched,
         }))?;
         return Ok(0);
     }
     out!("recovered node {} in {}", node, home.root().display());
     if !ui.quiet {
         out!(
-            "found the manifest: {} packs at peers; catalog rebuilt with {} snapshots",
+            "found the manifest: {} packs at peers; catalog rebuilt with {} snapshots from {} of headers (the data comes when a restore needs it)",
             rec.packs,
-            rec.catalog.snapshots
+            rec.catalog.snapshots,
+            bytes(rec.fetched)
         );
     }
     Ok(0)
