@@ -92,6 +92,9 @@ pub trait BackupProgress: Send + Sync {
     fn reused(&self, _path: &Path, _size: u64) {}
     /// Something could not be saved; the backup goes on.
     fn warning(&self, _message: &str) {}
+    /// A FIFO, socket or device was left out (backup saves none); the
+    /// snapshot is still complete. The message names the path and what it is.
+    fn skipped(&self, _message: &str) {}
 }
 
 /// A progress sink that shows nothing.
@@ -110,6 +113,34 @@ pub struct BackupReport {
     pub summary: Summary,
     /// What could not be saved. Non-empty means the snapshot is partial.
     pub warnings: Vec<String>,
+    /// FIFOs, sockets and devices left out: backup saves none of them, and
+    /// the snapshot is complete without them.
+    pub skipped: Vec<SkippedPath>,
+}
+
+/// A path backup left out because of what it is.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SkippedPath {
+    /// The path.
+    pub path: String,
+    /// `fifo`, `socket`, `block_device`, `char_device` or `other`.
+    pub kind: &'static str,
+}
+
+/// What a special file is: its kind for [`SkippedPath`] and its name for people.
+fn special_kind(ft: fs::FileType) -> (&'static str, &'static str) {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_fifo() {
+        ("fifo", "a named pipe (FIFO)")
+    } else if ft.is_socket() {
+        ("socket", "a socket")
+    } else if ft.is_block_device() {
+        ("block_device", "a block device")
+    } else if ft.is_char_device() {
+        ("char_device", "a character device")
+    } else {
+        ("other", "a special file")
+    }
 }
 
 #[derive(Default)]
@@ -194,6 +225,7 @@ struct Saver<'a> {
     opts: &'a BackupOptions,
     counters: Counters,
     warnings: Mutex<Vec<String>>,
+    skipped: Mutex<Vec<SkippedPath>>,
     progress: &'a dyn BackupProgress,
 }
 
@@ -372,7 +404,15 @@ impl Saver<'_> {
                 }
             }
         } else {
-            tracing::info!("skipping special file {}", path.display());
+            let (kind, what) = special_kind(ft);
+            self.progress.skipped(&format!(
+                "{}: skipped: {what} is not backed up",
+                path.display()
+            ));
+            lock(&self.skipped).push(SkippedPath {
+                path: path.display().to_string(),
+                kind,
+            });
             Ok(None)
         }
     }
@@ -773,6 +813,7 @@ pub fn backup(
         opts,
         counters: Counters::default(),
         warnings: Mutex::new(Vec::new()),
+        skipped: Mutex::new(Vec::new()),
         progress,
     };
     let threads = worker_threads(opts.threads, repo.config.threads);
@@ -824,7 +865,10 @@ pub fn backup(
     let meta = std::mem::take(&mut *lock(&saver.meta_pack));
     saver.flush(meta)?;
     let Saver {
-        recorder, warnings, ..
+        recorder,
+        warnings,
+        skipped,
+        ..
     } = saver;
     drop(recorder);
     rt.block_on(catalog_writer)
@@ -835,11 +879,14 @@ pub fn backup(
             .add_snapshot(&snapshot_record(snap_id, &snapshot)),
     )?;
     let warnings = warnings.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut skipped = skipped.into_inner().unwrap_or_else(|p| p.into_inner());
+    skipped.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(BackupReport {
         snapshot: snap_id,
         parent: parent.map(|p| p.id),
         summary,
         warnings,
+        skipped,
     })
 }
 

@@ -96,6 +96,43 @@ impl KeyPurpose {
     }
 }
 
+/// The words of a recovery phrase, lowercased, without the numbers and
+/// punctuation written around them, in order (see
+/// [`MasterKey::from_mnemonic`]).
+fn phrase_words(phrase: &str) -> Vec<String> {
+    let numbered = |t: &str| -> (Option<usize>, String) {
+        let digits = t.len() - t.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        let number = t[..digits].parse().ok();
+        let word = t[digits..]
+            .trim_matches(|c: char| !c.is_alphanumeric())
+            .to_lowercase();
+        (number, word)
+    };
+    // (number written before the word, word)
+    let mut words: Vec<(Option<usize>, String)> = Vec::new();
+    let mut pending = None;
+    for tok in phrase.split_whitespace() {
+        let (number, word) = numbered(tok);
+        if word.is_empty() {
+            // A number alone ("1." "01" "1)") belongs to the next word;
+            // punctuation alone ("-") to none.
+            if number.is_some() {
+                pending = number;
+            }
+            continue;
+        }
+        words.push((number.or(pending.take()), word));
+    }
+    let mut numbers: Vec<usize> = words.iter().filter_map(|(n, _)| *n).collect();
+    numbers.sort_unstable();
+    let numbered_throughout =
+        numbers.len() == words.len() && numbers.iter().copied().eq(1..=words.len());
+    if numbered_throughout {
+        words.sort_by_key(|(n, _)| *n);
+    }
+    words.into_iter().map(|(_, w)| w).collect()
+}
+
 /// The 32 bytes everything is derived from.
 pub struct MasterKey {
     entropy: Zeroizing<[u8; 32]>,
@@ -122,12 +159,14 @@ impl MasterKey {
         }
     }
 
-    /// From the 24 words. Whitespace and case are normalised.
+    /// From the 24 words, as `init` shows them or as they were written
+    /// down: case, whitespace (spaces, tabs, line breaks) and numbering
+    /// around the words ("1. word", "1) word", "01 word", "1.word") are
+    /// ignored. When every word carries a number and they number 1 to 24
+    /// once each, the words are taken in that order, so a phrase copied
+    /// column by column still reads right.
     pub fn from_mnemonic(phrase: &str) -> Result<Self, KeyError> {
-        let words: Vec<String> = phrase
-            .split_whitespace()
-            .map(|w| w.to_lowercase())
-            .collect();
+        let words = phrase_words(phrase);
         if words.len() != 24 {
             return Err(KeyError::WordCount(words.len()));
         }
@@ -369,6 +408,68 @@ mod tests {
         ));
         let good = "abandon ".repeat(23) + "art";
         assert!(MasterKey::from_mnemonic(&good).is_ok());
+    }
+
+    #[test]
+    fn numbering_and_whitespace_around_the_words_are_ignored() {
+        let mk = MasterKey::generate();
+        let words = mk.mnemonic();
+        let list: Vec<&str> = words.split(' ').collect();
+        let numbered = |f: &dyn Fn(usize, &str) -> String, sep: &str| {
+            list.iter()
+                .enumerate()
+                .map(|(i, w)| f(i + 1, w))
+                .collect::<Vec<_>>()
+                .join(sep)
+        };
+        let forms = [
+            // As init shows it: six to a line, "{:>2}. {:<9}".
+            list.chunks(6)
+                .enumerate()
+                .map(|(r, line)| {
+                    let cells: Vec<String> = line
+                        .iter()
+                        .enumerate()
+                        .map(|(j, w)| format!("{:>2}. {:<9}", r * 6 + j + 1, w))
+                        .collect();
+                    format!("  {}\n", cells.join(" "))
+                })
+                .collect::<String>(),
+            numbered(&|i, w| format!("{i}) {w}"), "\n"),
+            numbered(&|i, w| format!("{i:02} {w}"), "\t"),
+            numbered(&|i, w| format!("{i}.{w}"), "  "),
+            numbered(&|i, w| format!("{i}: {}", w.to_uppercase()), "\r\n"),
+            format!("\n\t{}\n\n", list.join(" \n ")),
+        ];
+        for form in &forms {
+            let back = MasterKey::from_mnemonic(form).unwrap_or_else(|e| panic!("{e}: {form}"));
+            assert_eq!(back.entropy[..], mk.entropy[..], "{form}");
+        }
+        // Numbered throughout: the numbers give the order (copied by columns).
+        let mut by_columns: Vec<String> = (0..12)
+            .flat_map(|r| [r, r + 12])
+            .map(|i| format!("{}. {}", i + 1, list[i]))
+            .collect();
+        let back = MasterKey::from_mnemonic(&by_columns.join("  ")).unwrap();
+        assert_eq!(back.entropy[..], mk.entropy[..]);
+        // Numbered, but a word is wrong: still refused.
+        by_columns[5] = "6. notaword".into();
+        assert!(matches!(
+            MasterKey::from_mnemonic(&by_columns.join(" ")),
+            Err(KeyError::UnknownWord { .. })
+        ));
+        let bad = (1..=24)
+            .map(|i| format!("{i}. abandon"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(matches!(
+            MasterKey::from_mnemonic(&bad),
+            Err(KeyError::Checksum)
+        ));
+        assert!(matches!(
+            MasterKey::from_mnemonic(&numbered(&|i, w| format!("{i}. {w}"), " ")[..200]),
+            Err(KeyError::WordCount(_)) | Err(KeyError::UnknownWord { .. })
+        ));
     }
 
     #[test]

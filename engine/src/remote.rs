@@ -5,6 +5,14 @@
 //! Restore, check and the catalog rebuild go through [`BlobStore`] and are
 //! unchanged; several of their worker threads fetch several packs at once,
 //! and two that want the same pack wait for one fetch.
+//!
+//! With [`PeerPacks::ranges_only`] (a recovery rebuilding the catalog, which
+//! reads the packs' headers and snapshots and nothing else), a range of a
+//! pack that is not here is fetched alone and not kept: the data packs are
+//! not downloaded until a restore or a check wants them. Such a range is
+//! not checked against the replica's root (that takes the whole replica);
+//! what it holds is sealed (headers and blobs are AES-GCM), so a wrong
+//! range is refused when it is opened.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,9 +20,10 @@ use std::sync::{Arc, Mutex};
 use futures_util::StreamExt;
 use pluto_plugins_api::{BlobStore, PackId, StoreError};
 
+use crate::keystream::StreamKey;
 use crate::manifest::Placement;
 use crate::network::Net;
-use crate::peers::fetch_pack;
+use crate::peers::{fetch_pack, get_range};
 use crate::repo::lock;
 
 /// A [`BlobStore`] that fetches what the local one lacks from peers.
@@ -26,6 +35,7 @@ pub struct PeerPacks {
     rt: tokio::runtime::Handle,
     fetching: Mutex<HashMap<PackId, Arc<tokio::sync::Mutex<()>>>>,
     fetched: Mutex<(usize, u64)>,
+    ranges_only: bool,
 }
 
 impl std::fmt::Debug for PeerPacks {
@@ -52,10 +62,19 @@ impl PeerPacks {
             rt,
             fetching: Mutex::new(HashMap::new()),
             fetched: Mutex::new((0, 0)),
+            ranges_only: false,
         }
     }
 
-    /// Packs and bytes fetched from peers so far.
+    /// Ranges of packs not here are fetched alone, and kept nowhere; whole
+    /// packs are still fetched (and kept) for [`BlobStore::get`].
+    pub fn ranges_only(mut self) -> Self {
+        self.ranges_only = true;
+        self
+    }
+
+    /// Whole packs fetched from peers so far, and the bytes fetched (whole
+    /// packs and ranges).
     pub fn fetched(&self) -> (usize, u64) {
         *lock(&self.fetched)
     }
@@ -112,6 +131,37 @@ impl PeerPacks {
         Ok(())
     }
 
+    /// Fetches `len` bytes at `offset` of pack `id` from one of its
+    /// replicas, the storers tried in turn.
+    async fn fetch_range(&self, id: &PackId, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+        let Some(placed) = self.placement.packs.get(id) else {
+            return Err(StoreError::NotFound(format!(
+                "pack {} is neither here nor placed at any peer",
+                id.short()
+            )));
+        };
+        let mut why = Vec::new();
+        for r in &placed.replicas {
+            match get_range(&self.net, &r.storer, &r.root, offset, len).await {
+                Ok(mut bytes) => {
+                    StreamKey::replica(&self.replica_keys, id, &r.storer).apply(offset, &mut bytes);
+                    let mut f = lock(&self.fetched);
+                    f.1 += len;
+                    return Ok(bytes);
+                }
+                Err(e) => why.push(format!("{}: {e}", r.storer.short())),
+            }
+        }
+        if why.is_empty() {
+            why.push("no replica is recorded".into());
+        }
+        Err(StoreError::NotFound(format!(
+            "pack {} could not be read: {}",
+            id.short(),
+            why.join("; ")
+        )))
+    }
+
     /// Fetches every placed pack that is not here, `parallel` at a time,
     /// ahead of a reader that will want them all (a full restore). Failures
     /// are left for the reader to meet (and report) on its own.
@@ -144,6 +194,9 @@ impl BlobStore for PeerPacks {
     }
 
     fn get_range(&self, id: &PackId, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+        if self.ranges_only && self.local.size(id)?.is_none() {
+            return self.block_on(self.fetch_range(id, offset, len));
+        }
         self.ensure(id)?;
         self.local.get_range(id, offset, len)
     }

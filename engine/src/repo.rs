@@ -91,6 +91,22 @@ pub enum RepoError {
     /// More than one snapshot matches.
     #[error("{0:?} matches more than one snapshot; give more digits")]
     AmbiguousSnapshot(String),
+    /// A path given to restore is not in the snapshot.
+    #[error("{} is not in snapshot {snapshot}; `pluto ls {snapshot}` shows what it holds", .path.display())]
+    NotInSnapshot {
+        /// The path, made absolute.
+        path: PathBuf,
+        /// The snapshot's short id.
+        snapshot: String,
+    },
+    /// The restore's target exists and is not a directory.
+    #[error("cannot restore into {}: {} is not a directory", .target.display(), .blocker.display())]
+    TargetNotADirectory {
+        /// The target asked for.
+        target: PathBuf,
+        /// The target itself, or the one of its parents that is not a directory.
+        blocker: PathBuf,
+    },
     /// Local I/O.
     #[error("{context}: {source}")]
     Io {

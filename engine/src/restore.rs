@@ -25,7 +25,7 @@ use pluto_plugins_api::{BlobKind, SnapshotRecord};
 use rayon::prelude::*;
 
 use crate::index::Index;
-use crate::repo::{lock, Repo, RepoError};
+use crate::repo::{clean_absolute, lock, Repo, RepoError};
 use crate::tree::{Node, NodeContent};
 
 /// What to restore and where.
@@ -34,6 +34,9 @@ pub struct RestoreOptions {
     /// Directory to restore into (created when missing).
     pub target: PathBuf,
     /// Only these snapshot paths (and what is below them); empty means all.
+    /// A relative path is taken from the current directory, as backup takes
+    /// its paths; one the snapshot does not hold is refused
+    /// ([`RepoError::NotInSnapshot`]) before anything is written.
     pub include: Vec<PathBuf>,
     /// Worker threads (0: the config's, else one per core).
     pub threads: usize,
@@ -62,7 +65,9 @@ pub struct RestoreReport {
     pub files_restored: u64,
     /// Files already in place from an earlier run.
     pub files_already_there: u64,
-    /// Directories.
+    /// Directories at or below what was restored (the includes, else the
+    /// snapshot's paths), the same as the backup's `dirs` for a whole
+    /// snapshot; the parents created to lead there are not counted.
     pub dirs: u64,
     /// Symbolic links.
     pub symlinks: u64,
@@ -91,6 +96,35 @@ fn wanted(path: &Path, include: &[PathBuf]) -> bool {
         || include
             .iter()
             .any(|i| i.starts_with(path) || path.starts_with(i))
+}
+
+/// Refuses a target that is, or lies below, something other than a
+/// directory (a symlink to a directory is followed, as `mkdir -p` does).
+fn check_target(target: &Path) -> Result<(), RepoError> {
+    for p in target.ancestors().filter(|p| !p.as_os_str().is_empty()) {
+        match fs::metadata(p) {
+            Ok(m) if m.is_dir() => return Ok(()),
+            Ok(_) => {
+                return Err(RepoError::TargetNotADirectory {
+                    target: target.to_path_buf(),
+                    blocker: p.to_path_buf(),
+                })
+            }
+            // Missing, or below a file: the parents say which.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) => {}
+            Err(e) => {
+                return Err(RepoError::io(
+                    format!("cannot restore into {}", target.display()),
+                    e,
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Chunks of one large file opened in parallel at once.
@@ -296,25 +330,32 @@ pub fn restore(
     opts: &RestoreOptions,
     progress: &dyn RestoreProgress,
 ) -> Result<RestoreReport, RepoError> {
-    fs::create_dir_all(&opts.target)
-        .map_err(|e| RepoError::io(format!("creating {}", opts.target.display()), e))?;
-    let include: Vec<PathBuf> = opts
+    check_target(&opts.target)?;
+    // Relative includes are taken from the current directory, as backup
+    // takes its paths; stored relative to the snapshot's root.
+    let include_abs = opts
         .include
         .iter()
-        .map(|p| {
-            p.components()
-                .filter(|c| matches!(c, std::path::Component::Normal(_)))
-                .collect()
-        })
-        .collect();
+        .map(|p| clean_absolute(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let below_root = |p: &Path| -> PathBuf {
+        p.components()
+            .filter(|c| matches!(c, std::path::Component::Normal(_)))
+            .collect()
+    };
+    let include: Vec<PathBuf> = include_abs.iter().map(|p| below_root(p)).collect();
 
     // Read every tree first: directories in pre-order, then files and links.
+    let mut found = vec![false; include.len()];
     let mut trees = Vec::new();
     let mut stack = vec![(PathBuf::new(), snap.tree)];
     while let Some((rel, id)) = stack.pop() {
         let t = repo.load_tree(index, &id)?;
         for n in &t.nodes {
             let child = rel.join(std::ffi::OsStr::from_bytes(&n.name));
+            for (f, i) in found.iter_mut().zip(&include) {
+                *f |= *i == child;
+            }
             if let NodeContent::Dir { tree } = n.content {
                 if wanted(&child, &include) {
                     stack.push((child, tree));
@@ -323,6 +364,29 @@ pub fn restore(
         }
         trees.push((rel, t));
     }
+    // An include that names nothing is a mistake (a typo, another
+    // snapshot's path): said before anything is written.
+    if let Some(missing) = include
+        .iter()
+        .zip(&found)
+        .position(|(i, f)| !f && !i.as_os_str().is_empty())
+    {
+        return Err(RepoError::NotInSnapshot {
+            path: include_abs[missing].clone(),
+            snapshot: snap.id.short(),
+        });
+    }
+    // The directories counted are those of what was chosen (the includes,
+    // else the snapshot's paths), as backup counts those of its paths; the
+    // parents leading to them are created but not counted.
+    let chosen: Vec<PathBuf> = if include.is_empty() {
+        snap.paths
+            .iter()
+            .map(|p| below_root(Path::new(p)))
+            .collect()
+    } else {
+        include.clone()
+    };
     let mut dirs = Vec::new();
     let mut files = Vec::new();
     let mut links = Vec::new();
@@ -358,6 +422,8 @@ pub fn restore(
         progress,
     };
     let mut report = RestoreReport::default();
+    fs::create_dir_all(&opts.target)
+        .map_err(|e| RepoError::io(format!("creating {}", opts.target.display()), e))?;
     ensure_dir(&r.target)
         .map_err(|e| RepoError::io(format!("preparing {}", r.target.display()), e))?;
     let mut bad_dirs: Vec<&Path> = Vec::new();
@@ -366,7 +432,11 @@ pub fn restore(
             continue;
         }
         match ensure_dir(&r.target.join(&d.rel)) {
-            Ok(()) => report.dirs += 1,
+            Ok(()) => {
+                if chosen.iter().any(|c| d.rel.starts_with(c)) {
+                    report.dirs += 1;
+                }
+            }
             Err(e) => {
                 r.fail(&d.rel, e);
                 bad_dirs.push(&d.rel);

@@ -26,7 +26,9 @@ pub struct Summary {
     pub files_changed: u64,
     /// Files unchanged since the parent (not read again).
     pub files_unmodified: u64,
-    /// Directories.
+    /// Directories at or below the paths saved (a directory given counts;
+    /// the parents leading to it do not). A restore of the whole snapshot
+    /// counts the same.
     pub dirs: u64,
     /// Bytes read from files.
     pub bytes_read: u64,

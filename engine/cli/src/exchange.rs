@@ -128,6 +128,8 @@ pub(crate) struct Recovered {
     pub(crate) away: usize,
     /// The catalog rebuilt from the packs' headers.
     pub(crate) catalog: RebuildReport,
+    /// Bytes fetched from the storers to rebuild it.
+    pub(crate) fetched: u64,
 }
 
 /// On a new machine: the manifest from the coordinator or the peers, then
@@ -204,14 +206,21 @@ async fn recover_over(
     }
     let version = placement.version;
     let packs = placement.packs.len();
-    repo.packs = Arc::new(PeerPacks::new(
-        repo.packs.clone(),
-        placement.clone(),
-        net.clone(),
-        repo.keys.replica.clone(),
-        tokio::runtime::Handle::current(),
-    ));
+    // The catalog wants the packs' headers and the snapshots, not the
+    // data: only those ranges come now, the packs when a restore wants them.
+    let peer_packs = Arc::new(
+        PeerPacks::new(
+            repo.packs.clone(),
+            placement.clone(),
+            net.clone(),
+            repo.keys.replica.clone(),
+            tokio::runtime::Handle::current(),
+        )
+        .ranges_only(),
+    );
+    repo.packs = peer_packs.clone();
     let catalog = repo.rebuild_catalog().await?;
+    let fetched = peer_packs.fetched().1;
     if catalog.snapshots == 0 && !catalog.problems.is_empty() {
         for p in &catalog.problems {
             eprintln!("warning: {p}");
@@ -229,6 +238,7 @@ async fn recover_over(
         packs,
         away: found.away,
         catalog,
+        fetched,
     })
 }
 

@@ -161,10 +161,12 @@ enum Command {
     Restore {
         /// Snapshot id (prefix) or "latest".
         snapshot: String,
-        /// Directory to restore into.
+        /// Directory to restore into (created when missing).
         #[arg(long)]
         target: PathBuf,
-        /// Only this path of the snapshot (repeatable).
+        /// Only this path of the snapshot (repeatable). A relative path is
+        /// taken from the current directory, as backup takes it; a path the
+        /// snapshot does not hold is an error.
         #[arg(long = "include")]
         include: Vec<PathBuf>,
     },
@@ -514,15 +516,17 @@ async fn recover_cmd(
             "packs": rec.packs,
             "packs_away": rec.away,
             "catalog": rec.catalog,
+            "bytes_fetched": rec.fetched,
         }))?;
         return Ok(0);
     }
     out!("recovered node {} in {}", node, home.root().display());
     if !ui.quiet {
         out!(
-            "found the manifest: {} packs at peers; catalog rebuilt with {} snapshots",
+            "found the manifest: {} packs at peers; catalog rebuilt with {} snapshots from {} of headers (the data comes when a restore needs it)",
             rec.packs,
-            rec.catalog.snapshots
+            rec.catalog.snapshots,
+            bytes(rec.fetched)
         );
     }
     Ok(0)
@@ -611,6 +615,9 @@ impl BackupProgress for BackupBar {
     fn warning(&self, message: &str) {
         self.pb.suspend(|| eprintln!("warning: {message}"));
     }
+    fn skipped(&self, message: &str) {
+        self.pb.suspend(|| eprintln!("warning: {message}"));
+    }
 }
 
 /// Sums the sizes of the regular files under `paths` on its own thread and
@@ -655,12 +662,16 @@ async fn backup_cmd(ui: &Ui, home: Home, opts: BackupOptions) -> Result<u8> {
     let s = &report.summary;
     if !ui.json && !ui.quiet {
         out!(
-            "snapshot {} saved: {} new, {} changed, {} unmodified files, {} dirs",
+            "snapshot {} saved: {} new, {} changed, {} unmodified files, {} dirs{}",
             report.snapshot.short(),
             s.files_new,
             s.files_changed,
             s.files_unmodified,
-            s.dirs
+            s.dirs,
+            match report.skipped.len() {
+                0 => String::new(),
+                n => format!(", {n} special files skipped (FIFOs, sockets, devices)"),
+            }
         );
         out!(
             "read {}, added {} ({} stored) in {:.1}s",
@@ -670,15 +681,8 @@ async fn backup_cmd(ui: &Ui, home: Home, opts: BackupOptions) -> Result<u8> {
             s.duration_ns as f64 / 1e9
         );
     }
+    // Each warning was shown once, as it happened (BackupBar).
     if !report.warnings.is_empty() {
-        if !ui.json {
-            // Warnings were already shown as they happened when interactive.
-            if !ui.interactive() {
-                for w in &report.warnings {
-                    eprintln!("warning: {w}");
-                }
-            }
-        }
         eprintln!(
             "pluto: snapshot {} is partial: {} item(s) could not be saved",
             report.snapshot.short(),

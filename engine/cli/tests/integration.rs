@@ -9,5 +9,6 @@ mod integration {
     mod faults;
     pub mod netns;
     pub mod network;
+    mod newcomer;
     mod uplink;
 }

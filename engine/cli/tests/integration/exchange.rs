@@ -213,6 +213,20 @@ fn restore_same(home: &Path, data: &Path, target: &Path) {
     same_content(data, &restored(target, data));
 }
 
+/// Regular files below `dir` (0 when it does not exist).
+fn files_under(dir: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => files_under(&e.path()),
+            Ok(t) if t.is_file() => 1,
+            _ => 0,
+        })
+        .sum()
+}
+
 fn drop_local_packs(home: &Path) {
     std::fs::remove_dir_all(home.join("packs")).unwrap();
 }
@@ -260,12 +274,20 @@ fn backup_to_peers_restore_recover_with_books_wiped() {
     let words_file = net.path("words");
     std::fs::write(&words_file, &words).unwrap();
     let home2 = net.path("owner-recovered");
-    ok(pluto(&home2)
-        .args(["init", "--coordinator"])
+    let rec = json(&ok(pluto(&home2)
+        .args(["--json", "init", "--coordinator"])
         .arg(&net.url)
         .arg("--mnemonic-file")
-        .arg(&words_file));
+        .arg(&words_file)));
+    // Only the headers and the snapshots came: no pack is kept, and far
+    // less than the 1.8 MB of data was fetched.
+    assert_eq!(files_under(&home2.join("packs")), 0, "{rec}");
+    assert!(rec["bytes_fetched"].as_u64().unwrap() < 600_000, "{rec}");
     restore_same(&home2, &data, &net.path("restore2"));
+    assert!(
+        files_under(&home2.join("packs")) >= 3,
+        "the restore fetched the packs"
+    );
 
     // The coordinator loses its books: it comes back empty, the storers
     // report what they hold again, and the words still bring it all back.

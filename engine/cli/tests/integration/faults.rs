@@ -51,6 +51,12 @@ fn unreadable_files_make_a_partial_snapshot_and_say_which() {
         r.stderr
     );
     assert!(r.stderr.contains("locked-dir: cannot list"), "{}", r.stderr);
+    assert_eq!(
+        r.stderr.matches("secret: cannot read").count(),
+        1,
+        "said once: {}",
+        r.stderr
+    );
     assert!(r.stderr.contains("partial"), "{}", r.stderr);
 
     let target = shared.join("out");
