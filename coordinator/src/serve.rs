@@ -132,7 +132,9 @@ async fn messages(
                 handling.spawn(async move { offline(&*books, node).await });
             }
             ChannelEvent::Connected => tracing::info!("channel connected"),
-            ChannelEvent::Disconnected(why) => tracing::warn!("channel: {why}; reconnecting"),
+            ChannelEvent::Disconnected(why) | ChannelEvent::Refused(why) => {
+                tracing::warn!("channel: {why}; reconnecting")
+            }
             _ => {}
         }
     }

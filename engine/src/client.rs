@@ -37,8 +37,13 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// bytes: the coordinator answers a repeated request from its answer cache,
 /// without carrying it out twice).
 pub const RESEND_AFTER: Duration = Duration::from_secs(3);
-/// The recipient of a first Hello when no coordinator is pinned yet.
+/// The recipient of every Hello: the coordinator accepts it whatever its
+/// key, and the signed challenge it answers with says who answered.
 const ANY_COORDINATOR: NodeId = NodeId([0; 32]);
+/// How long an answer from the pinned key may come after one signed by
+/// another key, before the other key is reported (see
+/// [`CoordinatorClient::connect`]).
+const OTHER_SIGNER_GRACE: Duration = Duration::from_secs(2);
 
 /// Why talking to the coordinator failed.
 #[derive(Debug, thiserror::Error)]
@@ -47,17 +52,28 @@ pub enum ClientError {
     /// The channel failed.
     #[error("coordinator channel: {0}")]
     Channel(#[from] ChannelError),
+    /// Nothing accepts connections at the URL (refused, or no route).
+    #[error("cannot connect to {url}: {why} (is the coordinator running, and is the URL right?)")]
+    Unreachable {
+        /// Where.
+        url: String,
+        /// The channel's words.
+        why: String,
+    },
     /// No answer in time.
     #[error("the coordinator did not answer within {0:?} (is it running, and is the URL right?)")]
     Timeout(Duration),
-    /// The coordinator answered with another key than the pinned one.
-    #[error("the coordinator's key changed: pinned {pinned}, it now signs as {seen}; if that is expected, set coordinator_key in config.toml")]
+    /// The coordinator answered, signed by another key than the pinned one.
+    #[error("the coordinator's key does not match: expected {pinned}, it answers as {seen}")]
     KeyChanged {
         /// Pinned.
         pinned: NodeId,
         /// Seen.
         seen: NodeId,
     },
+    /// The pinned key in the config is not a key.
+    #[error("coordinator_key in config.toml: {0}")]
+    BadPin(String),
     /// The coordinator refused.
     #[error("the coordinator refused: {message} ({code:?})")]
     Refused {
@@ -69,6 +85,24 @@ pub enum ClientError {
     /// An answer that does not fit the question.
     #[error("unexpected answer from the coordinator: {0}")]
     Unexpected(String),
+}
+
+impl ClientError {
+    /// Whether trying again later may succeed (the coordinator or the
+    /// network down, an answer lost), as opposed to a mistake in the URL or
+    /// the key that only a person can fix.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Channel(ChannelError::UnknownScheme(..) | ChannelError::BadUrl(..))
+            | Self::KeyChanged { .. }
+            | Self::BadPin(_) => false,
+            Self::Channel(_)
+            | Self::Unreachable { .. }
+            | Self::Timeout(_)
+            | Self::Refused { .. }
+            | Self::Unexpected(_) => true,
+        }
+    }
 }
 
 /// Milliseconds since the epoch, as envelopes and tickets count time.
@@ -107,6 +141,8 @@ struct Shared {
     pending: Mutex<Pending>,
     /// The last answer signed by another key than the pinned one.
     other_signer: Mutex<Option<NodeId>>,
+    /// Wakes the requests when such an answer came.
+    other_signed: tokio::sync::Notify,
     relayed: Mutex<Option<RelayQueue>>,
     /// Where audits of what this node holds go ([`Message::Prove`]).
     challenges: Mutex<Option<mpsc::Sender<Message>>>,
@@ -133,6 +169,7 @@ impl Shared {
         if !learn && env.from != self.coordinator() {
             if waiter.is_some() {
                 *lock(&self.other_signer) = Some(env.from);
+                self.other_signed.notify_one();
             }
             return;
         }
@@ -230,18 +267,30 @@ impl CoordinatorClient {
         )
         .await?
         .into();
+        // A refusal ends the wait at once (nothing listens there); silence
+        // (a firewall that drops, a broker that does not answer) waits.
         let wait = async {
             while let Some(ev) = channel.next_event().await {
-                if ev == ChannelEvent::Connected {
-                    return true;
+                match ev {
+                    ChannelEvent::Connected => return Ok(()),
+                    ChannelEvent::Refused(why) => {
+                        return Err(ClientError::Unreachable {
+                            url: pluto_plugins_api::redact_url(url),
+                            why,
+                        })
+                    }
+                    _ => {}
                 }
             }
-            false
+            Err(ChannelError::Closed.into())
         };
-        match tokio::time::timeout(REQUEST_TIMEOUT, wait).await {
-            Ok(true) => {}
-            Ok(false) => return Err(ChannelError::Closed.into()),
-            Err(_) => return Err(ClientError::Timeout(REQUEST_TIMEOUT)),
+        let connected = match tokio::time::timeout(REQUEST_TIMEOUT, wait).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Timeout(REQUEST_TIMEOUT)),
+        };
+        if let Err(e) = connected {
+            channel.close().await;
+            return Err(e);
         }
         let shared = Arc::new(Shared {
             channel: channel.clone(),
@@ -252,6 +301,7 @@ impl CoordinatorClient {
             guard: Mutex::new(ReplayGuard::new(120_000, 100_000)),
             pending: Mutex::new(HashMap::new()),
             other_signer: Mutex::new(None),
+            other_signed: tokio::sync::Notify::new(),
             relayed: Mutex::new(None),
             challenges: Mutex::new(None),
         });
@@ -356,7 +406,15 @@ impl CoordinatorClient {
         let s = &self.shared;
         let mut nonce = [0u8; 16];
         OsRng.fill_bytes(&mut nonce);
-        let env = Envelope::new(&s.identity, s.coordinator(), now_ms(), nonce, None, msg);
+        // A Hello goes to any coordinator even with a key pinned: one with
+        // another key then answers (rather than dropping a message that is
+        // not addressed to it), and the node can say whose key answered.
+        let to = if matches!(msg, Message::Hello) {
+            ANY_COORDINATOR
+        } else {
+            s.coordinator()
+        };
+        let env = Envelope::new(&s.identity, to, now_ms(), nonce, None, msg);
         let bytes = env
             .sign(&s.identity)
             .map_err(|e| ClientError::Unexpected(e.to_string()))?;
@@ -364,17 +422,37 @@ impl CoordinatorClient {
         lock(&s.pending).insert(nonce, (tx, learn));
         let _forget = Forget(s, nonce);
         s.channel.send(None, &bytes).await?;
-        // An answer signed by another key is ignored, not fatal: anyone on
-        // the broker sees the request's nonce and could otherwise break every
-        // request by answering first. Only when the pinned key never answers
-        // is the other key reported.
+        // An answer signed by another key is ignored, not fatal at once:
+        // anyone on the broker sees the request's nonce and could otherwise
+        // break every request by answering first. The other key is reported
+        // when the pinned one has not answered within a grace after it (a
+        // running coordinator answers in milliseconds).
         let wait = async {
             let mut resend =
                 tokio::time::interval_at(tokio::time::Instant::now() + RESEND_AFTER, RESEND_AFTER);
+            let mut give_up: Option<tokio::time::Instant> = None;
             loop {
+                let other = async {
+                    match give_up {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     answer = &mut rx => {
                         return answer.map_err(|_| ClientError::Channel(ChannelError::Closed));
+                    }
+                    () = s.other_signed.notified(), if give_up.is_none() => {
+                        give_up = Some(tokio::time::Instant::now() + OTHER_SIGNER_GRACE);
+                    }
+                    () = other => {
+                        if let Some(seen) = lock(&s.other_signer).take() {
+                            return Err(ClientError::KeyChanged {
+                                pinned: s.coordinator(),
+                                seen,
+                            });
+                        }
+                        give_up = None;
                     }
                     _ = resend.tick(), if patient.is_none() => {
                         // Lost on the way (a broker restart, a coordinator not

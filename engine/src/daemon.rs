@@ -45,6 +45,18 @@ pub const GRACE: Duration = Duration::from_secs(10);
 /// The longest wait between two tries to reach the coordinator.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
+impl DaemonError {
+    /// Whether reaching the coordinator again later may succeed (it or
+    /// the network was down); otherwise the daemon stops at once.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Client(c) => c.is_transient(),
+            Self::NoCoordinator => false,
+            _ => true,
+        }
+    }
+}
+
 /// Why the daemon (or an upload) stopped.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -62,7 +74,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The home has no coordinator.
-    #[error("no coordinator configured (pluto init --coordinator URL)")]
+    #[error("no coordinator configured (pluto join URL)")]
     NoCoordinator,
     /// A file could not be used.
     #[error("{context}: {source}")]
@@ -203,7 +215,7 @@ pub async fn connect(
         .as_deref()
         .map(|k| k.parse::<NodeId>())
         .transpose()
-        .map_err(|e| ClientError::Unexpected(format!("coordinator_key in config.toml: {e}")))?;
+        .map_err(|e| ClientError::BadPin(e.to_string()))?;
     let client = CoordinatorClient::connect(url, &repo.keys, pin, config.offer, presence).await?;
     if pin.is_none() {
         let mut cfg = config;
@@ -382,8 +394,8 @@ async fn report_held(client: &CoordinatorClient, held: &Held) -> Result<u32, Cli
 }
 
 /// Runs the daemon of the node at `home` until `stop` is cancelled, or an
-/// error that retrying cannot fix (a changed coordinator key, a broken
-/// home). Each thing that happens is passed to `on_event`.
+/// error that retrying cannot fix (no coordinator, a URL no plugin handles,
+/// a key that does not match, a broken home). Each thing that happens is passed to `on_event`.
 pub async fn run(
     home: Home,
     stop: CancellationToken,
@@ -405,9 +417,9 @@ pub async fn run(
                 net.close().await;
                 r?;
             }
-            // A changed key is not something retrying fixes.
-            Some(Err(e @ DaemonError::Client(ClientError::KeyChanged { .. })))
-            | Some(Err(e @ DaemonError::NoCoordinator)) => return Err(e),
+            // A changed key, a URL no plugin handles: not something
+            // retrying fixes.
+            Some(Err(e)) if !e.is_transient() => return Err(e),
             Some(Err(e)) => on_event(Event::Unreachable {
                 why: e.to_string(),
                 retry_secs: backoff.as_secs(),

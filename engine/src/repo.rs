@@ -28,7 +28,7 @@ pub enum RepoError {
     #[error("no pluto home at {0} (run `pluto init` first, or pass --home)")]
     NotInitialized(String),
     /// `init` already ran here.
-    #[error("{0} already holds a pluto home")]
+    #[error("{0} already holds a pluto home (`pluto join URL` joins a coordinator from it; or choose another --home)")]
     AlreadyInitialized(String),
     /// Another process holds the home.
     #[error("another pluto process is using {0}; try again when it has finished")]

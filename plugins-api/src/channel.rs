@@ -73,6 +73,11 @@ pub enum ChannelEvent {
     Connected,
     /// The connection dropped; the channel reconnects by itself.
     Disconnected(String),
+    /// A connection attempt was turned away at once: nothing listens at
+    /// the address (refused), or the host or its network is unreachable.
+    /// The channel keeps trying, as after [`Self::Disconnected`]; a caller
+    /// waiting for its first connection need not wait for a timeout.
+    Refused(String),
     /// A payload for this end. `from` is the sender the transport claims
     /// (not authenticated); `None` when it came from the coordinator.
     Message {
@@ -116,20 +121,33 @@ pub struct ChannelDescriptor {
     pub schemes: &'static [&'static str],
     /// Must equal [`crate::PLUGIN_ABI_VERSION`].
     pub abi_version: u32,
+    /// Checks a URL's form without connecting (the same checks `connect`
+    /// makes first).
+    pub check: fn(&str) -> Result<(), ChannelError>,
     /// Connects (and keeps reconnecting) to the URL.
     pub connect: fn(&str, ChannelOptions) -> ChannelFuture,
 }
 
 inventory::collect!(ChannelDescriptor);
 
+/// The linked channel plugin that handles the URL's scheme.
+fn channel_plugin(url: &str) -> Result<&'static ChannelDescriptor, ChannelError> {
+    crate::registry::pick(url, inventory::iter::<ChannelDescriptor>(), |d| {
+        (d.schemes, d.abi_version)
+    })
+    .map_err(|known| ChannelError::UnknownScheme(url.to_string(), known))
+}
+
+/// Checks, without connecting, that a linked channel plugin handles the
+/// URL and that the URL has the form that plugin expects.
+pub fn check_channel_url(url: &str) -> Result<(), ChannelError> {
+    (channel_plugin(url)?.check)(url)
+}
+
 /// Connects with whichever linked channel plugin handles the URL's scheme.
 pub async fn connect_channel(
     url: &str,
     opts: ChannelOptions,
 ) -> Result<Box<dyn ControlChannel>, ChannelError> {
-    let d = crate::registry::pick(url, inventory::iter::<ChannelDescriptor>(), |d| {
-        (d.schemes, d.abi_version)
-    })
-    .map_err(|known| ChannelError::UnknownScheme(url.to_string(), known))?;
-    (d.connect)(url, opts).await
+    (channel_plugin(url)?.connect)(url, opts).await
 }

@@ -42,8 +42,8 @@ pub use books::{
     Standing,
 };
 pub use channel::{
-    connect_channel, ChannelDescriptor, ChannelError, ChannelEvent, ChannelFuture, ChannelOptions,
-    ChannelRole, ControlChannel,
+    check_channel_url, connect_channel, ChannelDescriptor, ChannelError, ChannelEvent,
+    ChannelFuture, ChannelOptions, ChannelRole, ControlChannel,
 };
 pub use ids::{BlobId, BlobKind, IdParseError, NodeId, PackId, SnapshotId};
 pub use registry::{

@@ -174,10 +174,27 @@ fn main() -> std::process::ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("pluto-coordinator: {e:#}");
+            eprintln!("pluto-coordinator: {}", one_line(&e));
             std::process::ExitCode::from(1)
         }
     }
+}
+
+/// One line: the error and those of its causes that add something. Many
+/// errors already end with their cause's text (`books: {0}`), which `{:#}`
+/// would print twice.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !line.ends_with(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -225,7 +242,10 @@ async fn run(cli: Cli) -> Result<()> {
     loop {
         match channel.next_event().await {
             Some(pluto_plugins_api::ChannelEvent::Connected) => break,
-            Some(pluto_plugins_api::ChannelEvent::Disconnected(why)) => {
+            Some(
+                pluto_plugins_api::ChannelEvent::Disconnected(why)
+                | pluto_plugins_api::ChannelEvent::Refused(why),
+            ) => {
                 tracing::warn!("cannot reach {url} yet: {why}; retrying")
             }
             Some(_) => {}

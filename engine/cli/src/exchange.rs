@@ -46,7 +46,8 @@ pub(crate) async fn upload_after_backup(
         Ok(n) => n,
         Err(e) => {
             eprintln!(
-                "pluto: the snapshot is saved here, but no copy went to peers: {e:#}; the daemon uploads it later"
+                "pluto: the snapshot is saved here, but no copy went to peers: {}; the daemon uploads it later",
+                crate::one_line(&e)
             );
             return Ok((EXIT_NOT_PLACED, None));
         }
@@ -394,7 +395,14 @@ pub(crate) async fn daemon(ui: &Ui, home: Home) -> Result<u8> {
     let stop = CancellationToken::new();
     let mut run = tokio::spawn(daemon::run(home, stop.clone(), on_event));
     tokio::select! {
-        r = &mut run => return Ok(r??).map(|()| 0),
+        r = &mut run => return match r? {
+            Ok(()) => Ok(0),
+            // The URL in config.toml is the mistake: say how to set another.
+            Err(e @ daemon::DaemonError::Client(pluto_engine::client::ClientError::Channel(_))) => {
+                bail!("{}; set another with pluto join URL", crate::one_line(&e.into()))
+            }
+            Err(e) => Err(e.into()),
+        },
         r = stop_signal() => r?,
     }
     stop.cancel();

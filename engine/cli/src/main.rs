@@ -82,13 +82,18 @@ enum Command {
         /// Recover from the 24 words in this file ("-" for standard input).
         #[arg(long)]
         mnemonic_file: Option<PathBuf>,
-        /// The coordinator to join (mqtt://HOST:PORT); none means local-only.
+        /// The coordinator to join (mqtt://HOST:PORT); none means local-only
+        /// (`pluto join` joins one later).
         #[arg(long)]
         coordinator: Option<String>,
-        /// The coordinator's key (hex) to pin; without it the key is learned
-        /// on first contact and pinned from then on.
-        #[arg(long)]
+        /// The coordinator's key (hex) to pin; without it the key it answers
+        /// with is pinned.
+        #[arg(long, requires = "coordinator")]
         coordinator_key: Option<String>,
+        /// Do not contact the coordinator now (only the URL's form is
+        /// checked); its key is pinned at the first contact.
+        #[arg(long, requires = "coordinator", conflicts_with = "mnemonic_file")]
+        offline: bool,
         /// Disk space to offer to others (e.g. 50G, 500MiB).
         #[arg(long, value_parser = fmt::parse_size, default_value = "0")]
         offer: u64,
@@ -98,6 +103,20 @@ enum Command {
         /// one). 0 asks once.
         #[arg(long, value_name = "SECS", requires = "mnemonic_file")]
         wait: Option<u64>,
+    },
+    /// Join a coordinator from an existing home, or move to another one.
+    /// The coordinator is contacted at once and its key pinned.
+    Join {
+        /// The coordinator (mqtt://HOST:PORT[/PREFIX]).
+        url: String,
+        /// The coordinator's key (hex) to pin; without it the key it
+        /// answers with is pinned.
+        #[arg(long)]
+        coordinator_key: Option<String>,
+        /// Do not contact the coordinator now (only the URL's form is
+        /// checked); its key is pinned at the first contact.
+        #[arg(long)]
+        offline: bool,
     },
     /// Show this node's state, and the coordinator's books about it.
     Status,
@@ -282,6 +301,7 @@ async fn run(cli: Cli) -> Result<u8> {
             mnemonic_file,
             coordinator,
             coordinator_key,
+            offline,
             offer,
             wait,
         } => {
@@ -289,21 +309,26 @@ async fn run(cli: Cli) -> Result<u8> {
                 offer,
                 ..Config::default()
             };
-            if let Some(k) = &coordinator_key {
-                k.parse::<pluto_plugins_api::NodeId>()
-                    .context("--coordinator-key must be 64 hex digits")?;
-            }
+            let pin = match &coordinator {
+                Some(url) => node::check_coordinator(url, coordinator_key.as_deref())?,
+                None => None,
+            };
             let recovering = coordinator.is_some();
             config.coordinator = coordinator;
-            config.coordinator_key = coordinator_key;
+            config.coordinator_key = pin.map(|k| k.to_hex());
             match mnemonic_file {
                 Some(words) if recovering => {
                     let wait = Duration::from_secs(wait.unwrap_or(RECOVERY_WAIT_SECS));
                     recover_cmd(&ui, &home, &words, &config, wait).await
                 }
-                _ => init(&ui, &home, mnemonic_file.as_deref(), &config),
+                _ => init(&ui, &home, mnemonic_file.as_deref(), config, offline).await,
             }
         }
+        Command::Join {
+            url,
+            coordinator_key,
+            offline,
+        } => node::join(&ui, home, &url, coordinator_key.as_deref(), offline).await,
         Command::Status => node::status(&ui, home).await,
         Command::Daemon => exchange::daemon(&ui, home).await,
         Command::Peers => node::peers(&ui, home).await,
@@ -386,12 +411,41 @@ fn read_words(p: &Path) -> Result<MasterKey> {
     Ok(MasterKey::from_mnemonic(&text)?)
 }
 
-fn init(ui: &Ui, home: &Home, mnemonic_file: Option<&Path>, config: &Config) -> Result<u8> {
+/// `init`: a new identity, or one recovered without a coordinator. With a
+/// coordinator (and not `offline`), it is reached first and its key
+/// pinned; nothing is created when it cannot be.
+async fn init(
+    ui: &Ui,
+    home: &Home,
+    mnemonic_file: Option<&Path>,
+    mut config: Config,
+    offline: bool,
+) -> Result<u8> {
+    if home.exists() {
+        return Err(
+            pluto_engine::RepoError::AlreadyInitialized(home.root().display().to_string()).into(),
+        );
+    }
     let (master, recovered) = match mnemonic_file {
         Some(p) => (read_words(p)?, true),
         None => (MasterKey::generate(), false),
     };
-    Repo::init(home, &master, config)?;
+    if let (Some(url), false) = (config.coordinator.clone(), offline) {
+        let pin = config
+            .coordinator_key
+            .as_deref()
+            .map(str::parse)
+            .transpose()?;
+        let key = node::reach(&url, pin, &master.keys(), config.offer)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{e}; nothing was created (--offline creates the home without contacting the coordinator)"
+                )
+            })?;
+        config.coordinator_key = Some(key.to_hex());
+    }
+    Repo::init(home, &master, &config)?;
     let node = master.keys().node_id();
     let text = if ui.json {
         let mut v = serde_json::json!({

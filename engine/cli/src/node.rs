@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use pluto_engine::client::{ClientError, CoordinatorClient};
 use pluto_engine::{Home, LockMode, Repo};
-use pluto_plugins_api::PackId;
+use pluto_plugins_api::{NodeId, PackId};
 use pluto_protocol::Message;
 use serde::Serialize;
 
@@ -54,7 +54,93 @@ fn coordinator_url(repo: &Repo) -> Result<String> {
     repo.config
         .coordinator
         .clone()
-        .context("no coordinator configured (pluto init --coordinator URL)")
+        .context("no coordinator configured (pluto join URL)")
+}
+
+/// Checks, without connecting, that a linked channel plugin handles `url`
+/// and that it has the form that plugin wants, and parses `key`.
+pub(crate) fn check_coordinator(url: &str, key: Option<&str>) -> Result<Option<NodeId>> {
+    pluto_plugins_api::check_channel_url(url).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}; a coordinator URL looks like mqtt://HOST:PORT (as the coordinator prints it)"
+        )
+    })?;
+    key.map(|k| {
+        k.parse::<NodeId>()
+            .context("--coordinator-key must be 64 hex digits")
+    })
+    .transpose()
+}
+
+/// Reaches the coordinator at `url` as the node of `keys` (registering its
+/// `offer`), checks its key against `pin` when given, and returns the key
+/// it answered with. The error is one line that says what went wrong.
+pub(crate) async fn reach(
+    url: &str,
+    pin: Option<NodeId>,
+    keys: &pluto_engine::keys::Keys,
+    offer: u64,
+) -> Result<NodeId> {
+    match CoordinatorClient::connect(url, keys, pin, offer, false).await {
+        Ok(client) => {
+            let key = client.coordinator();
+            client.close().await;
+            Ok(key)
+        }
+        Err(ClientError::KeyChanged { pinned, seen }) => anyhow::bail!(
+            "the coordinator at {} answers with key {seen}, not with the key given ({pinned}); check --coordinator-key, or leave it out to pin the key it answers with",
+            pluto_plugins_api::redact_url(url)
+        ),
+        Err(e) => Err(anyhow::anyhow!("{}", crate::one_line(&e.into()))),
+    }
+}
+
+/// `pluto join URL`: joins a coordinator from an existing home, or moves
+/// to another one. The URL's form is checked, the coordinator reached
+/// (unless `offline`) and its key pinned; the config changes only then.
+pub(crate) async fn join(
+    ui: &Ui,
+    home: Home,
+    url: &str,
+    key: Option<&str>,
+    offline: bool,
+) -> Result<u8> {
+    let pin = check_coordinator(url, key)?;
+    let repo = Repo::open(home.clone(), LockMode::Exclusive).await?;
+    let pin = if offline {
+        pin
+    } else {
+        let key = reach(url, pin, &repo.keys, repo.config.offer)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}; nothing was changed"))?;
+        Some(key)
+    };
+    let mut cfg = home.load_config()?;
+    let previous = cfg.coordinator.replace(url.to_string());
+    cfg.coordinator_key = pin.map(|k| k.to_hex());
+    home.save_config(&cfg)?;
+    repo.catalog.close().await;
+    let previous = previous.filter(|p| p != url);
+    if ui.json {
+        ui.print_json(&serde_json::json!({
+            "coordinator": url,
+            "coordinator_key": cfg.coordinator_key,
+            "contacted": !offline,
+            "previous": previous,
+        }))?;
+    } else if !ui.quiet {
+        match &pin {
+            Some(k) if !offline => out!("joined the coordinator at {url} (key {k})"),
+            Some(k) => out!("the coordinator is now {url} (key {k}); not contacted yet"),
+            None => out!(
+                "the coordinator is now {url}; not contacted yet, its key is pinned at the first contact"
+            ),
+        }
+        if let Some(p) = previous {
+            out!("(it was {p}; restart a running pluto daemon to follow)");
+        }
+    }
+    Ok(0)
 }
 
 #[derive(Serialize)]

@@ -7,6 +7,7 @@ mod integration {
     mod coordinator;
     mod exchange;
     mod faults;
+    mod joining;
     pub mod netns;
     pub mod network;
     mod newcomer;

@@ -294,7 +294,11 @@ async fn run(
                 if closing.load(Ordering::SeqCst) {
                     return;
                 }
-                let _ = tx.try_send(ChannelEvent::Disconnected(e.to_string()));
+                let _ = tx.try_send(if turned_away(&e) {
+                    ChannelEvent::Refused(e.to_string())
+                } else {
+                    ChannelEvent::Disconnected(e.to_string())
+                });
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
                 None
@@ -306,6 +310,14 @@ async fn run(
             }
         }
     }
+}
+
+/// Whether a failed attempt was turned away at once (nothing listens
+/// there, or no route to it), rather than lost or left without an answer.
+fn turned_away(e: &rumqttc::ConnectionError) -> bool {
+    use std::io::ErrorKind::{ConnectionRefused, HostUnreachable, NetworkUnreachable};
+    matches!(e, rumqttc::ConnectionError::Io(io)
+        if matches!(io.kind(), ConnectionRefused | HostUnreachable | NetworkUnreachable))
 }
 
 #[async_trait]
@@ -363,6 +375,7 @@ pluto_plugins_api::inventory::submit! {
         name: "mqtt",
         schemes: &["mqtt"],
         abi_version: PLUGIN_ABI_VERSION,
+        check: |url| MqttUrl::parse(url).map(|_| ()),
         connect: connect_url,
     }
 }

@@ -97,15 +97,20 @@ fn nodes_join_and_report(url: String) {
     }
 
     // Another coordinator on the same channel (a new key) is not the one
-    // pinned: the node's messages are addressed to the pinned key, so the
-    // other one does not answer, and the node reports it unreachable
-    // rather than talking to it.
+    // pinned: it answers the node's Hello, and the node says the key does
+    // not match rather than talking to it.
     drop(coordinator);
     let other = start(&url);
     let s = json(&ok(
         pluto(&dir.path().join("node0")).args(["--json", "status"])
     ));
     assert_eq!(s["coordinator"]["state"], "unreachable", "{s}");
+    assert!(
+        s["coordinator"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("does not match")),
+        "{s}"
+    );
     let registered = other.rt.block_on(other.books.nodes()).unwrap();
     assert!(
         registered.is_empty(),
