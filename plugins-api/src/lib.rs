@@ -58,4 +58,23 @@ pub use transport::{
 };
 
 pub use async_trait::async_trait;
+
+/// An error on one line: its message and those of its causes that add
+/// something (a message that already ends with its cause's is not
+/// repeated), joined by ": ". What both binaries print for a failure.
+pub fn error_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = String::new();
+    let mut next = Some(e);
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !line.ends_with(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+        next = cause.source();
+    }
+    line
+}
 pub use inventory;

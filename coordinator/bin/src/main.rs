@@ -174,27 +174,15 @@ fn main() -> std::process::ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("pluto-coordinator: {}", one_line(&e));
+            // Many errors already end with their cause's text (`books:
+            // {0}`), which `{:#}` would print twice.
+            eprintln!(
+                "pluto-coordinator: {}",
+                pluto_plugins_api::error_line(e.as_ref())
+            );
             std::process::ExitCode::from(1)
         }
     }
-}
-
-/// One line: the error and those of its causes that add something. Many
-/// errors already end with their cause's text (`books: {0}`), which `{:#}`
-/// would print twice.
-fn one_line(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if !line.ends_with(&text) {
-            if !line.is_empty() {
-                line.push_str(": ");
-            }
-            line.push_str(&text);
-        }
-    }
-    line
 }
 
 async fn run(cli: Cli) -> Result<()> {

@@ -388,17 +388,7 @@ async fn run(cli: Cli) -> Result<u8> {
 /// One line: the error and those of its causes that add something (an
 /// error whose message already ends with its cause's is not repeated).
 fn one_line(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if !line.ends_with(&text) {
-            if !line.is_empty() {
-                line.push_str(": ");
-            }
-            line.push_str(&text);
-        }
-    }
-    line
+    pluto_plugins_api::error_line(e.as_ref())
 }
 
 /// The master key from the 24 words in `p` ("-": standard input).
