@@ -3,7 +3,8 @@
 //! ```text
 //! MatchRequest{pack, size, copies, friends, friend_copies, exclude}
 //!   -> candidates (a bounded sample of nodes with room) + the friends' records
-//!   -> rank (pure): usable ones only, online first, the more often online first, random within
+//!   -> rank (pure): usable ones only (online, room, standing), the more often online first,
+//!      random within
 //!   -> reserve each in turn (atomic in the books; one that filled up meanwhile is skipped):
 //!      friends for friend_copies, then anyone
 //!   -> MatchReply{storers, tickets}  (a ticket: this owner may place this pack, this size, on this
@@ -45,11 +46,12 @@ pub(crate) struct Ranked {
 /// Most friends looked up for one match.
 const MAX_FRIENDS: usize = 64;
 
-/// Orders the candidates for `owner`'s match: only those with room that
-/// may take new data (not the owner, not excluded by the request, not
-/// excluded or held back, within their vetting limit); online ones first,
-/// those online more often before the rest, random within each group (so
-/// load spreads), offline ones last. `friends` are the records of the nodes
+/// Orders the candidates for `owner`'s match: only those online now, with
+/// room, that may take new data (not the owner, not excluded by the
+/// request, not excluded or held back, within their vetting limit); an
+/// offline storer is never matched, since the owner would wait on it and
+/// fail. Those online more often come before the rest, random within
+/// each group (so load spreads). `friends` are the records of the nodes
 /// the owner named; `others` never include them.
 pub(crate) fn rank(
     owner: &NodeId,
@@ -62,6 +64,7 @@ pub(crate) fn rank(
 ) -> Ranked {
     let usable = |n: &NodeRecord| {
         n.id != *owner
+            && n.online
             && !want.exclude.contains(&n.id)
             && n.free() >= want.size
             && n.standing.eligible()
@@ -83,14 +86,14 @@ pub(crate) fn rank(
     }
 }
 
-/// Online first, then by lifetime uptime in quarters; random within.
+/// By lifetime uptime in quarters; random within.
 fn order(
     mut nodes: Vec<NodeRecord>,
     now_ms: u64,
     rng: &mut (impl RngCore + ?Sized),
 ) -> Vec<NodeId> {
     nodes.shuffle(rng);
-    nodes.sort_by_key(|n| (!n.online, 4 - (n.lifetime_uptime(now_ms) * 4.0) as u8));
+    nodes.sort_by_key(|n| 4 - (n.lifetime_uptime(now_ms) * 4.0) as u8);
     nodes.into_iter().map(|n| n.id).collect()
 }
 
@@ -118,7 +121,7 @@ impl Coordinator {
         if storers.is_empty() {
             return Ok(error(
                 ErrorCode::NoCapacity,
-                "no storer has room (or your offer is used up)",
+                "no storer online has room (or your offer is used up)",
             ));
         }
         let expires_ms = now_ms.saturating_add(self.config.reservation_ttl_ms);
@@ -319,7 +322,7 @@ mod tests {
     }
 
     #[test]
-    fn only_usable_storers_and_online_ones_first() {
+    fn only_usable_storers_and_never_offline_ones() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let c = CoordinatorConfig::default();
         let owner = NodeId([1; 32]);
@@ -330,32 +333,40 @@ mod tests {
         let mut vetted = node(7, u64::MAX, true);
         vetted.held = c.vetting_bytes;
         let others = vec![
-            node(1, 1000, true), // the owner
-            node(2, 99, true),   // no room
-            node(3, 1000, true), // excluded by the request
-            node(4, 1000, false),
+            node(1, 1000, true),  // the owner
+            node(2, 99, true),    // no room
+            node(3, 1000, true),  // excluded by the request
+            node(4, 1000, false), // offline
             excluded,
             held_back,
             vetted,
             node(8, 1000, true),
             node(9, 1000, true), // a friend: not among the others
         ];
-        let friends = vec![node(9, 1000, true), node(9, 1000, true), node(2, 10, true)];
+        let friends = vec![
+            node(9, 1000, true),
+            node(9, 1000, true),
+            node(2, 10, true),
+            node(10, 1000, false), // an offline friend
+        ];
         let r = rank(
             &owner,
-            &want(&[NodeId([9; 32]), NodeId([2; 32])], &[NodeId([3; 32])]),
+            &want(
+                &[NodeId([9; 32]), NodeId([2; 32]), NodeId([10; 32])],
+                &[NodeId([3; 32])],
+            ),
             friends,
             others,
             &c,
             NOW,
             &mut rng,
         );
-        assert_eq!(r.friends, vec![NodeId([9; 32])], "once, and only with room");
         assert_eq!(
-            r.others,
-            vec![NodeId([8; 32]), NodeId([4; 32])],
-            "offline last"
+            r.friends,
+            vec![NodeId([9; 32])],
+            "once, only with room, only online"
         );
+        assert_eq!(r.others, vec![NodeId([8; 32])], "never an offline storer");
     }
 
     #[test]

@@ -242,9 +242,10 @@ pub trait BooksStore: Send + Sync {
     async fn node(&self, id: &NodeId) -> Result<Option<NodeRecord>, StoreError>;
     /// Every node.
     async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
-    /// Up to `limit` eligible nodes ([`Standing::eligible`]) with at least
-    /// `size` bytes of free offer, a random sample when there are more (so
-    /// load spreads), online ones first.
+    /// Up to `limit` eligible nodes ([`Standing::eligible`]) online now
+    /// with at least `size` bytes of free offer, a random sample when there
+    /// are more (so load spreads). An offline node is never a candidate:
+    /// its owner would wait on it and fail.
     async fn candidates(&self, size: u64, limit: usize) -> Result<Vec<NodeRecord>, StoreError>;
     /// Changes a node's offer; refused (false) below what it already holds
     /// or has placed.

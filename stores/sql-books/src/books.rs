@@ -210,7 +210,7 @@ where
             }
             let rows = query::<D>(&format!(
                 "SELECT {NODE_COLUMNS} FROM nodes WHERE id {cmp} $1 AND offer - held >= $2 \
-                     AND excluded_ms = 0 AND NOT held_back \
+                     AND online AND excluded_ms = 0 AND NOT held_back \
                  ORDER BY id LIMIT $3"
             ))
             .bind(&start[..])
@@ -223,8 +223,6 @@ where
                 out.push(Self::node_row(r)?);
             }
         }
-        // Online nodes first; the caller shuffles within each group.
-        out.sort_by_key(|n| !n.online);
         Ok(out)
     }
 

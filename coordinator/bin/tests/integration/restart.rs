@@ -67,6 +67,8 @@ async fn books_survive_a_kill_and_nodes_carry_on() {
         .await
         .unwrap();
     assert_eq!(ca.coordinator().to_hex(), id);
+    // Online, as its daemon's heartbeats make it: only then is it matched.
+    assert_eq!(cb.request(&Message::Heartbeat).await.unwrap(), Message::Ok);
     let req = Message::MatchRequest {
         pack: pluto_plugins_api::PackId([1; 32]),
         size: 100,
