@@ -10,7 +10,7 @@
 //! GetManifest        -> the one kept, sealed to the node
 //! ```
 
-use pluto_plugins_api::{NodeId, NodeRecord};
+use pluto_plugins_api::{human, NodeId, NodeRecord};
 use pluto_protocol::{ErrorCode, Message, NodeAddresses, MAX_ADDRESSES};
 
 use crate::coordinator::{error, private, public, Reply};
@@ -31,8 +31,9 @@ impl Coordinator {
         Ok(error(
             ErrorCode::Refused,
             format!(
-                "cannot offer less than is in use ({} held, {} placed)",
-                node.held, node.placed
+                "cannot offer less than is in use ({} held for others, {} placed with others)",
+                human::bytes(node.held),
+                human::bytes(node.placed)
             ),
         ))
     }

@@ -3,19 +3,44 @@
 //! ```text
 //! GetStatus  -> offered, held, placed, how many peers
 //! ListPeers  -> per peer (both directions, biggest exchanges first): replicas and bytes each
-//!               way, presence, uptime over the window, scores, speed, audit counts
+//!               way, presence, uptime (see [`uptime`]), scores, speed, audit counts
 //! GetRepairs -> the owner's replicas to place elsewhere: lost ones, those on excluded storers,
 //!               and those on storers offline past the grace period
 //! ```
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use pluto_plugins_api::{online_fraction, NodeId, NodeRecord, PackId, ReplicaRecord};
+use pluto_plugins_api::{
+    online_fraction, BooksStore, NodeId, NodeRecord, PackId, ReplicaRecord, StoreError,
+};
 use pluto_protocol::{Message, PeerReport, RepairItem, RepairReason, StatusReport, MAX_REPAIRS};
 
 use crate::audits::rules;
 use crate::coordinator::{private, Reply};
-use crate::{Coordinator, Rejected};
+use crate::{Coordinator, CoordinatorConfig, Rejected};
+
+/// A node's uptime, the one definition every screen shows: the fraction
+/// of time it was online over the uptime window, or over its life when it
+/// is younger than the window. None ("new") until its record spans one
+/// uptime sample, so a node that joined a minute ago is not "100%".
+///
+/// This is not the uptime *score* (the track that holds a node back when
+/// low), which weighs recent hours most and starts from a prior.
+pub async fn uptime(
+    books: &dyn BooksStore,
+    node: &NodeRecord,
+    config: &CoordinatorConfig,
+    now_ms: u64,
+) -> Result<Option<f64>, StoreError> {
+    if now_ms.saturating_sub(node.registered_ms) < config.uptime_sample_ms {
+        return Ok(None);
+    }
+    let from = now_ms
+        .saturating_sub(config.uptime_window_ms)
+        .max(node.registered_ms);
+    let log = books.presence_log(&node.id, from).await?;
+    Ok(Some(online_fraction(&log, from, now_ms)))
+}
 
 /// Most peers one report lists (as many as one message holds).
 const MAX_PEERS: usize = 1024;
@@ -93,11 +118,10 @@ impl Coordinator {
         let mut out = Vec::with_capacity(peers.len());
         for (id, e) in peers {
             let node = self.books.node(&id).await?;
-            // The window, or the node's life when it is younger.
-            let from = now_ms
-                .saturating_sub(self.config.uptime_window_ms)
-                .max(node.as_ref().map_or(0, |n| n.registered_ms));
-            let log = self.books.presence_log(&id, from).await?;
+            let uptime = match &node {
+                Some(n) => uptime(&*self.books, n, &self.config, now_ms).await?,
+                None => None,
+            };
             let st = node
                 .as_ref()
                 .map(|n| n.standing.clone())
@@ -106,7 +130,7 @@ impl Coordinator {
                 id,
                 online: node.as_ref().is_some_and(|n| n.online),
                 last_seen_ms: node.as_ref().map_or(0, |n| n.last_seen_ms),
-                uptime_permille: (online_fraction(&log, from, now_ms) * 1000.0).round() as u16,
+                uptime_permille: uptime.map(|u| (u * 1000.0).round().clamp(0.0, 1000.0) as u16),
                 replicas_held: e.held.0,
                 bytes_held: e.held.1,
                 replicas_stored: e.stored.0,

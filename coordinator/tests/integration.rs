@@ -608,7 +608,13 @@ async fn peers_are_listed_from_both_sides() {
     assert_eq!((p.replicas_held, p.bytes_held), (2, 20));
     assert_eq!((p.replicas_stored, p.bytes_stored), (1, 10));
     assert!(p.online);
-    assert_eq!(p.uptime_permille, 1000, "online all its life");
+    assert_eq!(p.uptime_permille, None, "too new to have a record");
+    // Once its record spans a sample: online all its life.
+    let later = T + net.c.config().uptime_sample_ms;
+    let Message::Peers(list) = ask(&net, a, later, &Message::ListPeers).await else {
+        panic!()
+    };
+    assert_eq!(list[0].uptime_permille, Some(1000), "online all its life");
     let Message::Peers(list) = ask(&net, c, T, &Message::ListPeers).await else {
         panic!()
     };

@@ -1132,7 +1132,7 @@ mod tests {
             id: NodeId([id; 32]),
             online,
             last_seen_ms: 0,
-            uptime_permille: 0,
+            uptime_permille: None,
             replicas_held,
             bytes_held: 0,
             replicas_stored: 0,

@@ -28,6 +28,7 @@
 
 mod books;
 mod channel;
+pub mod human;
 mod ids;
 mod registry;
 pub mod sqlint;

@@ -27,6 +27,10 @@ pub enum StoreError {
     /// A URL a plugin understands but whose contents are wrong.
     #[error("bad store URL {0:?}: {1}")]
     BadUrl(String, String),
+    /// The store's server cannot be reached (nothing listens, no route, no
+    /// answer in time): the URL may be right and the server down.
+    #[error("cannot reach the database at {0}: {1}")]
+    Unreachable(String, String),
     /// A request outside the object's bounds.
     #[error("out of range: {0}")]
     OutOfRange(String),

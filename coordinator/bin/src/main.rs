@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use ed25519_dalek::SigningKey;
 use pluto_coordinator::{Coordinator, CoordinatorConfig};
-use pluto_plugins_api::{ChannelOptions, ChannelRole};
+use pluto_plugins_api::{human, ChannelOptions, ChannelRole};
 use pluto_protocol::MAX_ENVELOPE;
 use pluto_transport_mqtt::broker::EmbeddedBroker;
 use rand_core::{OsRng, RngCore};
@@ -39,25 +39,25 @@ const DEFAULT_LISTEN: &str = "0.0.0.0:18830";
 )]
 struct Cli {
     /// Where the coordinator keeps its identity key (and, by default, its books).
-    #[arg(long, env = "PLUTO_COORDINATOR_HOME")]
+    #[arg(long, global = true, env = "PLUTO_COORDINATOR_HOME")]
     home: Option<PathBuf>,
     /// Where the embedded MQTT broker listens (ignored with --channel).
-    #[arg(long, default_value = DEFAULT_LISTEN)]
+    #[arg(long, global = true, default_value = DEFAULT_LISTEN)]
     listen: SocketAddr,
     /// The books: sqlite:PATH or postgres://... (default: sqlite:HOME/books.db).
-    #[arg(long)]
+    #[arg(long, global = true)]
     db: Option<String>,
     /// An external broker (mqtt://HOST:PORT[/PREFIX]) instead of the embedded one.
-    #[arg(long)]
+    #[arg(long, global = true)]
     channel: Option<String>,
     /// Most clients the embedded broker accepts.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, global = true, default_value_t = 20_000)]
     max_connections: usize,
     /// Load-sharing group, when several coordinators share one broker and one database.
-    #[arg(long)]
+    #[arg(long, global = true)]
     group: Option<String>,
     /// Settings (intervals, limits) in TOML; see docs/protocol.md.
-    #[arg(long)]
+    #[arg(long, global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
@@ -196,6 +196,16 @@ async fn run(cli: Cli) -> Result<()> {
         .db
         .unwrap_or_else(|| format!("sqlite:{}", home.join("books.db").display()));
     if let Some(Command::Status { json }) = cli.command {
+        // Status reads; it never creates books where there were none.
+        if let Some(path) = db.strip_prefix("sqlite:") {
+            let path = Path::new(path.split('?').next().unwrap_or(path));
+            if !path.exists() {
+                bail!(
+                    "no books at {}: no coordinator has run with this home (give --home DIR or --db URL)",
+                    path.display()
+                );
+            }
+        }
         let books = pluto_plugins_api::open_books_store(&db).await?;
         return status(&*books, &config, json).await;
     }
@@ -279,9 +289,14 @@ async fn status(
         .unwrap_or(0);
     let mut nodes = books.nodes().await?;
     nodes.sort_by_key(|n| (n.standing.excluded_ms == 0, !n.standing.held_back, n.id));
+    let mut uptimes = Vec::with_capacity(nodes.len());
+    for n in &nodes {
+        uptimes.push(pluto_coordinator::uptime(books, n, config, now).await?);
+    }
     let rows: Vec<serde_json::Value> = nodes
         .iter()
-        .map(|n| {
+        .zip(&uptimes)
+        .map(|(n, uptime)| {
             let st = &n.standing;
             let speed = pluto_coordinator::decayed_speed(st, config.speed_half_life_ms, now);
             serde_json::json!({
@@ -293,6 +308,7 @@ async fn status(
                 "placed": n.placed,
                 "audit_score": st.audit.score(),
                 "timeout_score": st.timeout.score(),
+                "uptime": uptime,
                 "uptime_score": st.uptime.score(),
                 "speed_bps": speed,
                 "audits_passed": st.passed,
@@ -309,10 +325,10 @@ async fn status(
         return Ok(());
     }
     println!(
-        "{:<16} {:>7} {:>10} {:>10} {:>6} {:>6} {:>6} {:>12} {:>14}  state",
+        "{:<16} {:>7} {:>11} {:>11} {:>6} {:>6} {:>7} {:>12} {:>14}  state",
         "node", "online", "held", "offer", "audit", "time", "uptime", "speed", "pass/fail/late"
     );
-    for (n, row) in nodes.iter().zip(&rows) {
+    for ((n, row), up) in nodes.iter().zip(&rows).zip(&uptimes) {
         let st = &n.standing;
         let state = if st.excluded_ms != 0 {
             "excluded"
@@ -322,18 +338,15 @@ async fn status(
             "ok"
         };
         println!(
-            "{:<16} {:>7} {:>10} {:>10} {:>6.3} {:>6.3} {:>6.3} {:>12} {:>14}  {state}",
+            "{:<16} {:>7} {:>11} {:>11} {:>6.3} {:>6.3} {:>7} {:>12} {:>14}  {state}",
             n.id.short(),
             if n.online { "yes" } else { "no" },
-            n.held,
-            n.offer,
+            human::bytes(n.held),
+            human::bytes(n.offer),
             st.audit.score(),
             st.timeout.score(),
-            st.uptime.score(),
-            match row["speed_bps"].as_u64() {
-                Some(0) | None => "-".to_string(),
-                Some(b) => format!("{} KB/s", b / 1000),
-            },
+            human::percent(*up),
+            human::rate(row["speed_bps"].as_u64().unwrap_or(0)),
             format!("{}/{}/{}", st.passed, st.failed, st.timed_out),
         );
     }

@@ -86,9 +86,10 @@ pub struct PeerReport {
     pub online: bool,
     /// When it was last heard from, ms since the epoch.
     pub last_seen_ms: u64,
-    /// Its online fraction over the coordinator's uptime window, in
-    /// thousandths.
-    pub uptime_permille: u16,
+    /// Its online fraction over the coordinator's uptime window (or its
+    /// life, when younger), in thousandths; None while it is too new to
+    /// have a record. On the wire: flag bit 2 set and 0 in the field.
+    pub uptime_permille: Option<u16>,
     /// Replicas of the asker's packs it holds.
     pub replicas_held: u32,
     /// Their bytes.
@@ -556,7 +557,8 @@ impl Message {
                     w.id(&p.id.0);
                     w.u8(u8::from(p.online));
                     w.u64(p.last_seen_ms);
-                    w.buf.extend_from_slice(&p.uptime_permille.to_le_bytes());
+                    w.buf
+                        .extend_from_slice(&p.uptime_permille.unwrap_or(0).to_le_bytes());
                     w.u32(p.replicas_held);
                     w.u64(p.bytes_held);
                     w.u32(p.replicas_stored);
@@ -572,7 +574,9 @@ impl Message {
                     w.u64(p.audits_passed);
                     w.u64(p.audits_failed);
                     w.u64(p.audits_timed_out);
-                    w.u8(u8::from(p.excluded) | u8::from(p.held_back) << 1);
+                    w.u8(u8::from(p.excluded)
+                        | u8::from(p.held_back) << 1
+                        | u8::from(p.uptime_permille.is_none()) << 2);
                 }
             }
             Self::Challenge { challenge } => w.id(challenge),
@@ -828,9 +832,16 @@ impl Message {
                     let audits_failed = r.u64()?;
                     let audits_timed_out = r.u64()?;
                     let flags = r.u8()?;
-                    if flags > 3 {
+                    if flags > 7 {
                         return Err(r.error(format!("peer flags {flags}")));
                     }
+                    let uptime_permille = match (flags & 4 != 0, uptime_permille) {
+                        (false, up) => Some(up),
+                        (true, 0) => None,
+                        (true, up) => {
+                            return Err(r.error(format!("a new peer with an uptime of {up}")))
+                        }
+                    };
                     list.push(PeerReport {
                         id,
                         online,
@@ -1017,7 +1028,8 @@ mod tests {
                         id,
                         online,
                         last_seen_ms: seen,
-                        uptime_permille: up,
+                        // Seen "new" now and then.
+                        uptime_permille: (up % 7 != 0).then_some(up),
                         replicas_held: n,
                         bytes_held: b,
                         replicas_stored: n / 2,

@@ -1,20 +1,6 @@
 //! Formatting for people.
 
-/// Bytes as B, KiB, MiB, GiB, TiB.
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.2} {}", UNITS[u])
-    }
-}
+pub use pluto_plugins_api::human::bytes;
 
 /// Parses a size: a number with an optional unit (K, M, G, T in powers of
 /// 1024, with or without "iB"/"B"; KB, MB, GB, TB in powers of 1000).

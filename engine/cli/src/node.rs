@@ -148,8 +148,9 @@ struct Peer {
     id: String,
     online: bool,
     last_seen_ms: u64,
-    /// Online fraction over the coordinator's uptime window.
-    uptime: f64,
+    /// Online fraction over the coordinator's uptime window, or over the
+    /// peer's life when it is younger; null while it is too new for a record.
+    uptime: Option<f64>,
     /// Replicas of this node's packs the peer holds, and their bytes.
     replicas_held: u32,
     bytes_held: u64,
@@ -206,7 +207,7 @@ pub(crate) async fn peers(ui: &Ui, home: Home) -> Result<u8> {
             id: p.id.to_hex(),
             online: p.online,
             last_seen_ms: p.last_seen_ms,
-            uptime: f64::from(p.uptime_permille) / 1000.0,
+            uptime: p.uptime_permille.map(|u| f64::from(u) / 1000.0),
             replicas_held: p.replicas_held,
             bytes_held: p.bytes_held,
             replicas_stored: p.replicas_stored,
@@ -255,16 +256,12 @@ pub(crate) async fn peers(ui: &Ui, home: Home) -> Result<u8> {
             "offline"
         };
         out!(
-            "{:<16} {:<9} {:>6.1}% {:>6.3} {:>11} {:>20} {:>20}  {}",
+            "{:<16} {:<9} {:>7} {:>6.3} {:>11} {:>20} {:>20}  {}",
             &p.id[..16],
             state,
-            p.uptime * 100.0,
+            pluto_plugins_api::human::percent(p.uptime),
             p.scores.audit,
-            if p.speed_bps == 0 {
-                "-".to_string()
-            } else {
-                format!("{}/s", bytes(p.speed_bps))
-            },
+            pluto_plugins_api::human::rate(p.speed_bps),
             format!("{} ({})", p.replicas_held, bytes(p.bytes_held)),
             format!("{} ({})", p.replicas_stored, bytes(p.bytes_stored)),
             p.route

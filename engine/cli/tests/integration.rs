@@ -11,5 +11,6 @@ mod integration {
     pub mod netns;
     pub mod network;
     mod newcomer;
+    mod standing;
     mod uplink;
 }

@@ -16,8 +16,26 @@ use pluto_plugins_api::{
     redact_url, BooksStore, BooksStoreDescriptor, BooksStoreFuture, NodeId, StoreError,
     PLUGIN_ABI_VERSION,
 };
-use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions, PgQueryResult, PgRow};
-use sqlx::{Postgres, Row};
+use std::str::FromStr;
+
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgQueryResult, PgRow};
+use sqlx::{Connection, Postgres, Row};
+
+/// How long opening the books waits for the database's first answer.
+pub const CONNECT_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What went wrong opening the books: the network (nothing listening, no
+/// route, TLS) is "cannot reach"; the rest (no such database, a refused
+/// login) is the server's own word.
+fn open_error(url: &str, e: sqlx::Error) -> StoreError {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut => {
+            StoreError::Unreachable(redact_url(url), e.to_string())
+        }
+        sqlx::Error::Configuration(_) => StoreError::BadUrl(redact_url(url), e.to_string()),
+        e => StoreError::Plugin(format!("postgres at {}: {e}", redact_url(url)).into()),
+    }
+}
 
 /// The books in one PostgreSQL database.
 pub type PgBooks = SqlBooks<PgDialect>;
@@ -36,14 +54,31 @@ impl Dialect for PgDialect {
         done.rows_affected()
     }
 
-    /// Opens the books at `url` (`postgres://...`), migrating them.
+    /// Opens the books at `url` (`postgres://...`), migrating them. One
+    /// connection is tried first, within [`CONNECT_LIMIT`], so a database
+    /// that cannot be reached is said at once (the pool would retry for
+    /// its whole acquire timeout).
     async fn open(url: &str) -> Result<PgPool, StoreError> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::BadUrl(redact_url(url), e.to_string()))?;
+        match tokio::time::timeout(CONNECT_LIMIT, PgConnection::connect_with(&options)).await {
+            Err(_) => {
+                return Err(StoreError::Unreachable(
+                    redact_url(url),
+                    format!("no answer within {} s", CONNECT_LIMIT.as_secs()),
+                ))
+            }
+            Ok(Err(e)) => return Err(open_error(url, e)),
+            Ok(Ok(first)) => {
+                let _ = first.close().await;
+            }
+        }
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(std::time::Duration::from_secs(30))
-            .connect(url)
+            .connect_with(options)
             .await
-            .map_err(|e| StoreError::BadUrl(redact_url(url), e.to_string()))?;
+            .map_err(|e| open_error(url, e))?;
         sqlx::migrate!("./migrations")
             .run(&pool)
             .await

@@ -59,7 +59,7 @@ async fn connect(url: &str) -> Result<SqlitePool, StoreError> {
         .max_connections(4)
         .connect_with(opts)
         .await
-        .map_err(db_err("opening"))
+        .map_err(|e| StoreError::Plugin(format!("sqlite: opening {url}: {e}").into()))
 }
 
 fn migrate_err(e: sqlx::migrate::MigrateError) -> StoreError {

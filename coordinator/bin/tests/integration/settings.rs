@@ -138,6 +138,11 @@ fn valid_settings_are_taken() {
     // The binary with valid settings goes on to start; `status` reads the
     // settings, then the (empty) books, and exits 0.
     let dir = tempfile::tempdir().unwrap();
+    let books = format!("sqlite:{}", dir.path().join("books.db").display());
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(pluto_store_sqlite::SqliteBooks::open(&books))
+        .unwrap();
     let config = dir.path().join("coordinator.toml");
     std::fs::write(
         &config,

@@ -53,7 +53,11 @@ impl Net {
     }
 
     /// With more coordinator settings (TOML lines).
-    fn start_with(storers: usize, storer_config: &[(&str, &str)], coordinator: &str) -> Self {
+    pub(super) fn start_with(
+        storers: usize,
+        storer_config: &[(&str, &str)],
+        coordinator: &str,
+    ) -> Self {
         Self::start_at("127.0.0.1", storers, storer_config, coordinator)
     }
 
@@ -106,7 +110,7 @@ impl Net {
     }
 
     /// A new owner node; returns its home and its 24 words.
-    fn owner(&self, name: &str) -> (PathBuf, String) {
+    pub(super) fn owner(&self, name: &str) -> (PathBuf, String) {
         let home = self.dir.path().join(name);
         let r = json(&ok(pluto(&home)
             .args(["--json", "init", "--offer", "256M", "--coordinator"])
@@ -196,7 +200,7 @@ pub(super) fn corpus(dir: &Path) {
 }
 
 /// Backs up `data` from `home` and expects every pack to reach its copies.
-fn backup_placed(home: &Path, data: &Path) -> serde_json::Value {
+pub(super) fn backup_placed(home: &Path, data: &Path) -> serde_json::Value {
     let r = json(&ok(pluto(home).args(["--json", "backup"]).arg(data)));
     let up = &r["upload"];
     assert!(up["packs"].as_u64().unwrap() >= 3, "{r}");
