@@ -6,6 +6,10 @@
 //! Bounded by bytes (`answer_cache_bytes`) and by time (an answer is kept
 //! for the replay window; after it, the replay guard refuses the request as
 //! stale anyway). Answers leave in the order they were put.
+//!
+//! An answer is sent again at most once: anyone on the broker can copy a
+//! request, and re-publishing it a hundred times must not push a hundred
+//! answers to its sender.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -14,8 +18,20 @@ use pluto_plugins_api::NodeId;
 /// A request: its sender and nonce.
 type RequestKey = (NodeId, [u8; 16]);
 
-/// An answer kept: the request's digest, the signed reply, when it lapses.
-type Answer = ([u8; 32], Vec<u8>, u64);
+/// An answer kept: the request's digest, the signed reply, when it lapses,
+/// whether it was sent again already.
+type Answer = ([u8; 32], Vec<u8>, u64, bool);
+
+/// What to do with a request, by what was answered before.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Kept {
+    /// Not answered yet (or its answer lapsed, or another request).
+    New,
+    /// Answered: send this again.
+    Again(Vec<u8>),
+    /// Answered and sent again already: nothing more.
+    Spent,
+}
 
 /// The answers kept.
 #[derive(Debug)]
@@ -38,19 +54,24 @@ impl Answers {
     }
 
     /// The answer to `from`'s request `nonce`, when that very request
-    /// (same digest) was answered and the answer has not lapsed.
+    /// (same digest) was answered, the answer has not lapsed and was not
+    /// sent again already.
     pub(crate) fn get(
-        &self,
+        &mut self,
         from: &NodeId,
         nonce: &[u8; 16],
         request: &[u8; 32],
         now: u64,
-    ) -> Option<Vec<u8>> {
-        match self.map.get(&(*from, *nonce)) {
-            Some((digest, reply, expiry)) if digest == request && *expiry > now => {
-                Some(reply.clone())
+    ) -> Kept {
+        match self.map.get_mut(&(*from, *nonce)) {
+            Some((digest, reply, expiry, again)) if digest == request && *expiry > now => {
+                if std::mem::replace(again, true) {
+                    Kept::Spent
+                } else {
+                    Kept::Again(reply.clone())
+                }
             }
-            _ => None,
+            _ => Kept::New,
         }
     }
 
@@ -74,12 +95,12 @@ impl Answers {
                 break;
             }
             self.order.pop_front();
-            if let Some((_, r, _)) = self.map.remove(&key) {
+            if let Some((_, r, _, _)) = self.map.remove(&key) {
                 self.bytes -= r.len();
             }
         }
         self.bytes += reply.len();
-        if let Some((_, old, _)) = self.map.insert(key, (request, reply, expiry)) {
+        if let Some((_, old, _, _)) = self.map.insert(key, (request, reply, expiry, false)) {
             self.bytes -= old.len();
         }
         self.order.push_back((key, expiry));
@@ -105,20 +126,33 @@ mod tests {
         let mut a = Answers::new(1000);
         a.put(key(1), [1; 32], b"reply".to_vec(), 200, 100);
         assert_eq!(
-            a.get(&key(1).0, &key(1).1, &[1; 32], 150),
-            Some(b"reply".to_vec())
-        );
-        assert_eq!(
             a.get(&key(1).0, &key(1).1, &[2; 32], 150),
-            None,
+            Kept::New,
             "another request"
         );
         assert_eq!(
             a.get(&key(2).0, &key(1).1, &[1; 32], 150),
-            None,
+            Kept::New,
             "another sender"
         );
-        assert_eq!(a.get(&key(1).0, &key(1).1, &[1; 32], 200), None, "lapsed");
+        assert_eq!(
+            a.get(&key(1).0, &key(1).1, &[1; 32], 200),
+            Kept::New,
+            "lapsed"
+        );
+    }
+
+    #[test]
+    fn an_answer_is_sent_again_once() {
+        let mut a = Answers::new(1000);
+        a.put(key(1), [1; 32], b"reply".to_vec(), 200, 100);
+        assert_eq!(
+            a.get(&key(1).0, &key(1).1, &[1; 32], 150),
+            Kept::Again(b"reply".to_vec())
+        );
+        for _ in 0..100 {
+            assert_eq!(a.get(&key(1).0, &key(1).1, &[1; 32], 150), Kept::Spent);
+        }
     }
 
     #[test]
@@ -130,14 +164,17 @@ mod tests {
         assert_eq!(a.bytes(), 8);
         assert_eq!(
             a.get(&key(1).0, &key(1).1, &[1; 32], 1),
-            None,
+            Kept::New,
             "the oldest left"
         );
-        assert!(a.get(&key(3).0, &key(3).1, &[3; 32], 1).is_some());
+        assert!(matches!(
+            a.get(&key(3).0, &key(3).1, &[3; 32], 1),
+            Kept::Again(_)
+        ));
         // An answer bigger than the budget is not kept, and pushes nothing out.
         a.put(key(4), [4; 32], vec![4; 11], 1000, 0);
-        assert_eq!(a.get(&key(4).0, &key(4).1, &[4; 32], 1), None);
-        assert!(a.get(&key(3).0, &key(3).1, &[3; 32], 1).is_some());
+        assert_eq!(a.get(&key(4).0, &key(4).1, &[4; 32], 1), Kept::New);
+        assert!(a.map.contains_key(&key(3)));
         assert_eq!(a.bytes(), 8);
     }
 

@@ -88,12 +88,17 @@ pub struct Coordinator {
     pub(crate) books: Arc<dyn BooksStore>,
     pub(crate) config: CoordinatorConfig,
     pub(crate) guard: Mutex<ReplayGuard>,
+    /// Hello and Auth, apart from the rest (see the router).
+    pub(crate) handshake_guard: Mutex<ReplayGuard>,
     pub(crate) answers: Mutex<Answers>,
     pub(crate) sessions: Mutex<Sessions>,
     pub(crate) relay: Mutex<TokenBuckets>,
     pub(crate) audits: Mutex<Audits>,
     /// Standing is read, changed and written back under this lock.
     pub(crate) standing: tokio::sync::Mutex<()>,
+    /// Whether the channel's presence notices can be believed (the broker
+    /// lets a node publish on its own presence topic only).
+    presence_trusted: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -117,10 +122,20 @@ impl Coordinator {
             identity,
             exchange,
             books,
-            guard: Mutex::new(ReplayGuard::new(config.window_ms, config.replay_capacity)),
+            guard: Mutex::new(ReplayGuard::with_sender_limit(
+                config.window_ms,
+                config.replay_capacity,
+                config.replay_per_sender,
+            )),
+            handshake_guard: Mutex::new(ReplayGuard::with_sender_limit(
+                config.window_ms,
+                config.max_challenges.saturating_mul(2),
+                config.challenges_per_node.saturating_mul(4),
+            )),
             answers: Mutex::new(Answers::new(config.answer_cache_bytes)),
             sessions: Mutex::new(Sessions::new(
                 config.max_challenges,
+                config.challenges_per_node,
                 config.challenge_ttl_ms,
             )),
             relay: Mutex::new(TokenBuckets::new(
@@ -129,6 +144,7 @@ impl Coordinator {
             )),
             audits: Mutex::new(Audits::new(&config)),
             standing: tokio::sync::Mutex::new(()),
+            presence_trusted: std::sync::atomic::AtomicBool::new(false),
             config,
         }
     }
@@ -141,6 +157,22 @@ impl Coordinator {
     /// The coordinator's identity, which nodes pin.
     pub fn id(&self) -> NodeId {
         NodeId(self.identity.verifying_key().to_bytes())
+    }
+
+    /// Believe the channel's presence notices (a node's will: "offline"):
+    /// only when the broker confines each node's presence topic to that
+    /// node's own authenticated connection, as the embedded broker with
+    /// logins does. Otherwise (the default) anyone could publish them, and
+    /// a node goes offline only when the sweeper finds it silent.
+    pub fn trust_presence(&self, trusted: bool) {
+        self.presence_trusted
+            .store(trusted, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// See [`Coordinator::trust_presence`].
+    pub fn presence_trusted(&self) -> bool {
+        self.presence_trusted
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The coordinator's X25519 public key.

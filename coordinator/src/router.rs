@@ -2,8 +2,10 @@
 //! that handles it, and seals and signs what comes back.
 //!
 //! ```text
-//! handle: verify -> addressed to us? topic names the signer? -> answered already? (Answers)
-//!         -> fresh? (ReplayGuard) -> open -> dispatch
+//! handle: verify -> addressed to us? topic names the signer? -> answered already? (Answers:
+//!         sent again once, then dropped) -> registered? (anything but Hello/Auth)
+//!         -> fresh? (ReplayGuard: handshakes and the rest apart, a share per sender)
+//!         -> open (sealed to us: everything but the Hello) -> dispatch
 //! dispatch:  Hello, Auth               -> sessions      (before authentication)
 //!            Relay                     -> relay         (passed on to another node)
 //!            Audit, Proof              -> audits        (answered later, or to someone else)
@@ -18,12 +20,16 @@
 //! and audits go to someone else or later, and are not kept.
 
 use pluto_plugins_api::{NodeId, NodeRecord, ReplicaRecord, StoreError};
-use pluto_protocol::{Envelope, ErrorCode, Message};
+use pluto_protocol::{Envelope, ErrorCode, Message, SEALED_BIT};
 use rand_core::CryptoRngCore;
 
+use crate::answers::Kept;
 use crate::coordinator::{error, lock, Reply};
 use crate::matching::Want;
 use crate::{Coordinator, Outgoing, Rejected, ANY_COORDINATOR};
+
+/// The kind of [`Message::Auth`].
+const AUTH_KIND: u8 = 3;
 
 /// Where a message's answer goes.
 enum Routed {
@@ -59,24 +65,60 @@ impl Coordinator {
                 });
             }
         }
-        // The same request again (its answer was lost): the same answer.
+        // The same request again (its answer was lost): the same answer,
+        // once; a request copied and re-published by someone else gets no
+        // more.
         let digest = *blake3::hash(bytes).as_bytes();
-        if let Some(reply) = lock(&self.answers).get(&env.from, &env.nonce, &digest, now_ms) {
-            return Ok(Some(Outgoing {
-                to: env.from,
-                bytes: reply,
-            }));
+        match lock(&self.answers).get(&env.from, &env.nonce, &digest, now_ms) {
+            Kept::Again(reply) => {
+                return Ok(Some(Outgoing {
+                    to: env.from,
+                    bytes: reply,
+                }))
+            }
+            Kept::Spent => return Ok(None),
+            Kept::New => {}
         }
-        lock(&self.guard)
+        // Keys nobody registered may only shake hands, and what they send
+        // is remembered apart: fresh keys cost nothing, and must not crowd
+        // registered nodes out of the replay guard.
+        let kind = env.kind & !SEALED_BIT;
+        let handshake = kind == Message::Hello.kind() || kind == AUTH_KIND;
+        let node = if handshake {
+            None
+        } else {
+            match self.books.node(&env.from).await? {
+                Some(node) => Some(node),
+                None => {
+                    let reply = error(ErrorCode::Unauthenticated, "authenticate first");
+                    return self
+                        .envelope_to(&env.from, Some(env.nonce), &reply, now_ms, rng)
+                        .await;
+                }
+            }
+        };
+        let guard = if handshake {
+            &self.handshake_guard
+        } else {
+            &self.guard
+        };
+        lock(guard)
             .check(&env, now_ms)
             .map_err(|r| Rejected::NotFresh(env.from, r))?;
+        // Everything but the Hello is sealed to us: on the broker only the
+        // envelope's header can be read.
         let msg = if env.is_private() {
             env.open_private(&self.exchange).map_err(|e| e.to_string())
-        } else {
+        } else if kind == Message::Hello.kind() {
             env.message().map_err(|e| e.to_string())
+        } else {
+            Err("requests must be sealed to the coordinator's exchange key".to_string())
         };
         let reply = match msg {
-            Ok(m) => match self.dispatch(&env.from, env.nonce, m, now_ms, rng).await? {
+            Ok(m) => match self
+                .dispatch(&env.from, node, env.nonce, m, now_ms, rng)
+                .await?
+            {
                 Routed::Answer(reply) => reply,
                 Routed::Direct(out) => return Ok(out),
             },
@@ -98,10 +140,12 @@ impl Coordinator {
         Ok(Some(out))
     }
 
-    /// Sends a message to its handler.
+    /// Sends a message to its handler; `node` is the sender's record
+    /// (None for a handshake).
     async fn dispatch(
         &self,
         from: &NodeId,
+        node: Option<NodeRecord>,
         nonce: [u8; 16],
         msg: Message,
         now_ms: u64,
@@ -129,7 +173,7 @@ impl Coordinator {
                 Direct(self.proof(from, &challenge, answer, now_ms, rng).await?)
             }
             // Everything else: only from registered nodes.
-            other => match self.books.node(from).await? {
+            other => match node {
                 Some(node) => Answer(self.registered(&node, other, now_ms, rng).await?),
                 None => Answer(error(ErrorCode::Unauthenticated, "authenticate first")),
             },

@@ -4,7 +4,7 @@
 //! ```text
 //! serve (supervisor)
 //!  +-- messages: next_event --> JoinSet (at most max_in_flight) --> handle --> send
-//!  |             presence "offline" --> books
+//!  |             presence "offline" (when the broker confines it) --> books
 //!  +-- sweeper:  every sweep_ms          --> sweep (lapsed reservations, silent nodes)
 //!  +-- auditor:  every audit_tick_ms     --> audit_tick --> send challenges
 //!  +-- standing: every standing_every_ms --> refresh_standing
@@ -124,16 +124,23 @@ async fn messages(
                     }
                 });
             }
-            // Presence notices are unauthenticated hints: only "offline" for
-            // a registered node is taken (its next heartbeat, which is
-            // signed, brings it back online).
-            ChannelEvent::Presence { node, payload } if payload == b"offline" => {
+            // A presence notice is believed only when the broker confines
+            // each node's presence topic to the node's own connection: then
+            // "offline" is the node's will (its next heartbeat, which is
+            // signed, brings it back). Otherwise anyone could publish it,
+            // and the sweeper alone finds nodes gone silent.
+            ChannelEvent::Presence { node, payload }
+                if payload == b"offline" && coordinator.presence_trusted() =>
+            {
                 let books = books.clone();
                 handling.spawn(async move { offline(&*books, node).await });
             }
             ChannelEvent::Connected => tracing::info!("channel connected"),
             ChannelEvent::Disconnected(why) | ChannelEvent::Refused(why) => {
                 tracing::warn!("channel: {why}; reconnecting")
+            }
+            ChannelEvent::Denied(why) => {
+                tracing::error!("channel: {why}; nodes cannot reach this coordinator until the broker lets it in")
             }
             _ => {}
         }

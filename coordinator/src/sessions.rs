@@ -1,17 +1,19 @@
 //! Login sessions: the handshake that proves a node holds its key.
 //!
 //! ```text
-//! node --Hello--> coordinator: a fresh 32-byte challenge, for this node, until now + challenge_ttl_ms
-//! node --Auth { challenge, exchange key, offer }--> coordinator:
+//! node --Hello--> coordinator: a fresh 32-byte challenge, for this node, until now + challenge_ttl_ms,
+//!      and the coordinator's exchange key (everything after the Hello is sealed to it)
+//! node --Auth { challenge, exchange key, offer } (sealed)--> coordinator:
 //!      the challenge is taken (whoever sends it); it must be this node's and not lapsed
 //!      -> registered in the books -> Welcome { coordinator's exchange key, heartbeat }
 //! ```
 //!
 //! The envelope's signature is the proof of key; the challenge makes the
-//! proof fresh. At most `max_challenges` are outstanding; lapsed ones are
-//! forgotten when the next is issued.
+//! proof fresh. At most `max_challenges` are outstanding, and at most
+//! `challenges_per_node` for one key (its oldest gives way to its newest);
+//! lapsed ones are forgotten when the table is full.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use pluto_plugins_api::NodeId;
 use pluto_protocol::{ErrorCode, Message};
@@ -24,50 +26,87 @@ use crate::{Coordinator, Rejected};
 #[derive(Debug)]
 pub(crate) struct Sessions {
     pending: HashMap<[u8; 32], (NodeId, u64)>,
+    /// Each node's outstanding challenges, oldest first.
+    by_node: HashMap<NodeId, VecDeque<[u8; 32]>>,
     capacity: usize,
+    per_node: usize,
     ttl_ms: u64,
 }
 
 impl Sessions {
-    /// At most `capacity` outstanding, each answerable for `ttl_ms`.
-    pub(crate) fn new(capacity: usize, ttl_ms: u64) -> Self {
+    /// At most `capacity` outstanding, `per_node` of them for one node, each
+    /// answerable for `ttl_ms`.
+    pub(crate) fn new(capacity: usize, per_node: usize, ttl_ms: u64) -> Self {
         Self {
             pending: HashMap::new(),
+            by_node: HashMap::new(),
             capacity,
+            per_node: per_node.max(1),
             ttl_ms,
         }
     }
 
-    /// A fresh challenge for `from`, or `None` when too many are outstanding.
+    /// A fresh challenge for `from`, or `None` when too many are
+    /// outstanding. A node that asks again past its share gives up its
+    /// oldest challenge: one key asking fast fills nothing but its own.
     pub(crate) fn challenge(
         &mut self,
         from: NodeId,
         now_ms: u64,
         rng: &mut (impl RngCore + ?Sized),
     ) -> Option<[u8; 32]> {
-        // Lapsed ones go; so does the excess of those a clock that stepped
-        // back left far ahead.
         let expiry = now_ms.saturating_add(self.ttl_ms);
-        self.pending.retain(|_, (_, e)| {
-            *e = (*e).min(expiry);
-            *e > now_ms
-        });
         if self.pending.len() >= self.capacity {
+            // Lapsed ones go; so does the excess of those a clock that
+            // stepped back left far ahead.
+            self.pending.retain(|_, (_, e)| {
+                *e = (*e).min(expiry);
+                *e > now_ms
+            });
+            let pending = &self.pending;
+            self.by_node.retain(|_, q| {
+                q.retain(|c| pending.contains_key(c));
+                !q.is_empty()
+            });
+        }
+        let mine = self.by_node.entry(from).or_default();
+        while mine.len() >= self.per_node {
+            if let Some(old) = mine.pop_front() {
+                self.pending.remove(&old);
+            }
+        }
+        if self.pending.len() >= self.capacity {
+            if mine.is_empty() {
+                self.by_node.remove(&from);
+            }
             return None;
         }
         let mut challenge = [0u8; 32];
         rng.fill_bytes(&mut challenge);
         self.pending.insert(challenge, (from, expiry));
+        mine.push_back(challenge);
         Some(challenge)
     }
 
     /// Takes `challenge` (it is used up whoever presents it); true when it
     /// was issued to `from` and has not lapsed.
     pub(crate) fn redeem(&mut self, challenge: &[u8; 32], from: &NodeId, now_ms: u64) -> bool {
-        matches!(
-            self.pending.remove(challenge),
-            Some((node, expiry)) if node == *from && expiry > now_ms
-        )
+        let Some((node, expiry)) = self.pending.remove(challenge) else {
+            return false;
+        };
+        if let Some(q) = self.by_node.get_mut(&node) {
+            q.retain(|c| c != challenge);
+            if q.is_empty() {
+                self.by_node.remove(&node);
+            }
+        }
+        node == *from && expiry > now_ms
+    }
+
+    /// Challenges outstanding.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.pending.len()
     }
 }
 
@@ -75,7 +114,10 @@ impl Coordinator {
     /// `Hello`: a challenge to sign.
     pub(crate) fn hello(&self, from: &NodeId, now_ms: u64, rng: &mut impl RngCore) -> Reply {
         match lock(&self.sessions).challenge(*from, now_ms, rng) {
-            Some(challenge) => public(Message::Challenge { challenge }),
+            Some(challenge) => public(Message::Challenge {
+                challenge,
+                exchange_key: Some(self.exchange_key()),
+            }),
             None => error(ErrorCode::Busy, "too many handshakes at once"),
         }
     }
@@ -120,7 +162,7 @@ mod tests {
     #[test]
     fn a_challenge_is_for_one_node_once_until_it_lapses() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        let mut s = Sessions::new(10, 1000);
+        let mut s = Sessions::new(10, 4, 1000);
         let c = s.challenge(A, 0, &mut rng).unwrap();
         assert!(!s.redeem(&c, &B, 10), "stolen");
         assert!(!s.redeem(&c, &A, 10), "used up by the thief's try");
@@ -134,7 +176,7 @@ mod tests {
     #[test]
     fn bounded_and_lapsed_ones_make_room() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(2);
-        let mut s = Sessions::new(2, 1000);
+        let mut s = Sessions::new(2, 4, 1000);
         assert!(s.challenge(A, 0, &mut rng).is_some());
         assert!(s.challenge(B, 0, &mut rng).is_some());
         assert!(s.challenge(A, 999, &mut rng).is_none());
@@ -142,9 +184,31 @@ mod tests {
     }
 
     #[test]
+    fn one_key_asking_fast_fills_only_its_own_share() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let mut s = Sessions::new(100, 3, 60_000);
+        let mut last = Vec::new();
+        for t in 0..10_000 {
+            last.push(s.challenge(A, t, &mut rng).unwrap());
+        }
+        assert_eq!(s.len(), 3, "A holds its share only");
+        assert_eq!(s.by_node.len(), 1);
+        // Its newest still work; its oldest gave way.
+        assert!(!s.redeem(&last[0], &A, 10_000));
+        assert!(s.redeem(&last[9_999], &A, 10_000));
+        // Everyone else is served.
+        for n in 0..90u8 {
+            assert!(s
+                .challenge(NodeId([n + 10; 32]), 10_000, &mut rng)
+                .is_some());
+        }
+        assert_eq!(s.len(), 92);
+    }
+
+    #[test]
     fn a_clock_that_steps_back_keeps_challenges_no_longer_than_their_time() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        let mut s = Sessions::new(1, 1000);
+        let mut s = Sessions::new(1, 4, 1000);
         assert!(s.challenge(A, 10_000_000, &mut rng).is_some());
         // An hour back: the old one counts as issued now, and lapses in time.
         assert!(s.challenge(B, 10_000_000 - 3_600_000, &mut rng).is_none());

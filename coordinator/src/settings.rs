@@ -38,10 +38,16 @@ pub struct CoordinatorConfig {
     pub window_ms: u64,
     /// How many nonces the replay guard remembers at most.
     pub replay_capacity: usize,
+    /// How many of them one sender may hold: no key can fill the guard.
+    pub replay_per_sender: usize,
     /// How long a challenge may be answered.
     pub challenge_ttl_ms: u64,
     /// How many challenges may be outstanding.
     pub max_challenges: usize,
+    /// How many of them one key may hold (its oldest gives way to its
+    /// newest). Handshakes have a replay guard of their own, of twice
+    /// `max_challenges` nonces, four times this many per key.
+    pub challenges_per_node: usize,
     /// How often nodes must send a heartbeat.
     pub heartbeat_ms: u64,
     /// Most replicas one request may ask for.
@@ -74,8 +80,13 @@ pub struct CoordinatorConfig {
     /// How often the scheduler looks for audits that are due, and for
     /// answers that are late.
     pub audit_tick_ms: u64,
-    /// Most audits outstanding at once.
+    /// Most audits outstanding at once. Audits owners ask for may take
+    /// half of them at most: the scheduled ones always find room.
     pub max_audits: usize,
+    /// Most audits one owner's requests may have outstanding.
+    pub audits_per_owner: usize,
+    /// Most audits outstanding on one storer.
+    pub audits_per_storer: usize,
     /// Audits one owner may ask for per second, and in a burst.
     pub owner_audits_per_s: u64,
     /// See `owner_audits_per_s`.
@@ -123,8 +134,10 @@ impl Default for CoordinatorConfig {
         Self {
             window_ms: 120_000,
             replay_capacity: 1_000_000,
+            replay_per_sender: 50_000,
             challenge_ttl_ms: 60_000,
             max_challenges: 100_000,
+            challenges_per_node: 4,
             heartbeat_ms: 30_000,
             max_copies: 8,
             reservation_ttl_ms: 3_600_000,
@@ -140,6 +153,8 @@ impl Default for CoordinatorConfig {
             storer_audit_every_ms: 3_600_000,
             audit_tick_ms: 5_000,
             max_audits: 100_000,
+            audits_per_owner: 1_000,
+            audits_per_storer: 64,
             owner_audits_per_s: 100,
             owner_audit_burst: 10_000,
             audit_lambda: 0.99,
@@ -357,11 +372,15 @@ impl CoordinatorConfig {
         }
         for (setting, value) in [
             ("replay_capacity", c.replay_capacity as u64),
+            ("replay_per_sender", c.replay_per_sender as u64),
             ("max_challenges", c.max_challenges as u64),
+            ("challenges_per_node", c.challenges_per_node as u64),
             ("max_copies", u64::from(c.max_copies)),
             ("relay_bytes_per_s", c.relay_bytes_per_s),
             ("audit_bytes", c.audit_bytes),
             ("max_audits", c.max_audits as u64),
+            ("audits_per_owner", c.audits_per_owner as u64),
+            ("audits_per_storer", c.audits_per_storer as u64),
             ("owner_audits_per_s", c.owner_audits_per_s),
             ("owner_audit_burst", c.owner_audit_burst),
             ("max_in_flight", c.max_in_flight as u64),

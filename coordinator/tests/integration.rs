@@ -3,6 +3,8 @@
 
 #[path = "integration/audits.rs"]
 mod audits;
+#[path = "integration/hardening.rs"]
+mod hardening;
 #[path = "integration/serve.rs"]
 mod serve;
 
@@ -32,10 +34,25 @@ impl Node {
     fn id(&self) -> NodeId {
         NodeId(self.key.verifying_key().to_bytes())
     }
-    fn envelope(&self, to: NodeId, now: u64, msg: &Message) -> (Vec<u8>, [u8; 16]) {
+    /// `msg` to `to`, signed, and sealed to `net`'s coordinator as a node
+    /// seals everything but its Hello.
+    fn envelope(&self, net: &Net, to: NodeId, now: u64, msg: &Message) -> (Vec<u8>, [u8; 16]) {
         let mut nonce = [0u8; 16];
         OsRng.fill_bytes(&mut nonce);
-        let env = Envelope::new(&self.key, to, now, nonce, None, msg);
+        let env = match msg {
+            Message::Hello => Envelope::new(&self.key, to, now, nonce, None, msg),
+            _ => Envelope::new_private(
+                &self.key,
+                to,
+                &net.c.exchange_key(),
+                now,
+                nonce,
+                None,
+                msg,
+                &mut OsRng,
+            )
+            .unwrap(),
+        };
         (env.sign(&self.key).unwrap(), nonce)
     }
 }
@@ -96,7 +113,7 @@ async fn net_with(config: CoordinatorConfig) -> Net {
 /// signed by the coordinator, addressed to the node, answering the request,
 /// and opened when private.
 async fn ask(net: &Net, node: &Node, now: u64, msg: &Message) -> Message {
-    let (bytes, nonce) = node.envelope(net.c.id(), now, msg);
+    let (bytes, nonce) = node.envelope(&net, net.c.id(), now, msg);
     let out = net
         .c
         .handle(Some(node.id()), &bytes, now, &mut OsRng)
@@ -123,7 +140,7 @@ async fn authenticate(net: &Net, node: &Node, offer: u64, now: u64) {
 
 /// Authenticates only, as a command does.
 async fn register(net: &Net, node: &Node, offer: u64, now: u64) {
-    let Message::Challenge { challenge } = ask(net, node, now, &Message::Hello).await else {
+    let Message::Challenge { challenge, .. } = ask(net, node, now, &Message::Hello).await else {
         panic!("no challenge")
     };
     let auth = Message::Auth {
@@ -185,7 +202,7 @@ async fn challenges_cannot_be_reused_stolen_or_skipped() {
         ErrorCode::Unauthenticated
     );
     // B answering the challenge issued to A.
-    let Message::Challenge { challenge } = ask(&net, &a, T, &Message::Hello).await else {
+    let Message::Challenge { challenge, .. } = ask(&net, &a, T, &Message::Hello).await else {
         panic!()
     };
     let stolen = Message::Auth {
@@ -208,7 +225,7 @@ async fn challenges_cannot_be_reused_stolen_or_skipped() {
         ErrorCode::Unauthenticated
     );
     // An expired challenge.
-    let Message::Challenge { challenge } = ask(&net, &a, T, &Message::Hello).await else {
+    let Message::Challenge { challenge, .. } = ask(&net, &a, T, &Message::Hello).await else {
         panic!()
     };
     let late = T + CoordinatorConfig::default().challenge_ttl_ms + 1;
@@ -229,7 +246,7 @@ async fn forged_replayed_and_misaddressed_envelopes_get_no_reply() {
     let net = net().await;
     let (a, b) = (Node::new(), Node::new());
     authenticate(&net, &a, 1000, T).await;
-    let (bytes, nonce) = a.envelope(net.c.id(), T, &Message::Heartbeat);
+    let (bytes, nonce) = a.envelope(&net, net.c.id(), T, &Message::Heartbeat);
     let first = net
         .c
         .handle(Some(a.id()), &bytes, T, &mut OsRng)
@@ -259,43 +276,48 @@ async fn forged_replayed_and_misaddressed_envelopes_get_no_reply() {
         .await;
     assert!(matches!(r, Err(Rejected::NotFresh(..))), "{r:?}");
     // Stale and future-dated.
-    let (old, _) = a.envelope(net.c.id(), T - 10 * 60_000, &Message::Heartbeat);
+    let (old, _) = a.envelope(&net, net.c.id(), T - 10 * 60_000, &Message::Heartbeat);
     assert!(matches!(
         net.c.handle(Some(a.id()), &old, T, &mut OsRng).await,
         Err(Rejected::NotFresh(..))
     ));
-    let (future, _) = a.envelope(net.c.id(), T + 10 * 60_000, &Message::Heartbeat);
+    let (future, _) = a.envelope(&net, net.c.id(), T + 10 * 60_000, &Message::Heartbeat);
     assert!(matches!(
         net.c.handle(Some(a.id()), &future, T, &mut OsRng).await,
         Err(Rejected::NotFresh(..))
     ));
     // Signed by A, published on B's topic: one node speaking about another.
-    let (bytes, _) = a.envelope(net.c.id(), T, &Message::Heartbeat);
+    let (bytes, _) = a.envelope(&net, net.c.id(), T, &Message::Heartbeat);
     assert!(matches!(
         net.c.handle(Some(b.id()), &bytes, T, &mut OsRng).await,
         Err(Rejected::SenderMismatch { .. })
     ));
     // A first Hello may go to "any coordinator"; nothing else may.
-    let (hello, _) = a.envelope(pluto_coordinator::ANY_COORDINATOR, T, &Message::Hello);
+    let (hello, _) = a.envelope(&net, pluto_coordinator::ANY_COORDINATOR, T, &Message::Hello);
     assert!(net
         .c
         .handle(Some(a.id()), &hello, T, &mut OsRng)
         .await
         .unwrap()
         .is_some());
-    let (hb, _) = a.envelope(pluto_coordinator::ANY_COORDINATOR, T, &Message::Heartbeat);
+    let (hb, _) = a.envelope(
+        &net,
+        pluto_coordinator::ANY_COORDINATOR,
+        T,
+        &Message::Heartbeat,
+    );
     assert!(matches!(
         net.c.handle(Some(a.id()), &hb, T, &mut OsRng).await,
         Err(Rejected::WrongRecipient(_))
     ));
     // Addressed to another coordinator.
-    let (bytes, _) = a.envelope(b.id(), T, &Message::Heartbeat);
+    let (bytes, _) = a.envelope(&net, b.id(), T, &Message::Heartbeat);
     assert!(matches!(
         net.c.handle(Some(a.id()), &bytes, T, &mut OsRng).await,
         Err(Rejected::WrongRecipient(_))
     ));
     // A bad signature, garbage, an oversized payload.
-    let (mut bytes, _) = a.envelope(net.c.id(), T, &Message::Heartbeat);
+    let (mut bytes, _) = a.envelope(&net, net.c.id(), T, &Message::Heartbeat);
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
     assert!(matches!(
@@ -422,7 +444,7 @@ async fn match_replies_are_private_and_offers_cannot_drop_below_use() {
         friend_copies: 0,
         exclude: vec![],
     };
-    let (bytes, _) = a.envelope(net.c.id(), T, &req);
+    let (bytes, _) = a.envelope(&net, net.c.id(), T, &req);
     let out = net
         .c
         .handle(Some(a.id()), &bytes, T, &mut OsRng)
@@ -500,7 +522,7 @@ async fn a_repeated_match_request_reserves_once() {
         friend_copies: 0,
         exclude: vec![],
     };
-    let (bytes, _) = a.envelope(net.c.id(), T, &req);
+    let (bytes, _) = a.envelope(&net, net.c.id(), T, &req);
     let first = net.c.handle(Some(a.id()), &bytes, T, &mut OsRng).await;
     let second = net
         .c
@@ -668,6 +690,7 @@ async fn relay_passes_payloads_on_within_each_nodes_rate() {
     authenticate(&net, &b, 1000, T).await;
     let relay = |from: &Node, to: NodeId, now: u64, n: usize| {
         from.envelope(
+            &net,
             net.c.id(),
             now,
             &Message::Relay {

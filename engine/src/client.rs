@@ -20,8 +20,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::SigningKey;
 use pluto_plugins_api::{
-    connect_channel, ChannelError, ChannelEvent, ChannelOptions, ChannelRole, ControlChannel,
-    NodeId, RelayCarrier, TransportError,
+    connect_channel, ChannelError, ChannelEvent, ChannelOptions, ChannelRole, ChannelSigner,
+    ControlChannel, NodeId, RelayCarrier, TransportError,
 };
 use pluto_protocol::{exchange_public, Envelope, ErrorCode, Message, ReplayGuard, MAX_ENVELOPE};
 use rand_core::{OsRng, RngCore};
@@ -55,6 +55,14 @@ pub enum ClientError {
     /// Nothing accepts connections at the URL (refused, or no route).
     #[error("cannot connect to {url}: {why} (is the coordinator running, and is the URL right?)")]
     Unreachable {
+        /// Where.
+        url: String,
+        /// The channel's words.
+        why: String,
+    },
+    /// The broker turned this node away (its login or a subscription).
+    #[error("the broker at {url} turned this node away: {why}")]
+    Denied {
         /// Where.
         url: String,
         /// The channel's words.
@@ -95,6 +103,7 @@ impl ClientError {
         match self {
             Self::Channel(ChannelError::UnknownScheme(..) | ChannelError::BadUrl(..))
             | Self::KeyChanged { .. }
+            | Self::Denied { .. }
             | Self::BadPin(_) => false,
             Self::Channel(_)
             | Self::Unreachable { .. }
@@ -137,6 +146,9 @@ struct Shared {
     exchange: StaticSecret,
     me: NodeId,
     coordinator: Mutex<NodeId>,
+    /// The coordinator's X25519 key, once its challenge said it: every
+    /// message after the Hello is sealed to it.
+    sealing: Mutex<Option<[u8; 32]>>,
     guard: Mutex<ReplayGuard>,
     pending: Mutex<Pending>,
     /// The last answer signed by another key than the pinned one.
@@ -151,6 +163,30 @@ struct Shared {
 impl Shared {
     fn coordinator(&self) -> NodeId {
         *lock(&self.coordinator)
+    }
+
+    /// `msg` to `to`, signed, and sealed to the coordinator once its key is
+    /// known (a Hello never is: it goes out before).
+    fn envelope(&self, to: NodeId, nonce: [u8; 16], msg: &Message) -> Result<Vec<u8>, String> {
+        let sealing = match msg {
+            Message::Hello => None,
+            _ => *lock(&self.sealing),
+        };
+        let env = match sealing {
+            Some(key) => Envelope::new_private(
+                &self.identity,
+                to,
+                &key,
+                now_ms(),
+                nonce,
+                None,
+                msg,
+                &mut OsRng,
+            )
+            .map_err(|e| e.to_string())?,
+            None => Envelope::new(&self.identity, to, now_ms(), nonce, None, msg),
+        };
+        env.sign(&self.identity).map_err(|e| e.to_string())
     }
 
     /// Handles one payload from the channel.
@@ -214,6 +250,18 @@ impl Shared {
     }
 }
 
+/// The node's identity key, logging in to a broker that checks keys.
+struct KeySigner(SigningKey);
+
+impl ChannelSigner for KeySigner {
+    fn id(&self) -> NodeId {
+        NodeId(self.0.verifying_key().to_bytes())
+    }
+    fn sign(&self, message: &[u8]) -> [u8; 64] {
+        ed25519_dalek::Signer::sign(&self.0, message).to_bytes()
+    }
+}
+
 /// An authenticated session with the coordinator. Requests may run
 /// concurrently from several tasks.
 pub struct CoordinatorClient {
@@ -263,6 +311,7 @@ impl CoordinatorClient {
             ChannelOptions {
                 role: ChannelRole::Node { id, will, hello },
                 max_payload: MAX_ENVELOPE,
+                signer: Some(Arc::new(KeySigner(keys.identity.clone()))),
             },
         )
         .await?
@@ -275,6 +324,12 @@ impl CoordinatorClient {
                     ChannelEvent::Connected => return Ok(()),
                     ChannelEvent::Refused(why) => {
                         return Err(ClientError::Unreachable {
+                            url: pluto_plugins_api::redact_url(url),
+                            why,
+                        })
+                    }
+                    ChannelEvent::Denied(why) => {
+                        return Err(ClientError::Denied {
                             url: pluto_plugins_api::redact_url(url),
                             why,
                         })
@@ -298,6 +353,7 @@ impl CoordinatorClient {
             exchange: StaticSecret::from(*keys.exchange),
             me: id,
             coordinator: Mutex::new(pinned.unwrap_or(ANY_COORDINATOR)),
+            sealing: Mutex::new(None),
             guard: Mutex::new(ReplayGuard::new(120_000, 100_000)),
             pending: Mutex::new(HashMap::new()),
             other_signer: Mutex::new(None),
@@ -324,21 +380,35 @@ impl CoordinatorClient {
             reader,
             heartbeat: Duration::from_secs(30),
         };
-        let (challenge, signer) = match client
+        let challenge = match client
             .exchange_msg(&Message::Hello, pinned.is_none(), None)
             .await?
         {
-            (Message::Challenge { challenge }, signer) => (challenge, signer),
+            (
+                Message::Challenge {
+                    challenge,
+                    exchange_key,
+                },
+                signer,
+            ) => (challenge, exchange_key, signer),
             (other, _) => return Err(ClientError::Unexpected(format!("{other:?}"))),
         };
+        let (challenge, sealing, signer) = challenge;
         *lock(&client.shared.coordinator) = signer;
+        // A coordinator that predates sealed requests names no key: then
+        // the requests go in the clear, as it expects.
+        *lock(&client.shared.sealing) = sealing;
         let auth = Message::Auth {
             challenge,
             exchange_key: exchange_public(&client.shared.exchange),
             offer,
         };
         match client.request(&auth).await? {
-            Message::Welcome { heartbeat_ms, .. } => {
+            Message::Welcome {
+                heartbeat_ms,
+                exchange_key,
+            } => {
+                *lock(&client.shared.sealing) = Some(exchange_key);
                 client.heartbeat = Duration::from_millis(heartbeat_ms.clamp(1000, 3_600_000));
                 Ok(client)
             }
@@ -379,9 +449,9 @@ impl CoordinatorClient {
         let s = &self.shared;
         let mut nonce = [0u8; 16];
         OsRng.fill_bytes(&mut nonce);
-        let bytes = Envelope::new(&s.identity, s.coordinator(), now_ms(), nonce, None, msg)
-            .sign(&s.identity)
-            .map_err(|e| ClientError::Unexpected(e.to_string()))?;
+        let bytes = s
+            .envelope(s.coordinator(), nonce, msg)
+            .map_err(ClientError::Unexpected)?;
         s.channel.send(None, &bytes).await?;
         Ok(())
     }
@@ -414,10 +484,9 @@ impl CoordinatorClient {
         } else {
             s.coordinator()
         };
-        let env = Envelope::new(&s.identity, to, now_ms(), nonce, None, msg);
-        let bytes = env
-            .sign(&s.identity)
-            .map_err(|e| ClientError::Unexpected(e.to_string()))?;
+        let bytes = s
+            .envelope(to, nonce, msg)
+            .map_err(ClientError::Unexpected)?;
         let (tx, mut rx) = oneshot::channel();
         lock(&s.pending).insert(nonce, (tx, learn));
         let _forget = Forget(s, nonce);
@@ -520,9 +589,9 @@ impl RelayCarrier for Carrier {
         let mut nonce = [0u8; 16];
         OsRng.fill_bytes(&mut nonce);
         let msg = Message::Relay { to: *to, payload };
-        let bytes = Envelope::new(&s.identity, s.coordinator(), now_ms(), nonce, None, &msg)
-            .sign(&s.identity)
-            .map_err(|e| TransportError::Other(e.to_string()))?;
+        let bytes = s
+            .envelope(s.coordinator(), nonce, &msg)
+            .map_err(TransportError::Other)?;
         s.channel
             .send(None, &bytes)
             .await

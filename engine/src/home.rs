@@ -41,6 +41,15 @@ pub enum SettingError {
     /// `pack_size` out of bounds.
     #[error("pack_size {0} is outside 64 KiB..1 GiB; set it between them")]
     PackSize(usize),
+    /// `coordinator` carries a key (`URL#KEY`) that is not one, or that
+    /// `coordinator_key` contradicts.
+    #[error("coordinator = {url:?}: {why}")]
+    CoordinatorKey {
+        /// The URL as written.
+        url: String,
+        /// What is wrong.
+        why: &'static str,
+    },
     /// `placement.copies` out of bounds.
     #[error("placement.copies {0} is outside 1..={MAX_COPIES}; set it between them")]
     Copies(u8),
@@ -336,6 +345,35 @@ impl Default for Config {
 }
 
 impl Config {
+    /// A coordinator URL written as the coordinator prints it
+    /// (`mqtt://HOST:PORT#KEY`) is the URL and `coordinator_key`.
+    fn with_key_from_url(mut self) -> Result<Self, SettingError> {
+        let Some((url, key)) = self
+            .coordinator
+            .as_deref()
+            .and_then(|c| c.split_once('#'))
+            .map(|(u, k)| (u.to_string(), k.to_string()))
+        else {
+            return Ok(self);
+        };
+        let bad = |why| SettingError::CoordinatorKey {
+            url: self.coordinator.clone().unwrap_or_default(),
+            why,
+        };
+        let key: NodeId = key
+            .parse()
+            .map_err(|_| bad("the key after '#' must be 64 hex digits"))?;
+        match self.coordinator_key.as_deref().map(str::parse::<NodeId>) {
+            Some(Ok(pinned)) if pinned != key => {
+                return Err(bad("its key and coordinator_key differ; keep one"))
+            }
+            _ => {}
+        }
+        self.coordinator = Some(url);
+        self.coordinator_key = Some(key.to_hex());
+        Ok(self)
+    }
+
     /// Checks that the values are usable.
     pub fn validate(&self) -> Result<(), SettingError> {
         let c = &self.chunker;
@@ -442,6 +480,12 @@ impl Home {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
             Err(source) => return Err(ConfigError::Read { path, source }),
         };
+        let cfg = cfg
+            .with_key_from_url()
+            .map_err(|source| ConfigError::Invalid {
+                path: path.clone(),
+                source,
+            })?;
         match cfg.validate() {
             Ok(()) => Ok(cfg),
             Err(source) => Err(ConfigError::Invalid { path, source }),
@@ -507,6 +551,35 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_coordinator_url_as_printed_carries_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = Home::new(dir.path());
+        let key = "ab".repeat(32);
+        fs::write(
+            h.config_path(),
+            format!("coordinator = \"mqtt://h:1#{key}\"\n"),
+        )
+        .unwrap();
+        let c = h.load_config().unwrap();
+        assert_eq!(c.coordinator.as_deref(), Some("mqtt://h:1"));
+        assert_eq!(c.coordinator_key.as_deref(), Some(key.as_str()));
+        for (text, want) in [
+            ("coordinator = \"mqtt://h:1#beef\"\n".to_string(), "64 hex"),
+            (
+                format!(
+                    "coordinator = \"mqtt://h:1#{key}\"\ncoordinator_key = \"{}\"\n",
+                    "cd".repeat(32)
+                ),
+                "differ",
+            ),
+        ] {
+            fs::write(h.config_path(), text).unwrap();
+            let e = h.load_config().unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+    }
 
     #[test]
     fn config_round_trip_and_validation() {

@@ -49,6 +49,8 @@ TOML
   --config "$work/coordinator.toml" > "$work/coordinator.out" 2> "$work/coordinator.log" &
 pids+=($!)
 wait_log "$work/coordinator.out" '^pluto-coordinator ' 20
+# The URL nodes join with, carrying the coordinator's key.
+url=$(awk '/^pluto-coordinator /{print $4; exit}' "$work/coordinator.out")
 echo "== $(head -1 "$work/coordinator.out")"
 
 storers=(bob carol dave)

@@ -32,6 +32,8 @@ start_coordinator() {
     > "$work/coordinator.out" 2>> "$work/coordinator.log" &
   coordinator=$!
   for _ in $(seq 100); do grep -q '^pluto-coordinator ' "$work/coordinator.out" && break; sleep 0.1; done
+  # The URL nodes join with, carrying the coordinator's key.
+  url=$(awk '/^pluto-coordinator /{print $4; exit}' "$work/coordinator.out")
   head -1 "$work/coordinator.out"
 }
 start_coordinator

@@ -29,6 +29,8 @@ url=mqtt://127.0.0.1:$port
   > "$work/coordinator.out" 2> "$work/coordinator.log" &
 pids+=($!)
 for _ in $(seq 200); do grep -q '^pluto-coordinator ' "$work/coordinator.out" && break; sleep 0.1; done
+# The URL nodes join with, carrying the coordinator's key.
+url=$(awk '/^pluto-coordinator /{print $4; exit}' "$work/coordinator.out")
 echo "== $(head -1 "$work/coordinator.out")"
 
 for n in alice bob carol; do

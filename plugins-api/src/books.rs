@@ -252,7 +252,10 @@ pub trait BooksStore: Send + Sync {
     async fn set_offer(&self, id: &NodeId, offer: u64) -> Result<bool, StoreError>;
     /// Records that a node was heard from (`online`) or went offline at
     /// `now_ms`. Only changes go to the presence log; a heartbeat from a
-    /// node already online just moves its last-seen time.
+    /// node already online just moves its last-seen time. Going offline
+    /// never moves it: last-seen is when the node itself was last heard
+    /// from, so a goodbye (which anyone could fake) cannot keep a vanished
+    /// node looking recent.
     async fn presence(&self, id: &NodeId, online: bool, now_ms: u64) -> Result<(), StoreError>;
     /// Marks offline, at `now_ms`, every online node last heard from before
     /// `silent_since_ms` (its goodbye was lost, or it came while the

@@ -2,13 +2,19 @@
 //! the coordinator (MQTT by default, NATS later).
 //!
 //! A channel moves opaque bytes addressed by node id, in both directions,
-//! and reports presence; it authenticates nothing. Request/reply, signing,
-//! freshness and privacy live one layer up (the control protocol), so a
-//! broker, and anyone who can publish on it, is an untrusted pipe, and a new
-//! channel plugin only has to move bytes.
+//! and reports presence. Request/reply, signing, freshness and privacy live
+//! one layer up (the control protocol), so a broker, and anyone who can
+//! publish on it, is an untrusted pipe, and a new channel plugin only has
+//! to move bytes.
+//!
+//! A broker may also check who connects, and confine each client to its
+//! own topics: then a channel logs in with [`ChannelOptions::signer`], by
+//! signing [`broker_login_message`] (the embedded broker checks it; see
+//! docs/security.md).
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use crate::NodeId;
 
@@ -56,13 +62,50 @@ pub enum ChannelRole {
     },
 }
 
+/// Proves this end's identity key to a broker that asks for it.
+pub trait ChannelSigner: Send + Sync {
+    /// The id (public key) whose key signs.
+    fn id(&self) -> NodeId;
+    /// An Ed25519 signature of `message` with that key.
+    fn sign(&self, message: &[u8]) -> [u8; 64];
+}
+
+/// What a channel signs to log in to a broker that checks keys: a
+/// domain-separated message binding the connection's client id and the
+/// time of the attempt (ms since the epoch), so that a login seen once
+/// opens no other connection and lapses with the broker's window.
+///
+/// ```text
+/// "pluto broker login v1\0" || time_ms (u64 LE) || client id (UTF-8)
+/// ```
+pub fn broker_login_message(client_id: &str, time_ms: u64) -> Vec<u8> {
+    const CONTEXT: &[u8] = b"pluto broker login v1\0";
+    let mut m = Vec::with_capacity(CONTEXT.len() + 8 + client_id.len());
+    m.extend_from_slice(CONTEXT);
+    m.extend_from_slice(&time_ms.to_le_bytes());
+    m.extend_from_slice(client_id.as_bytes());
+    m
+}
+
 /// Settings of a channel.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ChannelOptions {
     /// This end's role.
     pub role: ChannelRole,
     /// Largest payload sent or accepted.
     pub max_payload: usize,
+    /// Logs in to brokers that check keys (None: connects without).
+    pub signer: Option<Arc<dyn ChannelSigner>>,
+}
+
+impl std::fmt::Debug for ChannelOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelOptions")
+            .field("role", &self.role)
+            .field("max_payload", &self.max_payload)
+            .field("signer", &self.signer.as_ref().map(|s| s.id()))
+            .finish()
+    }
 }
 
 /// Something that happened on a channel.
@@ -78,6 +121,10 @@ pub enum ChannelEvent {
     /// The channel keeps trying, as after [`Self::Disconnected`]; a caller
     /// waiting for its first connection need not wait for a timeout.
     Refused(String),
+    /// The broker turned this end away for good: its login, or one of
+    /// its subscriptions, was refused. Retrying does not help; the
+    /// channel keeps trying anyway, in case the broker's rules change.
+    Denied(String),
     /// A payload for this end. `from` is the sender the transport claims
     /// (not authenticated); `None` when it came from the coordinator.
     Message {

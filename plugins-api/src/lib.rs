@@ -43,8 +43,8 @@ pub use books::{
     Standing,
 };
 pub use channel::{
-    check_channel_url, connect_channel, ChannelDescriptor, ChannelError, ChannelEvent,
-    ChannelFuture, ChannelOptions, ChannelRole, ControlChannel,
+    broker_login_message, check_channel_url, connect_channel, ChannelDescriptor, ChannelError,
+    ChannelEvent, ChannelFuture, ChannelOptions, ChannelRole, ChannelSigner, ControlChannel,
 };
 pub use ids::{BlobId, BlobKind, IdParseError, NodeId, PackId, SnapshotId};
 pub use registry::{

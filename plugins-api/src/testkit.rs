@@ -233,6 +233,11 @@ async fn presence_keeps_changes_only(b: &dyn BooksStore) {
     }
     b.presence(&a, false, 2_000).await.unwrap();
     b.presence(&a, false, 2_100).await.unwrap();
+    assert_eq!(
+        b.node(&a).await.unwrap().unwrap().last_seen_ms,
+        1_300,
+        "a goodbye does not count as being heard from"
+    );
     b.presence(&a, true, 3_000).await.unwrap();
     assert_eq!(
         b.presence_log(&a, 0).await.unwrap(),

@@ -15,9 +15,9 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use ed25519_dalek::SigningKey;
 use pluto_coordinator::{Coordinator, CoordinatorConfig};
-use pluto_plugins_api::{human, ChannelOptions, ChannelRole};
+use pluto_plugins_api::{human, ChannelOptions, ChannelRole, ChannelSigner, NodeId};
 use pluto_protocol::MAX_ENVELOPE;
-use pluto_transport_mqtt::broker::EmbeddedBroker;
+use pluto_transport_mqtt::broker::{BrokerAuth, BrokerSettings, EmbeddedBroker};
 use rand_core::{OsRng, RngCore};
 
 use x25519_dalek::StaticSecret;
@@ -53,6 +53,14 @@ struct Cli {
     /// Most clients the embedded broker accepts.
     #[arg(long, global = true, default_value_t = 20_000)]
     max_connections: usize,
+    /// Most clients the embedded broker accepts from one address.
+    #[arg(long, global = true, default_value_t = 256)]
+    max_connections_per_address: usize,
+    /// With --channel: the external broker lets each node publish only on
+    /// its own presence topic (docs/broker.md), so its "offline" will can
+    /// be believed. Without it a node goes offline when it falls silent.
+    #[arg(long, global = true)]
+    trusted_presence: bool,
     /// Load-sharing group, when several coordinators share one broker and one database.
     #[arg(long, global = true)]
     group: Option<String>,
@@ -115,10 +123,65 @@ fn toml_error_line(text: &str, e: &toml::de::Error) -> String {
     format!("line {number} (`{line}`): {message}")
 }
 
+/// Makes `home` (0700) when it is missing, and narrows it, and the SQLite
+/// books in it, to their owner when other users could read them: the books
+/// name every node with its addresses, placements and audit history. A
+/// file narrowed is said once, on stderr.
+fn private_home(home: &Path, db: &str) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(home)
+        .with_context(|| format!("creating {}", home.display()))?;
+    narrow(home, 0o700)?;
+    let Some(books) = db.strip_prefix("sqlite:") else {
+        return Ok(());
+    };
+    let books = Path::new(books.split('?').next().unwrap_or(books));
+    if books.as_os_str().is_empty() || books.starts_with(":memory:") || db.contains("mode=memory") {
+        return Ok(());
+    }
+    // SQLite gives its journal files the database's mode, so a database
+    // made 0600 before SQLite first opens it keeps all three private.
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(books)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        // A directory that does not exist yet is SQLite's to report.
+        Err(_) => return Ok(()),
+    }
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut name = books.as_os_str().to_owned();
+        name.push(suffix);
+        narrow(Path::new(&name), 0o600)?;
+    }
+    Ok(())
+}
+
+/// Takes group and other access off `path` (if it exists), down to `mode`.
+fn narrow(path: &Path, mode: u32) -> Result<()> {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    if meta.permissions().mode() & 0o077 == 0 {
+        return Ok(());
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("{} is open to other users; narrowing it", path.display()))?;
+    tracing::warn!(
+        "{} was open to other users; it is now {mode:o}",
+        path.display()
+    );
+    Ok(())
+}
+
 /// The coordinator's identity lives in its own file (0600), not in the
 /// books: losing or restoring the database does not change who it is.
 fn load_or_create_identity(home: &Path) -> Result<(SigningKey, StaticSecret)> {
-    std::fs::create_dir_all(home).with_context(|| format!("creating {}", home.display()))?;
     let path = home.join("identity.key");
     let secret: Zeroizing<[u8; 32]> = if path.exists() {
         let meta = std::fs::metadata(&path)?;
@@ -152,6 +215,18 @@ fn load_or_create_identity(home: &Path) -> Result<(SigningKey, StaticSecret)> {
         &secret[..],
     ));
     Ok((identity, exchange))
+}
+
+/// The coordinator's key, logging in to the broker.
+struct IdentitySigner(SigningKey);
+
+impl ChannelSigner for IdentitySigner {
+    fn id(&self) -> NodeId {
+        NodeId(self.0.verifying_key().to_bytes())
+    }
+    fn sign(&self, message: &[u8]) -> [u8; 64] {
+        ed25519_dalek::Signer::sign(&self.0, message).to_bytes()
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -209,13 +284,28 @@ async fn run(cli: Cli) -> Result<()> {
         let books = pluto_plugins_api::open_books_store(&db).await?;
         return status(&*books, &config, json).await;
     }
+    private_home(&home, &db)?;
     let (identity, exchange) = load_or_create_identity(&home)?;
     let books: Arc<dyn pluto_plugins_api::BooksStore> =
         pluto_plugins_api::open_books_store(&db).await?.into();
+    let me = NodeId(identity.verifying_key().to_bytes());
+    // The embedded broker confines every node to its own topics.
+    let trusted_presence = cli.trusted_presence || cli.channel.is_none();
+    let signer = Arc::new(IdentitySigner(identity.clone()));
     let url = match cli.channel {
         Some(url) => url,
         None => {
-            let broker = EmbeddedBroker::start(cli.listen, cli.max_connections, MAX_ENVELOPE)?;
+            // Every client logs in with its key; nodes are confined to
+            // their own topics, and only this coordinator's key has the
+            // run of the broker.
+            let broker = EmbeddedBroker::start_with(
+                cli.listen,
+                BrokerSettings {
+                    max_per_address: cli.max_connections_per_address,
+                    auth: Some(BrokerAuth::new(me)),
+                    ..BrokerSettings::new(cli.max_connections, MAX_ENVELOPE)
+                },
+            )?;
             let addr = broker.addr;
             let host = if addr.ip().is_unspecified() {
                 "127.0.0.1".to_string()
@@ -226,11 +316,13 @@ async fn run(cli: Cli) -> Result<()> {
         }
     };
     let coordinator = Arc::new(Coordinator::new(identity, exchange, books.clone(), config));
+    coordinator.trust_presence(trusted_presence);
     let channel: Arc<dyn pluto_plugins_api::ControlChannel> = pluto_plugins_api::connect_channel(
         &url,
         ChannelOptions {
             role: ChannelRole::Coordinator { group: cli.group },
             max_payload: MAX_ENVELOPE,
+            signer: Some(signer),
         },
     )
     .await?
@@ -246,15 +338,22 @@ async fn run(cli: Cli) -> Result<()> {
             ) => {
                 tracing::warn!("cannot reach {url} yet: {why}; retrying")
             }
+            Some(pluto_plugins_api::ChannelEvent::Denied(why)) => bail!(
+                "{why} at {}: this coordinator cannot serve there",
+                pluto_plugins_api::redact_url(&url)
+            ),
             Some(_) => {}
             None => bail!("the channel to {url} closed"),
         }
     }
-    // One line that scripts (and tests) read: who we are and where.
+    // One line that scripts (and tests) read: who we are, and where, as
+    // the URL nodes join with: it carries our key, so a node never has to
+    // trust whoever answers first.
     println!(
-        "pluto-coordinator {} on {} books {}",
+        "pluto-coordinator {} on {}#{} books {}",
         coordinator.id(),
         pluto_plugins_api::redact_url(&url),
+        coordinator.id(),
         pluto_plugins_api::redact_url(&db)
     );
     let _ = std::io::stdout().flush();

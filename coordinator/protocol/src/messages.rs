@@ -257,10 +257,15 @@ pub struct HeldReport {
 pub enum Message {
     /// Node: "give me a challenge".
     Hello,
-    /// Coordinator: sign this to prove your key.
+    /// Coordinator: sign this to prove your key; and seal what you send
+    /// from now on (the `Auth` first) to this X25519 key. The envelope is
+    /// signed by the coordinator's identity, which vouches for the key.
     Challenge {
         /// Fresh random bytes.
         challenge: [u8; 32],
+        /// The coordinator's X25519 key (absent from coordinators that
+        /// predate sealed requests).
+        exchange_key: Option<[u8; 32]>,
     },
     /// Node: proof of key (the envelope's signature over the challenge),
     /// with the node's X25519 key for private replies and its offer.
@@ -579,7 +584,15 @@ impl Message {
                         | u8::from(p.uptime_permille.is_none()) << 2);
                 }
             }
-            Self::Challenge { challenge } => w.id(challenge),
+            Self::Challenge {
+                challenge,
+                exchange_key,
+            } => {
+                w.id(challenge);
+                if let Some(k) = exchange_key {
+                    w.id(k);
+                }
+            }
             Self::Auth {
                 challenge,
                 exchange_key,
@@ -730,7 +743,13 @@ impl Message {
         let kind = r.u8()?;
         let m = match kind {
             1 => Self::Hello,
-            2 => Self::Challenge { challenge: r.id()? },
+            2 => Self::Challenge {
+                challenge: r.id()?,
+                exchange_key: match r.remaining() {
+                    0 => None,
+                    _ => Some(r.id()?),
+                },
+            },
             3 => Self::Auth {
                 challenge: r.id()?,
                 exchange_key: r.id()?,
@@ -1046,7 +1065,12 @@ mod tests {
                     })
                     .collect()
             )),
-            any::<[u8; 32]>().prop_map(|challenge| Message::Challenge { challenge }),
+            (any::<[u8; 32]>(), proptest::option::of(any::<[u8; 32]>())).prop_map(
+                |(challenge, exchange_key)| Message::Challenge {
+                    challenge,
+                    exchange_key
+                }
+            ),
             (any::<[u8; 32]>(), any::<[u8; 32]>(), any::<u64>()).prop_map(|(c, k, o)| {
                 Message::Auth {
                     challenge: c,

@@ -5,10 +5,12 @@
 //! is remembered only until its timestamp leaves the window, after which the
 //! timestamp alone refuses it, so memory stays bounded by the message rate
 //! times the window; past `capacity` remembered nonces, new messages are
-//! refused rather than remembered less.
+//! refused rather than remembered less. One sender may hold at most
+//! `per_sender` of them, so no single key can take the whole guard and
+//! lock everyone else out.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashSet};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 
 use pluto_plugins_api::NodeId;
 
@@ -30,6 +32,9 @@ pub enum Refused {
     /// Too many messages in the window to remember.
     #[error("too many messages; try again later")]
     Busy,
+    /// Too many messages from this sender in the window.
+    #[error("too many messages from this sender; try again later")]
+    SenderBusy,
 }
 
 /// Remembers recent nonces.
@@ -37,7 +42,10 @@ pub enum Refused {
 pub struct ReplayGuard {
     window_ms: u64,
     capacity: usize,
+    per_sender: usize,
     seen: HashSet<(NodeId, [u8; 16])>,
+    /// Nonces remembered per sender (senders with none are not kept).
+    by_sender: HashMap<NodeId, usize>,
     /// Remembered nonces, soonest to expire first (a heap: a message
     /// stamped early costs a logarithm, not a walk over newer ones).
     by_expiry: BinaryHeap<Reverse<(u64, NodeId, [u8; 16])>>,
@@ -45,12 +53,20 @@ pub struct ReplayGuard {
 
 impl ReplayGuard {
     /// Accepts timestamps within `window_ms` of now, remembering at most
-    /// `capacity` nonces.
+    /// `capacity` nonces, any number of them from one sender.
     pub fn new(window_ms: u64, capacity: usize) -> Self {
+        Self::with_sender_limit(window_ms, capacity, capacity)
+    }
+
+    /// As [`ReplayGuard::new`], with at most `per_sender` nonces from any
+    /// one sender.
+    pub fn with_sender_limit(window_ms: u64, capacity: usize, per_sender: usize) -> Self {
         Self {
             window_ms,
             capacity,
+            per_sender,
             seen: HashSet::new(),
+            by_sender: HashMap::new(),
             by_expiry: BinaryHeap::new(),
         }
     }
@@ -71,15 +87,26 @@ impl ReplayGuard {
             }
             self.by_expiry.pop();
             self.seen.remove(&(from, nonce));
+            if let Some(n) = self.by_sender.get_mut(&from) {
+                *n -= 1;
+                if *n == 0 {
+                    self.by_sender.remove(&from);
+                }
+            }
         }
         let key = (env.from, env.nonce);
         if self.seen.contains(&key) {
             return Err(Refused::Replay);
         }
+        let from_sender = self.by_sender.get(&env.from).copied().unwrap_or(0);
+        if from_sender >= self.per_sender {
+            return Err(Refused::SenderBusy);
+        }
         if self.seen.len() >= self.capacity {
             return Err(Refused::Busy);
         }
         self.seen.insert(key);
+        self.by_sender.insert(env.from, from_sender + 1);
         self.by_expiry.push(Reverse((
             env.time_ms.saturating_add(self.window_ms),
             env.from,
@@ -192,5 +219,25 @@ mod tests {
             Ok(()),
             "room again once old ones expire"
         );
+    }
+
+    #[test]
+    fn one_sender_cannot_take_the_whole_guard() {
+        let mut g = ReplayGuard::with_sender_limit(1000, 10, 4);
+        for n in 0..4 {
+            g.check(&env(1, n, 5000), 5000).unwrap();
+        }
+        assert_eq!(g.check(&env(1, 9, 5000), 5000), Err(Refused::SenderBusy));
+        // Everyone else still gets in, up to the whole.
+        for n in 0..4 {
+            g.check(&env(2, n, 5000), 5000).unwrap();
+        }
+        g.check(&env(3, 0, 5000), 5000).unwrap();
+        g.check(&env(4, 0, 5000), 5000).unwrap();
+        assert_eq!(g.check(&env(5, 0, 5000), 5000), Err(Refused::Busy));
+        // Once its nonces lapse, the sender is forgotten altogether.
+        g.check(&env(1, 9, 6001), 6001).unwrap();
+        assert_eq!(g.by_sender.len(), 1);
+        assert_eq!(g.by_sender[&NodeId([1; 32])], 1);
     }
 }

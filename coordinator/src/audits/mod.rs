@@ -24,7 +24,7 @@ use pluto_protocol::{proof, AuditOutcome, ErrorCode, Message, ProofAnswer};
 use rand::seq::SliceRandom;
 use rand_core::CryptoRngCore;
 
-use self::pending::{PendingAudit, PendingAudits};
+use self::pending::{PendingAudit, PendingAudits, Quotas};
 use self::schedule::{AuditSchedule, StorerLoad};
 use crate::coordinator::{error, lock, private, public, RngAdapter};
 use crate::limits::TokenBuckets;
@@ -52,7 +52,11 @@ pub(crate) struct Audits {
 impl Audits {
     pub(crate) fn new(c: &CoordinatorConfig) -> Self {
         Self {
-            pending: PendingAudits::new(c.max_audits),
+            pending: PendingAudits::new(Quotas {
+                capacity: c.max_audits,
+                per_owner: c.audits_per_owner,
+                per_storer: c.audits_per_storer,
+            }),
             owners: TokenBuckets::new(c.owner_audits_per_s, c.owner_audit_burst),
             schedule: AuditSchedule::new(c),
         }

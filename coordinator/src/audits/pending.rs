@@ -4,6 +4,12 @@
 //! deadline passes (then the audit tick settles it as timed out). Only the
 //! storer challenged can settle it by answering; at most `max_audits` are
 //! pending at once.
+//!
+//! Audits owners ask for have quotas of their own, so that a few fake
+//! owner/storer pairs whose storer never answers cannot fill the table: at
+//! most half of it, `audits_per_owner` for one owner and
+//! `audits_per_storer` on one storer. Scheduled audits are bounded by the
+//! schedule, and always find the other half free.
 
 use std::collections::HashMap;
 
@@ -33,34 +39,93 @@ pub(crate) struct PendingAudit {
     pub(crate) reply_to: Option<[u8; 16]>,
 }
 
+/// How many audits owners asked for may be pending.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Quotas {
+    /// In all (scheduled and asked).
+    pub(crate) capacity: usize,
+    /// For one owner's requests.
+    pub(crate) per_owner: usize,
+    /// On one storer, asked by owners.
+    pub(crate) per_storer: usize,
+}
+
 /// The pending audits, by challenge.
 #[derive(Debug)]
 pub(crate) struct PendingAudits {
     by_challenge: HashMap<[u8; 32], PendingAudit>,
-    capacity: usize,
+    quotas: Quotas,
+    /// Audits owners asked for, in all, per owner and per storer (nodes
+    /// with none are not kept).
+    asked: usize,
+    by_owner: HashMap<NodeId, usize>,
+    by_storer: HashMap<NodeId, usize>,
+}
+
+fn up(counts: &mut HashMap<NodeId, usize>, id: NodeId) {
+    *counts.entry(id).or_default() += 1;
+}
+
+fn down(counts: &mut HashMap<NodeId, usize>, id: &NodeId) {
+    if let Some(n) = counts.get_mut(id) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            counts.remove(id);
+        }
+    }
 }
 
 impl PendingAudits {
-    /// At most `capacity` at once.
-    pub(crate) fn new(capacity: usize) -> Self {
+    /// Within `quotas`.
+    pub(crate) fn new(quotas: Quotas) -> Self {
         Self {
             by_challenge: HashMap::new(),
-            capacity,
+            quotas,
+            asked: 0,
+            by_owner: HashMap::new(),
+            by_storer: HashMap::new(),
         }
     }
 
-    /// Adds an audit; false (and nothing added) when full.
+    /// Adds an audit; false (and nothing added) when it would go over a
+    /// quota.
     pub(crate) fn insert(&mut self, challenge: [u8; 32], audit: PendingAudit) -> bool {
-        if self.by_challenge.len() >= self.capacity {
+        let q = self.quotas;
+        if self.by_challenge.len() >= q.capacity {
             return false;
         }
-        self.by_challenge.insert(challenge, audit);
+        if audit.reply_to.is_some() {
+            let count = |m: &HashMap<NodeId, usize>, id| m.get(id).copied().unwrap_or(0);
+            if self.asked >= q.capacity / 2
+                || count(&self.by_owner, &audit.owner) >= q.per_owner
+                || count(&self.by_storer, &audit.storer) >= q.per_storer
+            {
+                return false;
+            }
+            self.asked += 1;
+            up(&mut self.by_owner, audit.owner);
+            up(&mut self.by_storer, audit.storer);
+        }
+        if let Some(old) = self.by_challenge.insert(challenge, audit) {
+            self.forget(&old);
+        }
         true
+    }
+
+    /// Takes an audit off the quotas.
+    fn forget(&mut self, audit: &PendingAudit) {
+        if audit.reply_to.is_some() {
+            self.asked = self.asked.saturating_sub(1);
+            down(&mut self.by_owner, &audit.owner);
+            down(&mut self.by_storer, &audit.storer);
+        }
     }
 
     /// Forgets an audit (its challenge could not be sent).
     pub(crate) fn remove(&mut self, challenge: &[u8; 32]) {
-        self.by_challenge.remove(challenge);
+        if let Some(p) = self.by_challenge.remove(challenge) {
+            self.forget(&p);
+        }
     }
 
     /// Takes the audit `challenge` names when `storer` is the one
@@ -71,7 +136,11 @@ impl PendingAudits {
         storer: &NodeId,
     ) -> Option<PendingAudit> {
         match self.by_challenge.get(challenge) {
-            Some(p) if p.storer == *storer => self.by_challenge.remove(challenge),
+            Some(p) if p.storer == *storer => {
+                let p = self.by_challenge.remove(challenge)?;
+                self.forget(&p);
+                Some(p)
+            }
             _ => None,
         }
     }
@@ -92,6 +161,9 @@ impl PendingAudits {
                 true
             }
         });
+        for p in &out {
+            self.forget(p);
+        }
         out
     }
 
@@ -105,6 +177,57 @@ impl PendingAudits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn quotas(capacity: usize) -> Quotas {
+        Quotas {
+            capacity,
+            per_owner: capacity,
+            per_storer: capacity,
+        }
+    }
+
+    fn asked(owner: u8, storer: u8) -> PendingAudit {
+        PendingAudit {
+            owner: NodeId([owner; 32]),
+            reply_to: Some([owner; 16]),
+            ..audit(storer, 100)
+        }
+    }
+
+    #[test]
+    fn owners_asking_have_quotas_and_never_crowd_out_the_schedule() {
+        let mut p = PendingAudits::new(Quotas {
+            capacity: 10,
+            per_owner: 3,
+            per_storer: 2,
+        });
+        let mut c = 0u8;
+        let mut next = || {
+            c += 1;
+            [c; 32]
+        };
+        // One storer: two asked audits at most, whoever asks.
+        assert!(p.insert(next(), asked(1, 7)));
+        assert!(p.insert(next(), asked(2, 7)));
+        assert!(!p.insert(next(), asked(3, 7)), "per storer");
+        // One owner: three at most.
+        assert!(p.insert(next(), asked(1, 8)));
+        assert!(p.insert(next(), asked(1, 9)));
+        assert!(!p.insert(next(), asked(1, 10)), "per owner");
+        // Owners in all: half the table.
+        assert!(p.insert(next(), asked(4, 11)));
+        assert!(!p.insert(next(), asked(5, 12)), "half the table");
+        // The schedule still has its half.
+        for s in 20..25 {
+            assert!(p.insert(next(), audit(s, 100)));
+        }
+        assert!(!p.insert(next(), audit(30, 100)), "full");
+        // Settled ones give their quota back.
+        assert!(p.answered(&[1; 32], &NodeId([7; 32])).is_some());
+        assert_eq!(p.lapsed(101, 1000).len(), 9);
+        assert_eq!((p.asked, p.by_owner.len(), p.by_storer.len()), (0, 0, 0));
+        assert!(p.insert(next(), asked(3, 7)));
+    }
 
     fn audit(storer: u8, deadline_ms: u64) -> PendingAudit {
         PendingAudit {
@@ -122,7 +245,7 @@ mod tests {
 
     #[test]
     fn only_the_storer_challenged_settles_it() {
-        let mut p = PendingAudits::new(10);
+        let mut p = PendingAudits::new(quotas(10));
         assert!(p.insert([1; 32], audit(1, 100)));
         assert_eq!(p.answered(&[1; 32], &NodeId([2; 32])), None);
         assert_eq!(p.answered(&[2; 32], &NodeId([1; 32])), None);
@@ -132,7 +255,7 @@ mod tests {
 
     #[test]
     fn bounded() {
-        let mut p = PendingAudits::new(2);
+        let mut p = PendingAudits::new(quotas(2));
         assert!(p.insert([1; 32], audit(1, 100)));
         assert!(p.insert([2; 32], audit(1, 100)));
         assert!(!p.insert([3; 32], audit(1, 100)));
@@ -142,7 +265,7 @@ mod tests {
 
     #[test]
     fn lapse_after_the_deadline_even_when_the_clock_stepped_back() {
-        let mut p = PendingAudits::new(10);
+        let mut p = PendingAudits::new(quotas(10));
         p.insert([1; 32], audit(1, 100));
         p.insert([2; 32], audit(1, 200));
         assert!(p.lapsed(100, 1000).is_empty(), "not yet at the deadline");

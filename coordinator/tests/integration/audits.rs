@@ -96,7 +96,7 @@ async fn audit(
         pack: PackId([pack; 32]),
         storer: storer.id(),
     };
-    let (bytes, nonce) = owner.envelope(net.c.id(), now, &msg);
+    let (bytes, nonce) = owner.envelope(&net, net.c.id(), now, &msg);
     let out = net
         .c
         .handle(Some(owner.id()), &bytes, now, &mut OsRng)
@@ -112,6 +112,7 @@ async fn audit(
         return Err(ErrorCode::Busy);
     };
     let (bytes, _) = storer.envelope(
+        &net,
         net.c.id(),
         now,
         &Message::Proof {
@@ -354,6 +355,7 @@ async fn a_lying_owner_changes_nothing() {
     // It answers a challenge in the storer's place: not taken; the storer's
     // own answer still counts.
     let (bytes, nonce) = owner.envelope(
+        &net,
         net.c.id(),
         T + 1,
         &Message::Audit {
@@ -369,6 +371,7 @@ async fn a_lying_owner_changes_nothing() {
         .unwrap();
     let c = challenge_of(&out, &s);
     let (lie, _) = owner.envelope(
+        &net,
         net.c.id(),
         T + 1,
         &Message::Proof {
@@ -383,6 +386,7 @@ async fn a_lying_owner_changes_nothing() {
         .unwrap()
         .is_none());
     let (truth, _) = s.envelope(
+        &net,
         net.c.id(),
         T + 1,
         &Message::Proof {
@@ -469,6 +473,7 @@ async fn replayed_misdirected_malformed_and_late_answers() {
     place(&net, &owner, &s, 2, &r, T).await;
     let ask_audit = |now: u64, pack: u8| {
         owner.envelope(
+            &net,
             net.c.id(),
             now,
             &Message::Audit {
@@ -479,6 +484,7 @@ async fn replayed_misdirected_malformed_and_late_answers() {
     };
     // An answer to no challenge, and one from another storer: ignored.
     let (stray, _) = s.envelope(
+        &net,
         net.c.id(),
         T,
         &Message::Proof {
@@ -502,6 +508,7 @@ async fn replayed_misdirected_malformed_and_late_answers() {
     let c = challenge_of(&out, &s);
     let good = honest(&r)(&c).unwrap();
     let (from_t, _) = t.envelope(
+        &net,
         net.c.id(),
         T,
         &Message::Proof {
@@ -521,6 +528,7 @@ async fn replayed_misdirected_malformed_and_late_answers() {
     };
     short.pop();
     let (bad, _) = s.envelope(
+        &net,
         net.c.id(),
         T,
         &Message::Proof {
@@ -542,6 +550,7 @@ async fn replayed_misdirected_malformed_and_late_answers() {
     ));
     // The right answer to the settled challenge: nothing changes.
     let (late_good, _) = s.envelope(
+        &net,
         net.c.id(),
         T,
         &Message::Proof {
@@ -566,6 +575,7 @@ async fn replayed_misdirected_malformed_and_late_answers() {
     let c = challenge_of(&out, &s);
     let late = T + 2 + net.c.config().proof_deadline_ms;
     let (slow, _) = s.envelope(
+        &net,
         net.c.id(),
         late,
         &Message::Proof {
@@ -704,6 +714,7 @@ async fn the_schedule_audits_every_storer() {
             let c = challenge_of(&out, s);
             *audits.entry(s.id()).or_default() += 1;
             let (bytes, _) = s.envelope(
+                &net,
                 net.c.id(),
                 now,
                 &Message::Proof {
@@ -781,6 +792,7 @@ async fn a_clock_that_steps_back_does_not_stop_audits() {
                     }
                     let c = challenge_of(&out, s);
                     let (bytes, _) = s.envelope(
+                        &net,
                         net.c.id(),
                         now,
                         &Message::Proof {

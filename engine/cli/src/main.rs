@@ -82,16 +82,20 @@ enum Command {
         /// Recover from the 24 words in this file ("-" for standard input).
         #[arg(long)]
         mnemonic_file: Option<PathBuf>,
-        /// The coordinator to join (mqtt://HOST:PORT); none means local-only
-        /// (`pluto join` joins one later).
+        /// The coordinator to join, as it prints its URL
+        /// (mqtt://HOST:PORT#KEY); none means local-only (`pluto join`
+        /// joins one later).
         #[arg(long)]
         coordinator: Option<String>,
-        /// The coordinator's key (hex) to pin; without it the key it answers
-        /// with is pinned.
+        /// The coordinator's key (hex), when the URL does not carry it.
         #[arg(long, requires = "coordinator")]
         coordinator_key: Option<String>,
+        /// With a URL that carries no key: pin whichever coordinator
+        /// answers first (anyone on its broker could).
+        #[arg(long, requires = "coordinator")]
+        trust_first_use: bool,
         /// Do not contact the coordinator now (only the URL's form is
-        /// checked); its key is pinned at the first contact.
+        /// checked).
         #[arg(long, requires = "coordinator", conflicts_with = "mnemonic_file")]
         offline: bool,
         /// Disk space to offer to others (e.g. 50G, 500MiB).
@@ -107,14 +111,17 @@ enum Command {
     /// Join a coordinator from an existing home, or move to another one.
     /// The coordinator is contacted at once and its key pinned.
     Join {
-        /// The coordinator (mqtt://HOST:PORT[/PREFIX]).
+        /// The coordinator, as it prints its URL (mqtt://HOST:PORT[/PREFIX]#KEY).
         url: String,
-        /// The coordinator's key (hex) to pin; without it the key it
-        /// answers with is pinned.
+        /// The coordinator's key (hex), when the URL does not carry it.
         #[arg(long)]
         coordinator_key: Option<String>,
+        /// With a URL that carries no key: pin whichever coordinator
+        /// answers first (anyone on its broker could).
+        #[arg(long)]
+        trust_first_use: bool,
         /// Do not contact the coordinator now (only the URL's form is
-        /// checked); its key is pinned at the first contact.
+        /// checked).
         #[arg(long)]
         offline: bool,
     },
@@ -301,6 +308,7 @@ async fn run(cli: Cli) -> Result<u8> {
             mnemonic_file,
             coordinator,
             coordinator_key,
+            trust_first_use,
             offline,
             offer,
             wait,
@@ -309,9 +317,13 @@ async fn run(cli: Cli) -> Result<u8> {
                 offer,
                 ..Config::default()
             };
-            let pin = match &coordinator {
-                Some(url) => node::check_coordinator(url, coordinator_key.as_deref())?,
-                None => None,
+            let (coordinator, pin) = match &coordinator {
+                Some(url) => {
+                    let (url, pin) =
+                        node::check_coordinator(url, coordinator_key.as_deref(), trust_first_use)?;
+                    (Some(url), pin)
+                }
+                None => (None, None),
             };
             let recovering = coordinator.is_some();
             config.coordinator = coordinator;
@@ -327,8 +339,13 @@ async fn run(cli: Cli) -> Result<u8> {
         Command::Join {
             url,
             coordinator_key,
+            trust_first_use,
             offline,
-        } => node::join(&ui, home, &url, coordinator_key.as_deref(), offline).await,
+        } => {
+            let (url, pin) =
+                node::check_coordinator(&url, coordinator_key.as_deref(), trust_first_use)?;
+            node::join(&ui, home, &url, pin, offline).await
+        }
         Command::Status => node::status(&ui, home).await,
         Command::Daemon => exchange::daemon(&ui, home).await,
         Command::Peers => node::peers(&ui, home).await,

@@ -57,19 +57,51 @@ fn coordinator_url(repo: &Repo) -> Result<String> {
         .context("no coordinator configured (pluto join URL)")
 }
 
-/// Checks, without connecting, that a linked channel plugin handles `url`
-/// and that it has the form that plugin wants, and parses `key`.
-pub(crate) fn check_coordinator(url: &str, key: Option<&str>) -> Result<Option<NodeId>> {
-    pluto_plugins_api::check_channel_url(url).map_err(|e| {
+/// Checks, without connecting, a coordinator URL as the coordinator prints
+/// it (`mqtt://HOST:PORT#KEY`): that a linked channel plugin handles it and
+/// that it has the form that plugin wants. Returns the URL without its key,
+/// and the key (from the URL or `key`). A URL without a key is refused
+/// unless `trust_first_use`: a node that pins whoever answers first can be
+/// captured by anyone on the broker who answers faster.
+pub(crate) fn check_coordinator(
+    url: &str,
+    key: Option<&str>,
+    trust_first_use: bool,
+) -> Result<(String, Option<NodeId>)> {
+    let (base, in_url) = match url.split_once('#') {
+        Some((base, k)) => (base, Some(k)),
+        None => (url, None),
+    };
+    pluto_plugins_api::check_channel_url(base).map_err(|e| {
         anyhow::anyhow!(
-            "{e}; a coordinator URL looks like mqtt://HOST:PORT (as the coordinator prints it)"
+            "{e}; a coordinator URL looks like mqtt://HOST:PORT#KEY (as the coordinator prints it)"
         )
     })?;
-    key.map(|k| {
-        k.parse::<NodeId>()
-            .context("--coordinator-key must be 64 hex digits")
-    })
-    .transpose()
+    let in_url = in_url
+        .map(|k| {
+            k.parse::<NodeId>()
+                .context("the key after '#' in the coordinator URL must be 64 hex digits")
+        })
+        .transpose()?;
+    let given = key
+        .map(|k| {
+            k.parse::<NodeId>()
+                .context("--coordinator-key must be 64 hex digits")
+        })
+        .transpose()?;
+    let pin = match (in_url, given) {
+        (Some(a), Some(b)) if a != b => anyhow::bail!(
+            "the URL carries key {a} and --coordinator-key says {b}; give one of them"
+        ),
+        (a, b) => a.or(b),
+    };
+    if pin.is_none() && !trust_first_use {
+        let base = pluto_plugins_api::redact_url(base);
+        anyhow::bail!(
+            "{base} carries no coordinator key: use the URL the coordinator prints ({base}#KEY) or give --coordinator-key KEY; --trust-first-use pins whichever coordinator answers first, which anyone on its broker could be"
+        );
+    }
+    Ok((base.to_string(), pin))
 }
 
 /// Reaches the coordinator at `url` as the node of `keys` (registering its
@@ -88,7 +120,7 @@ pub(crate) async fn reach(
             Ok(key)
         }
         Err(ClientError::KeyChanged { pinned, seen }) => anyhow::bail!(
-            "the coordinator at {} answers with key {seen}, not with the key given ({pinned}); check --coordinator-key, or leave it out to pin the key it answers with",
+            "the coordinator at {} answers with key {seen}, not with the key given ({pinned}); check the key (the coordinator prints its URL with its key: mqtt://HOST:PORT#KEY)",
             pluto_plugins_api::redact_url(url)
         ),
         Err(e) => Err(anyhow::anyhow!("{}", crate::one_line(&e.into()))),
@@ -102,10 +134,9 @@ pub(crate) async fn join(
     ui: &Ui,
     home: Home,
     url: &str,
-    key: Option<&str>,
+    pin: Option<NodeId>,
     offline: bool,
 ) -> Result<u8> {
-    let pin = check_coordinator(url, key)?;
     let repo = Repo::open(home.clone(), LockMode::Exclusive).await?;
     let pin = if offline {
         pin
@@ -133,7 +164,7 @@ pub(crate) async fn join(
             Some(k) if !offline => out!("joined the coordinator at {url} (key {k})"),
             Some(k) => out!("the coordinator is now {url} (key {k}); not contacted yet"),
             None => out!(
-                "the coordinator is now {url}; not contacted yet, its key is pinned at the first contact"
+                "the coordinator is now {url}; not contacted yet, its key is pinned at the first contact (--trust-first-use)"
             ),
         }
         if let Some(p) = previous {

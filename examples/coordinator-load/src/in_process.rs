@@ -51,17 +51,31 @@ impl Node {
         NodeId(self.key.verifying_key().to_bytes())
     }
 
-    /// `msg` signed to `to`, stamped now; and its nonce.
-    fn envelope(&self, to: NodeId, msg: &Message) -> Result<(Vec<u8>, [u8; 16])> {
+    /// `msg` signed to the coordinator `c`, stamped now, sealed to it as
+    /// a node seals everything but its Hello; and its nonce.
+    fn envelope(&self, c: &Coordinator, msg: &Message) -> Result<(Vec<u8>, [u8; 16])> {
         let mut nonce = [0u8; 16];
         OsRng.fill_bytes(&mut nonce);
-        let bytes = Envelope::new(&self.key, to, now_ms(), nonce, None, msg).sign(&self.key)?;
-        Ok((bytes, nonce))
+        let env = match msg {
+            Message::Hello => Envelope::new(&self.key, c.id(), now_ms(), nonce, None, msg),
+            _ => Envelope::new_private(
+                &self.key,
+                c.id(),
+                &c.exchange_key(),
+                now_ms(),
+                nonce,
+                None,
+                msg,
+                &mut OsRng,
+            )
+            .map_err(|e| anyhow::anyhow!("sealing: {e}"))?,
+        };
+        Ok((env.sign(&self.key)?, nonce))
     }
 
     /// Sends `msg` and returns the coordinator's answer, opened.
     async fn ask(&self, c: &Coordinator, msg: &Message) -> Result<Message> {
-        let (bytes, _) = self.envelope(c.id(), msg)?;
+        let (bytes, _) = self.envelope(c, msg)?;
         let out = c
             .handle(Some(self.id()), &bytes, now_ms(), &mut OsRng)
             .await?
@@ -119,7 +133,7 @@ pub async fn run(args: &Args) -> Result<()> {
     // Setup: everyone authenticates, storers heartbeat, owners place.
     let nodes: Arc<Vec<Node>> = Arc::new((0..owners_n + storers_n).map(|_| Node::new()).collect());
     for (i, node) in nodes.iter().enumerate() {
-        let Message::Challenge { challenge } = node.ask(&c, &Message::Hello).await? else {
+        let Message::Challenge { challenge, .. } = node.ask(&c, &Message::Hello).await? else {
             bail!("no challenge");
         };
         let auth = Message::Auth {
@@ -242,7 +256,7 @@ async fn one_audit(
     seen: &mut Seen,
 ) -> Result<()> {
     let t0 = Instant::now();
-    let (audit, nonce) = owner.envelope(c.id(), &p.audit(storer.id()))?;
+    let (audit, nonce) = owner.envelope(c, &p.audit(storer.id()))?;
     let t1 = Instant::now();
     let out = c
         .handle(Some(owner.id()), &audit, now_ms(), &mut OsRng)
@@ -275,7 +289,7 @@ async fn one_audit(
         challenge,
         answer: blobs.answer(&root, offset, len),
     };
-    let (answer, _) = storer.envelope(c.id(), &proof)?;
+    let (answer, _) = storer.envelope(c, &proof)?;
     let t3 = Instant::now();
     let back = c
         .handle(Some(storer.id()), &answer, now_ms(), &mut OsRng)

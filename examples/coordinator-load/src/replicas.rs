@@ -188,12 +188,16 @@ impl WireSizes {
         let audited = Message::Audited {
             outcome: AuditOutcome::Proven,
         };
-        Self {
-            audit: sign(Envelope::new(&key, id, now, nonce, None, &audit)),
-            prove: Envelope::new_private(&key, id, &exchange, now, nonce, None, prove, &mut OsRng)
+        // Requests are sealed to the coordinator, as nodes send them.
+        let sealed = |msg: &Message| {
+            Envelope::new_private(&key, id, &exchange, now, nonce, None, msg, &mut OsRng)
                 .map(sign)
-                .unwrap_or(0),
-            proof: sign(Envelope::new(&key, id, now, nonce, None, proof)),
+                .unwrap_or(0)
+        };
+        Self {
+            audit: sealed(&audit),
+            prove: sealed(prove),
+            proof: sealed(proof),
             audited: sign(Envelope::new(&key, id, now, nonce, Some(nonce), &audited)),
         }
     }

@@ -258,7 +258,9 @@ where
                  online_ms = online_ms + CASE WHEN online AND NOT $2 \
                      THEN {greatest}(0, $3 - online_since_ms) ELSE 0 END, \
                  online_since_ms = CASE WHEN NOT online AND $2 THEN $3 ELSE online_since_ms END, \
-                 online = $2, last_seen_ms = {greatest}(last_seen_ms, $3) \
+                 online = $2, \
+                 last_seen_ms = CASE WHEN $2 THEN {greatest}(last_seen_ms, $3) \
+                     ELSE last_seen_ms END \
              WHERE id = $1"
         ))
         .bind(&id.0[..])

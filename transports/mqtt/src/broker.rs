@@ -14,24 +14,34 @@
 //!   to keep its session gets a clean one (CONNACK says "no session");
 //! - no retained messages: the retain flag is ignored;
 //! - no QoS 2: a QoS 2 publish ends the connection, a QoS 2 subscription or
-//!   will is served at QoS 1;
-//! - no authentication: user names and passwords are ignored (see the crate
-//!   doc for why that is harmless here).
+//!   will is served at QoS 1.
 //!
-//! Bounds: at most `max_connections` sockets (more are closed on accept);
-//! packets up to `max_payload` + 1 KiB (a larger one ends its connection);
-//! CONNECT within 5 s of accepting; 1.5 × the keep-alive between packets
-//! (then the will is published); a byte bound on each connection's queue
-//! of deliveries, beyond which deliveries to it are *dropped* (a slow
-//! subscriber loses messages, the others are not held up), and one on all
-//! queues together; 64 filters per connection and 1,024 distinct wildcard
-//! or shared filters in all. Malformed input ends only its own connection.
+//! With [`BrokerAuth`] (how `pluto-coordinator` runs it) every client logs
+//! in with its Ed25519 key, and a node may only publish on its own
+//! to-coordinator and presence topics and subscribe to its own to-node
+//! topic; only the coordinator's key may use wildcards and shared
+//! subscriptions (`auth` says how). Without it (tests, a private broker)
+//! anyone may do anything.
+//!
+//! Bounds ([`BrokerSettings`]): at most `max_connections` sockets, and
+//! `max_per_address` from one address (more are closed on accept); packets
+//! up to `max_payload` + 1 KiB (a larger one ends its connection); CONNECT
+//! within 5 s of accepting; a keep-alive of at most `max_keep_alive` (a
+//! client asking for none gets that), and 1.5 × it in silence ends the
+//! connection (then the will is published); a byte bound on each
+//! connection's queue of deliveries, beyond which deliveries to it are
+//! *dropped* (a slow subscriber loses messages, the others are not held
+//! up), and one on all queues together, which the coordinator's
+//! connection is kept out of (its own, larger bound: nobody's backlog
+//! starves it); 64 filters per connection and 1,024 distinct wildcard or
+//! shared filters in all. Malformed input ends only its own connection.
 //!
 //! It runs on a tokio runtime of its own, on a thread of its own, so it
 //! starts from async and plain code alike; it has no shutdown: the broker
 //! lives as long as the process. `connection` draws a connection's tasks;
 //! `router` holds subscriptions and sessions.
 
+mod auth;
 mod connection;
 mod router;
 
@@ -40,8 +50,44 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use auth::BrokerAuth;
 use connection::{Limits, Shared};
 use tokio::net::{TcpListener, TcpSocket};
+
+/// How the embedded broker is bounded, and whom it lets in.
+#[derive(Clone, Copy, Debug)]
+pub struct BrokerSettings {
+    /// Most open client sockets.
+    pub max_connections: usize,
+    /// Most open client sockets from one address.
+    pub max_per_address: usize,
+    /// Largest payload of a publish.
+    pub max_payload: usize,
+    /// The longest keep-alive granted (a client asking for none gets it).
+    pub max_keep_alive: Duration,
+    /// Bytes of deliveries queued for all clients together (beyond the
+    /// coordinator's own queue); when full, clients that let theirs grow
+    /// are ended.
+    pub max_queued_bytes: usize,
+    /// Logins checked and clients confined (None: anyone, anything).
+    pub auth: Option<BrokerAuth>,
+}
+
+impl BrokerSettings {
+    /// An open broker for `max_connections` clients and payloads up to
+    /// `max_payload` bytes, 256 sockets per address, keep-alive up to 2
+    /// minutes.
+    pub fn new(max_connections: usize, max_payload: usize) -> Self {
+        Self {
+            max_connections,
+            max_per_address: 256,
+            max_payload,
+            max_keep_alive: Duration::from_secs(120),
+            max_queued_bytes: 256 << 20,
+            auth: None,
+        }
+    }
+}
 
 /// Why the broker did not start.
 #[derive(Debug, thiserror::Error)]
@@ -66,15 +112,27 @@ pub struct EmbeddedBroker {
 }
 
 impl EmbeddedBroker {
-    /// Starts a broker on `listen` (port 0 picks a free port) for up to
-    /// `max_connections` clients and payloads up to `max_payload` bytes,
+    /// Starts an open broker on `listen` (port 0 picks a free port) for up
+    /// to `max_connections` clients and payloads up to `max_payload` bytes,
     /// and returns once it accepts connections.
     pub fn start(
         listen: SocketAddr,
         max_connections: usize,
         max_payload: usize,
     ) -> Result<Self, BrokerError> {
-        let limits = Limits::new(max_connections, max_payload);
+        Self::start_with(listen, BrokerSettings::new(max_connections, max_payload))
+    }
+
+    /// Starts a broker on `listen` with `settings`, and returns once it
+    /// accepts connections.
+    pub fn start_with(listen: SocketAddr, settings: BrokerSettings) -> Result<Self, BrokerError> {
+        let mut limits = Limits::new(settings.max_connections, settings.max_payload);
+        limits.max_per_address = settings.max_per_address.max(1);
+        limits.max_keep_alive = settings.max_keep_alive.max(Duration::from_secs(1));
+        limits.queue_total = settings
+            .max_queued_bytes
+            .max(limits.queue_per_connection.saturating_mul(4));
+        let auth = settings.auth;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let workers = std::thread::available_parallelism()
             .map(|n| n.get().clamp(1, 4))
@@ -99,7 +157,7 @@ impl EmbeddedBroker {
                     match bound {
                         Ok((addr, listener)) => {
                             let _ = ready_tx.send(Ok(addr));
-                            accept(listener, Arc::new(Shared::new(limits))).await;
+                            accept(listener, Arc::new(Shared::new(limits, auth))).await;
                         }
                         Err(e) => {
                             let _ = ready_tx.send(Err(BrokerError::Bind(listen, e)));
@@ -137,8 +195,8 @@ fn bind(listen: SocketAddr) -> std::io::Result<TcpListener> {
 /// Accepts clients for ever, each on a task of its own.
 async fn accept(listener: TcpListener, shared: Arc<Shared>) {
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, from) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors, most likely: wait for some to
                 // be freed rather than spin.
@@ -154,20 +212,28 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>) {
             drop(stream);
             continue;
         }
+        let ip = from.ip();
+        if !shared.admit(ip) {
+            shared.connections.fetch_sub(1, Ordering::Relaxed);
+            tracing::debug!("mqtt broker: refusing a client: {ip} has its share of connections");
+            drop(stream);
+            continue;
+        }
         let shared = shared.clone();
         tokio::spawn(async move {
-            let slot = Slot(&shared);
+            let slot = Slot(&shared, ip);
             connection::serve(stream, shared.clone()).await;
             drop(slot);
         });
     }
 }
 
-/// Frees a connection's place when its task ends, however it ends.
-struct Slot<'a>(&'a Shared);
+/// Frees a connection's places when its task ends, however it ends.
+struct Slot<'a>(&'a Shared, std::net::IpAddr);
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        self.0.release(self.1);
     }
 }

@@ -15,9 +15,15 @@
 //! backoff (100 ms to 5 s) and resubscribes after every connection; events
 //! report each connection and disconnection.
 //!
-//! The broker authenticates nothing here: anyone may publish on any topic.
-//! The control protocol (signed, addressed, replay-checked and, where
-//! private, sealed envelopes) is what makes that harmless.
+//! With a signer ([`ChannelOptions::signer`]) the channel logs in on every
+//! connection: user name the signer's id in hex, password
+//! `TIME_MS.SIGNATURE` (hex) over [`broker_login_message`] for this
+//! connection's client id, fresh for each attempt. The embedded broker
+//! checks it and confines each node to its own topics; a broker that does
+//! not check ignores it. A refused login or subscription is reported as
+//! [`ChannelEvent::Denied`], and the channel is not "connected" until
+//! every subscription was granted. Either way the control protocol (signed,
+//! addressed, replay-checked, sealed envelopes) stays the real guard.
 //!
 //! With the `broker` feature, [`broker::EmbeddedBroker`] runs a small MQTT
 //! 3.1.1 broker of this crate's own inside the process, which is how the
@@ -28,10 +34,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pluto_plugins_api::{
-    async_trait, ChannelDescriptor, ChannelError, ChannelEvent, ChannelFuture, ChannelOptions,
-    ChannelRole, ControlChannel, NodeId, PLUGIN_ABI_VERSION,
+    async_trait, broker_login_message, ChannelDescriptor, ChannelError, ChannelEvent,
+    ChannelFuture, ChannelOptions, ChannelRole, ChannelSigner, ControlChannel, NodeId,
+    PLUGIN_ABI_VERSION,
 };
-use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, Event, LastWill, MqttOptions, Outgoing, Packet, QoS,
+    SubscribeReasonCode,
+};
 use tokio::sync::{mpsc, Mutex};
 
 #[cfg(feature = "broker")]
@@ -187,6 +197,7 @@ impl MqttChannel {
             tx,
             topics.clone(),
             opts.role.clone(),
+            opts.signer.clone(),
             closing.clone(),
         ));
         Ok(Self {
@@ -217,6 +228,20 @@ fn subscriptions(topics: &Topics, role: &ChannelRole) -> Vec<String> {
     }
 }
 
+/// Sets the login for the next connection attempt: the signer's id, and a
+/// signature over this attempt's time and the client id.
+fn log_in(options: &mut MqttOptions, signer: &dyn ChannelSigner) {
+    let time_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let signature = signer.sign(&broker_login_message(&options.client_id(), time_ms));
+    options.set_credentials(
+        signer.id().to_hex(),
+        format!("{time_ms}.{}", hex::encode(signature)),
+    );
+}
+
 /// Keeps the connection: polls, resubscribes after every connection,
 /// forwards what arrives, and backs off between failed attempts.
 async fn run(
@@ -225,29 +250,47 @@ async fn run(
     tx: mpsc::Sender<ChannelEvent>,
     topics: Topics,
     role: ChannelRole,
+    signer: Option<Arc<dyn ChannelSigner>>,
     closing: Arc<AtomicBool>,
 ) {
     let mut backoff = BACKOFF_MIN;
-    let mut pending = 0usize;
+    // The subscriptions asked for and not yet granted, in order.
+    let mut pending: Vec<String> = Vec::new();
+    if let Some(s) = &signer {
+        log_in(&mut eventloop.mqtt_options, &**s);
+    }
     loop {
         let event = match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = BACKOFF_MIN;
                 // try_*: never wait on the request queue from the task that drains it.
-                let subs = subscriptions(&topics, &role);
-                pending = subs.len();
-                for t in subs {
-                    if let Err(e) = client.try_subscribe(t, QoS::AtLeastOnce) {
+                pending = subscriptions(&topics, &role);
+                for t in &pending {
+                    if let Err(e) = client.try_subscribe(t.clone(), QoS::AtLeastOnce) {
                         tracing::warn!("mqtt: subscribing: {e}");
                     }
                 }
                 None
             }
+            // A refused subscription: this end cannot work on this broker.
+            Ok(Event::Incoming(Packet::SubAck(ack)))
+                if !pending.is_empty()
+                    && ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, SubscribeReasonCode::Failure)) =>
+            {
+                let topic = pending.remove(0);
+                pending.clear();
+                Some(ChannelEvent::Denied(format!(
+                    "the broker refused the subscription to {topic}"
+                )))
+            }
             // Connected only once every subscription is in place, so nothing
             // sent in answer to what follows can be missed.
-            Ok(Event::Incoming(Packet::SubAck(_))) if pending > 0 => {
-                pending -= 1;
-                if pending > 0 {
+            Ok(Event::Incoming(Packet::SubAck(_))) if !pending.is_empty() => {
+                pending.remove(0);
+                if !pending.is_empty() {
                     None
                 } else {
                     match &role {
@@ -294,13 +337,19 @@ async fn run(
                 if closing.load(Ordering::SeqCst) {
                     return;
                 }
-                let _ = tx.try_send(if turned_away(&e) {
-                    ChannelEvent::Refused(e.to_string())
-                } else {
-                    ChannelEvent::Disconnected(e.to_string())
+                let _ = tx.try_send(match &e {
+                    rumqttc::ConnectionError::ConnectionRefused(code) => {
+                        ChannelEvent::Denied(refusal(*code))
+                    }
+                    e if turned_away(e) => ChannelEvent::Refused(e.to_string()),
+                    e => ChannelEvent::Disconnected(e.to_string()),
                 });
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
+                // A fresh login for the next attempt.
+                if let Some(s) = &signer {
+                    log_in(&mut eventloop.mqtt_options, &**s);
+                }
                 None
             }
         };
@@ -309,6 +358,16 @@ async fn run(
                 return; // nobody listens any more
             }
         }
+    }
+}
+
+/// A broker's refusal of a login, in words.
+fn refusal(code: ConnectReturnCode) -> String {
+    match code {
+        ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized => {
+            "the broker refused this node's login (a key it does not let in, or a clock more than two minutes off)".to_string()
+        }
+        other => format!("the broker refused the connection ({other:?})"),
     }
 }
 

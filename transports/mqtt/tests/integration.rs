@@ -6,6 +6,7 @@
 
 mod integration {
     mod broker;
+    mod confinement;
 }
 
 use std::time::Duration;
@@ -43,6 +44,7 @@ async fn node(url: &str, id: NodeId) -> Box<dyn ControlChannel> {
             hello: b"here".to_vec(),
         },
         max_payload: MAX,
+        signer: None,
     };
     connect_channel(url, opts).await.unwrap()
 }
@@ -51,6 +53,7 @@ async fn coordinator(url: &str) -> Box<dyn ControlChannel> {
     let opts = ChannelOptions {
         role: ChannelRole::Coordinator { group: None },
         max_payload: MAX,
+        signer: None,
     };
     connect_channel(url, opts).await.unwrap()
 }
@@ -180,6 +183,7 @@ async fn coordinator_replicas_share_the_load(url: String) {
             group: Some(g.into()),
         },
         max_payload: MAX,
+        signer: None,
     };
     let c1 = connect_channel(&url, group("coord")).await.unwrap();
     let c2 = connect_channel(&url, group("coord")).await.unwrap();
@@ -252,6 +256,7 @@ async fn unknown_schemes_and_bad_urls_are_refused() {
     let opts = || ChannelOptions {
         role: ChannelRole::Coordinator { group: None },
         max_payload: MAX,
+        signer: None,
     };
     assert!(matches!(
         connect_channel("carrier-pigeon://x", opts()).await,

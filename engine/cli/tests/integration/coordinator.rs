@@ -46,6 +46,7 @@ fn start(url: &str) -> TestCoordinator {
             ChannelOptions {
                 role: ChannelRole::Coordinator { group: None },
                 max_payload: pluto_protocol::MAX_ENVELOPE,
+                signer: None,
             },
         ))
         .unwrap()
@@ -70,11 +71,27 @@ fn nodes_join_and_report(url: String) {
     let coordinator = start(&url);
     let dir = tempfile::tempdir().unwrap();
     let mut ids = Vec::new();
+    // Without the coordinator's key and without asking for trust on first
+    // use: refused, nothing created.
+    let nokey = dir.path().join("nokey");
+    fails(
+        pluto(&nokey).args(["init", "--coordinator", &url]),
+        "carries no coordinator key",
+    );
+    assert!(!nokey.exists());
+    let with_key = format!("{url}#{}", coordinator.id);
     for i in 0..3 {
         let home = dir.path().join(format!("node{i}"));
-        let r = json(&ok(pluto(&home)
-            .args(["--json", "init", "--offer", "1G", "--coordinator"])
-            .arg(&url)));
+        // Node 1 asks for trust on first use; the others have the URL the
+        // coordinator prints, with its key.
+        let mut cmd = pluto(&home);
+        cmd.args(["--json", "init", "--offer", "1G", "--coordinator"]);
+        if i == 1 {
+            cmd.args([url.as_str(), "--trust-first-use"]);
+        } else {
+            cmd.arg(&with_key);
+        }
+        let r = json(&ok(&mut cmd));
         ids.push(r["node_id"].as_str().unwrap().to_string());
         let s = json(&ok(pluto(&home).args(["--json", "status"])));
         let c = &s["coordinator"];
@@ -83,7 +100,7 @@ fn nodes_join_and_report(url: String) {
         assert_eq!(
             c["key"],
             coordinator.id.as_str(),
-            "the key is learned on first contact"
+            "the key given, or learned on first contact when asked to"
         );
         let config = std::fs::read_to_string(home.join("config.toml")).unwrap();
         assert!(config.contains(&coordinator.id), "and pinned: {config}");

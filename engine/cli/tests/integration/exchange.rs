@@ -87,7 +87,9 @@ impl Net {
                 format!("{host}:{port}"),
             ],
         };
-        let (running, _) = coordinator.start();
+        let (running, id) = coordinator.start();
+        // As the coordinator prints it: with its key.
+        let url = format!("{url}#{id}");
         let mut list = Vec::new();
         for i in 0..storers {
             let home = dir.path().join(format!("storer{i}"));

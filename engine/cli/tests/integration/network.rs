@@ -207,7 +207,7 @@ fn network(broker: Broker) {
     for home in &homes {
         let r = json(&ok(pluto(home)
             .args(["--json", "init", "--offer", "256M", "--coordinator"])
-            .arg(&url)));
+            .arg(format!("{url}#{coordinator_id}"))));
         ids.push(r["node_id"].as_str().unwrap().to_string());
     }
     let daemons: Vec<Proc> = homes

@@ -69,7 +69,8 @@ fn a_slow_home_uplink_places_a_backup_whole() {
     std::fs::remove_dir_all(&data).unwrap();
     {
         let text = std::fs::read_to_string(home.join("config.toml")).unwrap();
-        let joined = format!("coordinator = \"{}\"\n{text}", net.url);
+        let (url, key) = net.url.split_once('#').unwrap();
+        let joined = format!("coordinator = \"{url}\"\ncoordinator_key = \"{key}\"\n{text}");
         std::fs::write(home.join("config.toml"), joined).unwrap();
     }
     let home_id = node_id(&home);

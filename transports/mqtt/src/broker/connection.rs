@@ -33,6 +33,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::{timeout, Instant};
 
+use super::auth::{BrokerAuth, Logins, Role};
 use super::router::{valid_topic, ConnId, Router};
 
 /// How much the read buffer grows by at a time.
@@ -61,6 +62,15 @@ pub(crate) struct Limits {
     pub(crate) write_stall: Duration,
     /// QoS 1 deliveries sent and not acknowledged, per connection.
     pub(crate) max_inflight: usize,
+    /// Most open sockets from one address.
+    pub(crate) max_per_address: usize,
+    /// The longest keep-alive granted: a client asking for none (0) or
+    /// more gets this, and is dropped after 1.5 times it in silence.
+    pub(crate) max_keep_alive: Duration,
+    /// Bytes of deliveries queued for the coordinator's connection, which
+    /// is kept apart from every other queue: nobody else's backlog can
+    /// starve it.
+    pub(crate) queue_coordinator: usize,
 }
 
 impl Limits {
@@ -79,6 +89,9 @@ impl Limits {
             connect_timeout: Duration::from_secs(5),
             write_stall: Duration::from_secs(30),
             max_inflight: 256,
+            max_per_address: 256,
+            max_keep_alive: Duration::from_secs(120),
+            queue_coordinator: (64 << 20).max(max_packet.saturating_mul(16)),
         }
     }
 }
@@ -88,27 +101,61 @@ impl Limits {
 pub(crate) struct Shared {
     pub(crate) router: Mutex<Router>,
     pub(crate) limits: Limits,
+    /// Who may log in (None: anyone, and anyone may do anything).
+    pub(crate) auth: Option<BrokerAuth>,
+    logins: Mutex<Logins>,
     /// Bytes queued in all outboxes.
     queued: Arc<AtomicUsize>,
     /// Open client sockets.
     pub(crate) connections: AtomicUsize,
+    /// Open client sockets per address.
+    pub(crate) per_address: Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while holding these; if something did, the tables
+    // are still consistent enough to go on serving.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Shared {
-    /// The state of a broker with these bounds.
-    pub(crate) fn new(limits: Limits) -> Self {
+    /// The state of a broker with these bounds and logins.
+    pub(crate) fn new(limits: Limits, auth: Option<BrokerAuth>) -> Self {
         Self {
             router: Mutex::new(Router::new(1024)),
             limits,
+            auth,
+            logins: Mutex::new(Logins::default()),
             queued: Arc::new(AtomicUsize::new(0)),
             connections: AtomicUsize::new(0),
+            per_address: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
     fn router(&self) -> MutexGuard<'_, Router> {
-        // Nothing panics while holding it; if something did, the tables
-        // are still consistent enough to go on serving.
-        self.router.lock().unwrap_or_else(PoisonError::into_inner)
+        locked(&self.router)
+    }
+
+    /// Takes a place for a socket from `ip`; false when it has its share.
+    pub(crate) fn admit(&self, ip: std::net::IpAddr) -> bool {
+        let mut m = locked(&self.per_address);
+        let n = m.entry(ip).or_default();
+        if *n >= self.limits.max_per_address {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// Gives back the place [`Shared::admit`] took.
+    pub(crate) fn release(&self, ip: std::net::IpAddr) {
+        let mut m = locked(&self.per_address);
+        if let Some(n) = m.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&ip);
+            }
+        }
     }
 }
 
@@ -205,47 +252,72 @@ fn reserve(counter: &AtomicUsize, cost: usize, limit: usize) -> bool {
         .is_ok()
 }
 
+/// What became of one delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    /// Queued.
+    Taken,
+    /// Dropped: this connection's queue is full.
+    Full,
+    /// Dropped: all queues together are full.
+    Pressure,
+    /// Dropped: the connection is gone.
+    Gone,
+}
+
 /// Where packets for one connection wait for its writer.
 #[derive(Debug, Clone)]
 pub(crate) struct Outbox {
     tx: mpsc::UnboundedSender<Frame>,
     state: Arc<ConnState>,
-    global: Arc<AtomicUsize>,
+    /// The bytes queued for all connections, unless this one is kept
+    /// apart (the coordinator's).
+    global: Option<Arc<AtomicUsize>>,
+    /// Bytes queued for this connection at most.
+    queue_limit: usize,
     limits: Limits,
 }
 
 impl Outbox {
-    /// Queues a delivery; false when it was dropped (the queue is full or
-    /// the connection gone).
-    pub(crate) fn deliver(&self, topic: &Arc<str>, payload: &Bytes, qos: QoS) -> bool {
+    /// Queues a delivery; says whether it was taken, or why not.
+    pub(crate) fn deliver(&self, topic: &Arc<str>, payload: &Bytes, qos: QoS) -> Delivery {
         let cost = topic.len() + payload.len() + FRAME_OVERHEAD;
-        if !reserve(&self.state.queued, cost, self.limits.queue_per_connection) {
-            return false;
+        if !reserve(&self.state.queued, cost, self.queue_limit) {
+            return Delivery::Full;
         }
-        if !reserve(&self.global, cost, self.limits.queue_total) {
-            self.state.queued.fetch_sub(cost, Ordering::Relaxed);
-            return false;
+        if let Some(global) = &self.global {
+            if !reserve(global, cost, self.limits.queue_total) {
+                self.state.queued.fetch_sub(cost, Ordering::Relaxed);
+                return Delivery::Pressure;
+            }
         }
         let ticket = Ticket {
             cost,
             conn: self.state.clone(),
-            global: Some(self.global.clone()),
+            global: self.global.clone(),
         };
-        self.tx
-            .send(Frame::Publish {
-                topic: topic.clone(),
-                payload: payload.clone(),
-                qos,
-                ticket,
-            })
-            .is_ok()
+        match self.tx.send(Frame::Publish {
+            topic: topic.clone(),
+            payload: payload.clone(),
+            qos,
+            ticket,
+        }) {
+            Ok(()) => Delivery::Taken,
+            Err(_) => Delivery::Gone,
+        }
+    }
+
+    /// Whether this connection lets its queue grow: it holds more than
+    /// half its bound (and is not kept apart from the others).
+    pub(crate) fn backlogged(&self) -> bool {
+        self.global.is_some() && self.state.queued.load(Ordering::Relaxed) > self.queue_limit / 2
     }
 
     /// Queues an acknowledgement; false when the client has left too many
     /// unread (or the connection is gone).
     fn control(&self, packet: Packet) -> bool {
         let cost = packet.size() + FRAME_OVERHEAD;
-        let limit = self.limits.queue_per_connection + CONTROL_ROOM;
+        let limit = self.queue_limit + CONTROL_ROOM;
         if !reserve(&self.state.queued, cost, limit) {
             return false;
         }
@@ -357,29 +429,52 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     };
     if connect.protocol != rumqttc::Protocol::V4 {
         // The code is v3.1.1's; a v5 client reads it as a refusal too.
-        let mut out = BytesMut::new();
-        let refusal = Packet::ConnAck(ConnAck::new(
-            ConnectReturnCode::RefusedProtocolVersion,
-            false,
-        ));
-        if refusal.write(&mut out, usize::MAX).is_ok() {
-            let _ = timeout(Duration::from_secs(1), w.write_all(&out)).await;
-        }
+        refuse(&mut w, ConnectReturnCode::RefusedProtocolVersion).await;
         return;
     }
+    let role = match &shared.auth {
+        None => Role::Open,
+        Some(auth) => {
+            let checked = locked(&shared.logins).check(
+                auth,
+                &connect.client_id,
+                connect.login.as_ref(),
+                now_ms(),
+            );
+            match checked {
+                Ok(role) => role,
+                Err(e) => {
+                    tracing::debug!("mqtt broker: {peer}: login refused: {e}");
+                    refuse(&mut w, ConnectReturnCode::NotAuthorized).await;
+                    return;
+                }
+            }
+        }
+    };
     let will = match connect.last_will {
         Some(will) if !valid_topic(&will.topic) => {
             tracing::debug!("mqtt broker: {peer}: a will on an invalid topic");
+            return;
+        }
+        Some(will) if !role.may_will(&will.topic) => {
+            tracing::debug!("mqtt broker: {peer}: a will on another's topic");
+            refuse(&mut w, ConnectReturnCode::NotAuthorized).await;
             return;
         }
         will => will,
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let state = Arc::new(ConnState::default());
+    let coordinator = role.is_coordinator();
     let outbox = Outbox {
         tx,
         state: state.clone(),
-        global: shared.queued.clone(),
+        global: (!coordinator).then(|| shared.queued.clone()),
+        queue_limit: if coordinator {
+            limits.queue_coordinator
+        } else {
+            limits.queue_per_connection
+        },
         limits,
     };
     // Every session is clean: nothing is kept between connections.
@@ -388,14 +483,25 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
         false,
     )));
     let writer = tokio::spawn(write_loop(w, rx, state.clone(), limits));
-    let client_id = (!connect.client_id.is_empty()).then_some(connect.client_id);
+    // A client id is its user's own: nobody takes over another's.
+    let client_id = (!connect.client_id.is_empty()).then(|| role.client_key(&connect.client_id));
     let (id, old) = shared.router().connect(client_id, outbox.clone());
     if let Some(old) = old {
         old.end();
     }
-    let keep_alive = (connect.keep_alive > 0)
-        .then(|| Duration::from_secs(u64::from(connect.keep_alive)) * 3 / 2);
-    let end = read_loop(&mut r, &mut buf, &shared, id, &outbox, &state, keep_alive).await;
+    // No client stays forever in silence: none (0) or more than the
+    // longest is the longest.
+    let asked = Duration::from_secs(u64::from(connect.keep_alive));
+    let keep_alive = if asked.is_zero() || asked > limits.max_keep_alive {
+        limits.max_keep_alive
+    } else {
+        asked
+    } * 3
+        / 2;
+    let end = read_loop(
+        &mut r, &mut buf, &shared, &role, id, &outbox, &state, keep_alive,
+    )
+    .await;
     writer.abort();
     let mut router = shared.router();
     router.disconnect(id);
@@ -409,6 +515,24 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     }
 }
 
+/// Turns a client away with `code` in CONNACK.
+async fn refuse(w: &mut OwnedWriteHalf, code: ConnectReturnCode) {
+    let mut out = BytesMut::new();
+    if Packet::ConnAck(ConnAck::new(code, false))
+        .write(&mut out, usize::MAX)
+        .is_ok()
+    {
+        let _ = timeout(Duration::from_secs(1), w.write_all(&out)).await;
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 fn publish_will(router: &mut Router, will: LastWill) {
     let qos = if will.qos == QoS::ExactlyOnce {
         QoS::AtLeastOnce
@@ -419,17 +543,18 @@ fn publish_will(router: &mut Router, will: LastWill) {
 }
 
 /// Handles the client's packets until it leaves, is lost or is ended.
+#[allow(clippy::too_many_arguments)]
 async fn read_loop(
     r: &mut OwnedReadHalf,
     buf: &mut BytesMut,
     shared: &Shared,
+    role: &Role,
     id: ConnId,
     outbox: &Outbox,
     state: &ConnState,
-    keep_alive: Option<Duration>,
+    keep_alive: Duration,
 ) -> End {
-    let far = Duration::from_secs(86_400 * 365);
-    let idle = tokio::time::sleep(keep_alive.unwrap_or(far));
+    let idle = tokio::time::sleep(keep_alive);
     tokio::pin!(idle);
     loop {
         let packet = tokio::select! {
@@ -440,8 +565,7 @@ async fn read_loop(
             () = &mut idle => return End::Lost("keep-alive timeout".into()),
             () = state.end.notified() => return End::Lost("ended (taken over, or its socket failed)".into()),
         };
-        idle.as_mut()
-            .reset(Instant::now() + keep_alive.unwrap_or(far));
+        idle.as_mut().reset(Instant::now() + keep_alive);
         let acked = match packet {
             Packet::Publish(p) => {
                 if !valid_topic(&p.topic) {
@@ -450,8 +574,12 @@ async fn read_loop(
                 if p.qos == QoS::ExactlyOnce {
                     return End::Lost("QoS 2 is not supported".into());
                 }
-                let payload = Bytes::copy_from_slice(&p.payload);
-                shared.router().publish(&p.topic, &payload, p.qos);
+                if role.may_publish(&p.topic) {
+                    let payload = Bytes::copy_from_slice(&p.payload);
+                    shared.router().publish(&p.topic, &payload, p.qos);
+                } else {
+                    tracing::debug!("mqtt broker: dropped a publish on {:?}", p.topic);
+                }
                 p.qos == QoS::AtMostOnce || outbox.control(Packet::PubAck(PubAck::new(p.pkid)))
             }
             Packet::PubAck(a) => {
@@ -463,9 +591,18 @@ async fn read_loop(
                     let mut router = shared.router();
                     s.filters
                         .iter()
-                        .map(|f| match router.subscribe(id, &f.path, f.qos) {
-                            Ok(q) => SubscribeReasonCode::Success(q),
-                            Err(_) => SubscribeReasonCode::Failure,
+                        .map(|f| {
+                            if !role.may_subscribe(&f.path) {
+                                tracing::debug!(
+                                    "mqtt broker: refused a subscription to {:?}",
+                                    f.path
+                                );
+                                return SubscribeReasonCode::Failure;
+                            }
+                            match router.subscribe(id, &f.path, f.qos) {
+                                Ok(q) => SubscribeReasonCode::Success(q),
+                                Err(_) => SubscribeReasonCode::Failure,
+                            }
                         })
                         .collect()
                 };

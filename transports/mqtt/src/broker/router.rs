@@ -15,7 +15,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use rumqttc::QoS;
 
-use super::connection::Outbox;
+use super::connection::{Delivery, Outbox};
 
 /// A connection's number, unique for the broker's life.
 pub(crate) type ConnId = u64;
@@ -155,7 +155,12 @@ pub(crate) struct Router {
     /// Wildcard and shared filters, by their full text.
     patterns: HashMap<String, Pattern>,
     max_patterns: usize,
+    /// When backlogged connections were last ended to make room.
+    last_shed: Option<std::time::Instant>,
 }
+
+/// How often backlogged connections may be ended to make room.
+const SHED_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Router {
     /// A router that holds at most `max_patterns` distinct wildcard or
@@ -168,7 +173,34 @@ impl Router {
             exact: HashMap::new(),
             patterns: HashMap::new(),
             max_patterns,
+            last_shed: None,
         }
+    }
+
+    /// All queues together are full: the connections that let theirs grow
+    /// (clients that do not read) are ended, so that memory goes to those
+    /// that read, not to whoever hoards it. At most every [`SHED_EVERY`].
+    /// Returns how many were ended.
+    fn shed(&mut self) -> usize {
+        let now = std::time::Instant::now();
+        if self
+            .last_shed
+            .is_some_and(|at| now.duration_since(at) < SHED_EVERY)
+        {
+            return 0;
+        }
+        self.last_shed = Some(now);
+        let mut ended = 0;
+        for c in self.conns.values() {
+            if c.outbox.backlogged() {
+                c.outbox.end();
+                ended += 1;
+            }
+        }
+        if ended > 0 {
+            tracing::warn!("mqtt broker: queues full; ended {ended} clients that read nothing");
+        }
+        ended
     }
 
     /// Registers a connection under `client_id`. When another connection
@@ -310,10 +342,13 @@ impl Router {
         targets.dedup_by_key(|s| s.conn);
         let topic: Arc<str> = Arc::from(topic);
         let mut delivered = 0;
+        let mut pressure = false;
         for s in targets {
             if let Some(c) = self.conns.get(&s.conn) {
-                if c.outbox.deliver(&topic, payload, min_qos(qos, s.qos)) {
-                    delivered += 1;
+                match c.outbox.deliver(&topic, payload, min_qos(qos, s.qos)) {
+                    Delivery::Taken => delivered += 1,
+                    Delivery::Pressure => pressure = true,
+                    Delivery::Full | Delivery::Gone => {}
                 }
             }
         }
@@ -328,11 +363,18 @@ impl Router {
                 continue;
             }
             if let Some(c) = self.conns.get(&conn) {
-                if c.outbox.deliver(&topic, payload, min_qos(qos, sub_qos)) {
-                    delivered += 1;
-                    done = true;
+                match c.outbox.deliver(&topic, payload, min_qos(qos, sub_qos)) {
+                    Delivery::Taken => {
+                        delivered += 1;
+                        done = true;
+                    }
+                    Delivery::Pressure => pressure = true,
+                    Delivery::Full | Delivery::Gone => {}
                 }
             }
+        }
+        if pressure {
+            self.shed();
         }
         delivered
     }

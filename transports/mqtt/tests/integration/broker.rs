@@ -23,13 +23,13 @@ fn broker(max_connections: usize) -> SocketAddr {
 }
 
 /// A client that speaks MQTT packet by packet.
-struct Raw {
+pub(super) struct Raw {
     stream: TcpStream,
     buf: BytesMut,
 }
 
 impl Raw {
-    async fn open(addr: SocketAddr) -> Self {
+    pub(super) async fn open(addr: SocketAddr) -> Self {
         Self {
             stream: TcpStream::connect(addr).await.unwrap(),
             buf: BytesMut::new(),
@@ -54,7 +54,7 @@ impl Raw {
         c
     }
 
-    async fn send(&mut self, p: Packet) {
+    pub(super) async fn send(&mut self, p: Packet) {
         let mut out = BytesMut::new();
         p.write(&mut out, usize::MAX).unwrap();
         self.stream.write_all(&out).await.unwrap();
@@ -66,14 +66,14 @@ impl Raw {
     }
 
     /// The next packet within 5 s; None when the broker closed.
-    async fn recv(&mut self) -> Option<Packet> {
+    pub(super) async fn recv(&mut self) -> Option<Packet> {
         self.recv_within(Duration::from_secs(5))
             .await
             .expect("no packet within the time")
     }
 
     /// Err on timeout, Ok(None) when the broker closed.
-    async fn recv_within(&mut self, t: Duration) -> Result<Option<Packet>, ()> {
+    pub(super) async fn recv_within(&mut self, t: Duration) -> Result<Option<Packet>, ()> {
         timeout(t, async {
             loop {
                 match Packet::read(&mut self.buf, usize::MAX) {
@@ -92,7 +92,7 @@ impl Raw {
     }
 
     /// Expects the broker to close the connection within `t`.
-    async fn closed_within(&mut self, t: Duration) {
+    pub(super) async fn closed_within(&mut self, t: Duration) {
         loop {
             match self.recv_within(t).await {
                 Ok(None) => return,
@@ -102,7 +102,7 @@ impl Raw {
         }
     }
 
-    async fn subscribe(&mut self, filters: &[(&str, QoS)]) -> Vec<SubscribeReasonCode> {
+    pub(super) async fn subscribe(&mut self, filters: &[(&str, QoS)]) -> Vec<SubscribeReasonCode> {
         let sub = Subscribe {
             pkid: 7,
             filters: filters
@@ -117,7 +117,7 @@ impl Raw {
         }
     }
 
-    async fn publish(&mut self, topic: &str, payload: &[u8], qos: QoS, pkid: u16) {
+    pub(super) async fn publish(&mut self, topic: &str, payload: &[u8], qos: QoS, pkid: u16) {
         let mut p = Publish::new(topic, qos, payload.to_vec());
         p.pkid = pkid;
         self.send(Packet::Publish(p)).await;
@@ -127,7 +127,7 @@ impl Raw {
     }
 
     /// The next publish within 5 s.
-    async fn next_publish(&mut self) -> Publish {
+    pub(super) async fn next_publish(&mut self) -> Publish {
         match self.recv().await {
             Some(Packet::Publish(p)) => p,
             other => panic!("expected PUBLISH, got {other:?}"),
@@ -135,13 +135,13 @@ impl Raw {
     }
 
     /// Expects nothing within `t`.
-    async fn quiet(&mut self, t: Duration) {
+    pub(super) async fn quiet(&mut self, t: Duration) {
         if let Ok(p) = self.recv_within(t).await {
             panic!("expected nothing, got {p:?}");
         }
     }
 
-    async fn ping(&mut self) {
+    pub(super) async fn ping(&mut self) {
         self.send(Packet::PingReq).await;
         assert_eq!(self.recv().await, Some(Packet::PingResp));
     }

@@ -1,0 +1,315 @@
+//! The embedded broker with logins ([`BrokerAuth`]), attacked as a broker
+//! client would: no login, a forged or replayed one, a node reaching for
+//! other nodes' topics, wildcards or the coordinator's share group, a will
+//! on another's topic, a stolen client id, silence without keep-alive, a
+//! crowd from one address, and clients that never read. Each attack fails
+//! and honest clients keep being served.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ed25519_dalek::{Signer, SigningKey};
+use pluto_plugins_api::{
+    broker_login_message, connect_channel, ChannelEvent, ChannelOptions, ChannelRole,
+    ChannelSigner, NodeId,
+};
+use pluto_transport_mqtt::broker::{BrokerAuth, BrokerSettings, EmbeddedBroker};
+use rumqttc::{ConnAck, ConnectReturnCode, LastWill, Login, Packet, QoS, SubscribeReasonCode};
+
+use super::broker::Raw;
+
+const MAX: usize = 64 << 10;
+
+fn key() -> SigningKey {
+    SigningKey::from_bytes(&rand::random())
+}
+
+fn id(k: &SigningKey) -> String {
+    hex::encode(k.verifying_key().to_bytes())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn login(k: &SigningKey, client_id: &str, time_ms: u64) -> Login {
+    let sig = k.sign(&broker_login_message(client_id, time_ms));
+    Login::new(id(k), format!("{time_ms}.{}", hex::encode(sig.to_bytes())))
+}
+
+/// A broker that checks logins, for `coordinator`.
+fn broker(coordinator: &SigningKey, tune: impl FnOnce(&mut BrokerSettings)) -> SocketAddr {
+    let mut s = BrokerSettings::new(1000, MAX);
+    s.auth = Some(BrokerAuth::new(NodeId(coordinator.verifying_key().to_bytes())));
+    tune(&mut s);
+    EmbeddedBroker::start_with("127.0.0.1:0".parse().unwrap(), s)
+        .unwrap()
+        .addr
+}
+
+/// Connects with `login` and returns the CONNACK code (and the client).
+async fn try_connect(
+    addr: SocketAddr,
+    client_id: &str,
+    login: Option<Login>,
+    will: Option<&str>,
+    keep_alive: u16,
+) -> (Option<ConnectReturnCode>, Raw) {
+    let mut c = Raw::open(addr).await;
+    let mut connect = rumqttc::Connect::new(client_id);
+    connect.keep_alive = keep_alive;
+    connect.login = login;
+    connect.last_will = will.map(|t| LastWill::new(t, "offline", QoS::AtLeastOnce, false));
+    c.send(Packet::Connect(connect)).await;
+    let code = match c.recv_within(Duration::from_secs(5)).await {
+        Ok(Some(Packet::ConnAck(ConnAck { code, .. }))) => Some(code),
+        _ => None,
+    };
+    (code, c)
+}
+
+/// Connects as `k` and expects to be let in.
+async fn connect_as(addr: SocketAddr, k: &SigningKey, client_id: &str, will: Option<&str>) -> Raw {
+    let (code, c) = try_connect(addr, client_id, Some(login(k, client_id, now_ms())), will, 30).await;
+    assert_eq!(code, Some(ConnectReturnCode::Success));
+    c
+}
+
+fn to_coordinator(k: &SigningKey) -> String {
+    format!("p/v1/to-coordinator/{}", id(k))
+}
+fn to_node(k: &SigningKey) -> String {
+    format!("p/v1/to-node/{}", id(k))
+}
+fn presence(k: &SigningKey) -> String {
+    format!("p/v1/presence/{}", id(k))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_keys_that_prove_themselves_get_in() {
+    let c = key();
+    let addr = broker(&c, |_| {});
+    let n = key();
+    let refused = Some(ConnectReturnCode::NotAuthorized);
+    // No login; a login for another client id; stamped too long ago; signed
+    // by another key than the one named.
+    assert_eq!(try_connect(addr, "x", None, None, 30).await.0, refused);
+    let other = login(&n, "other", now_ms());
+    assert_eq!(try_connect(addr, "x", Some(other), None, 30).await.0, refused);
+    let old = login(&n, "x", now_ms() - 10 * 60_000);
+    assert_eq!(try_connect(addr, "x", Some(old), None, 30).await.0, refused);
+    let mut forged = login(&key(), "x", now_ms());
+    forged.username = id(&c);
+    assert_eq!(try_connect(addr, "x", Some(forged), None, 30).await.0, refused);
+    // A login seen on the wire opens one connection, not two.
+    let good = login(&n, "x", now_ms());
+    let (code, mut first) = try_connect(addr, "x", Some(good.clone()), None, 30).await;
+    assert_eq!(code, Some(ConnectReturnCode::Success));
+    assert_eq!(try_connect(addr, "x", Some(good), None, 30).await.0, refused);
+    first.ping().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reaches_its_own_topics_and_nothing_else() {
+    let c = key();
+    let addr = broker(&c, |_| {});
+    let mut coordinator = connect_as(addr, &c, "coordinator", None).await;
+    let codes = coordinator
+        .subscribe(&[
+            ("$share/g/p/v1/to-coordinator/+", QoS::AtLeastOnce),
+            ("p/v1/presence/+", QoS::AtLeastOnce),
+        ])
+        .await;
+    assert!(codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))));
+    let (a, b) = (key(), key());
+    let mut na = connect_as(addr, &a, "a", Some(&presence(&a))).await;
+    let mut nb = connect_as(addr, &b, "b", None).await;
+    // Its own to-node topic only: no wildcard, no share group, not B's.
+    assert!(matches!(
+        na.subscribe(&[(&to_node(&a), QoS::AtLeastOnce)]).await[..],
+        [SubscribeReasonCode::Success(_)]
+    ));
+    for f in [
+        "#".to_string(),
+        "p/v1/to-coordinator/+".to_string(),
+        "$share/g/p/v1/to-coordinator/+".to_string(),
+        to_node(&b),
+        to_coordinator(&b),
+    ] {
+        assert_eq!(
+            na.subscribe(&[(&f, QoS::AtLeastOnce)]).await,
+            [SubscribeReasonCode::Failure],
+            "{f}"
+        );
+    }
+    // Publishing as B, or to B: dropped. As itself: delivered.
+    nb.subscribe(&[(&to_node(&b), QoS::AtLeastOnce)]).await;
+    na.publish(&to_coordinator(&b), b"spoof", QoS::AtLeastOnce, 1).await;
+    na.publish(&presence(&b), b"offline", QoS::AtLeastOnce, 2).await;
+    na.publish(&to_node(&b), b"hijack", QoS::AtLeastOnce, 3).await;
+    na.publish(&to_coordinator(&a), b"mine", QoS::AtLeastOnce, 4).await;
+    let p = coordinator.next_publish().await;
+    assert_eq!((p.topic.as_str(), &p.payload[..]), (to_coordinator(&a).as_str(), &b"mine"[..]));
+    coordinator.quiet(Duration::from_millis(300)).await;
+    nb.quiet(Duration::from_millis(100)).await;
+    // The coordinator reaches B.
+    coordinator.publish(&to_node(&b), b"hello", QoS::AtLeastOnce, 9).await;
+    assert_eq!(nb.next_publish().await.payload, &b"hello"[..]);
+    // A's will, on its own presence topic, reaches the coordinator.
+    drop(na);
+    let p = coordinator.next_publish().await;
+    assert_eq!(p.topic, presence(&a));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_will_on_anothers_topic_and_no_stolen_client_id() {
+    let c = key();
+    let addr = broker(&c, |_| {});
+    let (a, b) = (key(), key());
+    let (code, _) = try_connect(
+        addr,
+        "b",
+        Some(login(&b, "b", now_ms())),
+        Some(&presence(&a)),
+        30,
+    )
+    .await;
+    assert_eq!(code, Some(ConnectReturnCode::NotAuthorized));
+    // B takes A's client id: A stays connected (ids are per key).
+    let mut na = connect_as(addr, &a, "same", None).await;
+    let _nb = connect_as(addr, &b, "same", None).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    na.ping().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silence_and_crowds_are_bounded() {
+    let c = key();
+    let addr = broker(&c, |s| {
+        s.max_keep_alive = Duration::from_secs(1);
+        s.max_per_address = 4;
+    });
+    // Keep-alive 0 ("never") is the longest granted: 1 s, so 1.5 s of
+    // silence ends it.
+    let n = key();
+    let (code, mut silent) = try_connect(addr, "s", Some(login(&n, "s", now_ms())), None, 0).await;
+    assert_eq!(code, Some(ConnectReturnCode::Success));
+    silent.closed_within(Duration::from_secs(3)).await;
+    // Four sockets from one address; the fifth is closed at once.
+    let mut held = Vec::new();
+    for i in 0..4 {
+        held.push(Raw::open(addr).await);
+        let _ = i;
+    }
+    let mut fifth = Raw::open(addr).await;
+    fifth.closed_within(Duration::from_secs(2)).await;
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut again = connect_as(addr, &n, "again", None).await;
+    again.ping().await;
+}
+
+/// A node's key, logging in through the channel.
+struct Signer(SigningKey);
+
+impl ChannelSigner for Signer {
+    fn id(&self) -> NodeId {
+        NodeId(self.0.verifying_key().to_bytes())
+    }
+    fn sign(&self, message: &[u8]) -> [u8; 64] {
+        self.0.sign(message).to_bytes()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_channel_logs_in_and_says_when_it_is_turned_away() {
+    let c = key();
+    let addr = broker(&c, |_| {});
+    let url = format!("mqtt://{addr}/p");
+    let n = key();
+    let nid = NodeId(n.verifying_key().to_bytes());
+    let opts = |role: ChannelRole, signer: Option<SigningKey>| ChannelOptions {
+        role,
+        max_payload: MAX,
+        signer: signer.map(|k| std::sync::Arc::new(Signer(k)) as _),
+    };
+    let node_role = ChannelRole::Node {
+        id: nid,
+        will: b"offline".to_vec(),
+        hello: b"online".to_vec(),
+    };
+    // Logged in: connected, subscriptions granted.
+    let ch = connect_channel(&url, opts(node_role.clone(), Some(n.clone())))
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), ch.next_event()).await;
+    assert_eq!(first.unwrap(), Some(ChannelEvent::Connected));
+    ch.close().await;
+    // Without a login: denied, said so.
+    let ch = connect_channel(&url, opts(node_role, None)).await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(10), ch.next_event()).await;
+    assert!(matches!(ev.unwrap(), Some(ChannelEvent::Denied(_))));
+    ch.close().await;
+    // A node's key posing as a coordinator (wildcard subscriptions): its
+    // subscriptions are refused, and the channel says so rather than
+    // claiming to be connected.
+    let ch = connect_channel(&url, opts(ChannelRole::Coordinator { group: None }, Some(n)))
+        .await
+        .unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(10), ch.next_event()).await;
+    match ev.unwrap() {
+        Some(ChannelEvent::Denied(why)) => assert!(why.contains("subscription"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    ch.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_cannot_starve_the_others() {
+    let c = key();
+    // A small total, so a few hoarders fill it.
+    let addr = broker(&c, |s| {
+        s.max_payload = 256 << 10;
+        s.max_queued_bytes = 8 << 20;
+    });
+    let mut coordinator = connect_as(addr, &c, "coordinator", None).await;
+    coordinator
+        .subscribe(&[("p/v1/to-coordinator/+", QoS::AtLeastOnce)])
+        .await;
+    // 60 nodes that ask and never read their answers.
+    let mut hoarders = Vec::new();
+    for i in 0..60 {
+        let k = key();
+        let mut h = connect_as(addr, &k, &format!("h{i}"), None).await;
+        h.subscribe(&[(&to_node(&k), QoS::AtMostOnce)]).await;
+        hoarders.push((k, h));
+    }
+    let honest = key();
+    let mut good = connect_as(addr, &honest, "honest", None).await;
+    good.subscribe(&[(&to_node(&honest), QoS::AtLeastOnce)]).await;
+    // The coordinator answers every hoarder with 250 KiB, many times over
+    // (all queues together hold 8 MiB): its honest answers still arrive.
+    let big = vec![7u8; 250 << 10];
+    let mut honest_got = 0;
+    for round in 0..40 {
+        for (k, _) in &hoarders {
+            coordinator.publish(&to_node(k), &big, QoS::AtMostOnce, 0).await;
+        }
+        coordinator
+            .publish(&to_node(&honest), b"answer", QoS::AtLeastOnce, (round + 1) as u16)
+            .await;
+        if let Ok(Some(Packet::Publish(p))) = good.recv_within(Duration::from_secs(2)).await {
+            assert_eq!(p.payload, &b"answer"[..]);
+            good.send(Packet::PubAck(rumqttc::PubAck::new(p.pkid))).await;
+            honest_got += 1;
+        }
+    }
+    assert!(honest_got >= 35, "the honest node got {honest_got} of 40 answers");
+    // And a node's publish still reaches the coordinator at once.
+    good.publish(&to_coordinator(&honest), b"heartbeat", QoS::AtLeastOnce, 99).await;
+    let p = coordinator.next_publish().await;
+    assert_eq!(&p.payload[..], b"heartbeat");
+}
