@@ -81,6 +81,12 @@ pub struct Sweep {
     pub pruned: u64,
 }
 
+/// Handshake messages one key may have in the handshake replay guard
+/// (the replay window long): a node running a command every second
+/// (each a Hello and an Auth) stays well within it, and a key cannot
+/// take more than this of the guard.
+const HANDSHAKES_PER_SENDER: usize = 512;
+
 /// The coordinator.
 pub struct Coordinator {
     pub(crate) identity: SigningKey,
@@ -129,8 +135,8 @@ impl Coordinator {
             )),
             handshake_guard: Mutex::new(ReplayGuard::with_sender_limit(
                 config.window_ms,
-                config.max_challenges.saturating_mul(2),
-                config.challenges_per_node.saturating_mul(4),
+                config.max_challenges.saturating_mul(4),
+                HANDSHAKES_PER_SENDER.min(config.max_challenges).max(1),
             )),
             answers: Mutex::new(Answers::new(config.answer_cache_bytes)),
             sessions: Mutex::new(Sessions::new(

@@ -28,8 +28,10 @@ use crate::coordinator::{error, lock, Reply};
 use crate::matching::Want;
 use crate::{Coordinator, Outgoing, Rejected, ANY_COORDINATOR};
 
-/// The kind of [`Message::Auth`].
+/// The kinds of [`Message::Auth`], [`Message::Relay`] and [`Message::Proof`].
 const AUTH_KIND: u8 = 3;
+const RELAY_KIND: u8 = 22;
+const PROOF_KIND: u8 = 29;
 
 /// Where a message's answer goes.
 enum Routed {
@@ -89,6 +91,9 @@ impl Coordinator {
         } else {
             match self.books.node(&env.from).await? {
                 Some(node) => Some(node),
+                // What expects no answer (a payload to relay, a proof) is
+                // dropped; a request is told to authenticate first.
+                None if kind == RELAY_KIND || kind == PROOF_KIND => return Ok(None),
                 None => {
                     let reply = error(ErrorCode::Unauthenticated, "authenticate first");
                     return self
@@ -282,5 +287,31 @@ impl Coordinator {
             to: *to,
             bytes: env.sign(&self.identity)?,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_are_the_messages_kinds() {
+        let auth = Message::Auth {
+            challenge: [0; 32],
+            exchange_key: [0; 32],
+            offer: 0,
+        };
+        let relay = Message::Relay {
+            to: NodeId([0; 32]),
+            payload: vec![],
+        };
+        let proof = Message::Proof {
+            challenge: [0; 32],
+            answer: pluto_protocol::ProofAnswer::NotHeld,
+        };
+        assert_eq!(
+            [auth.kind(), relay.kind(), proof.kind()],
+            [AUTH_KIND, RELAY_KIND, PROOF_KIND]
+        );
     }
 }

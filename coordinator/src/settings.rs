@@ -45,8 +45,8 @@ pub struct CoordinatorConfig {
     /// How many challenges may be outstanding.
     pub max_challenges: usize,
     /// How many of them one key may hold (its oldest gives way to its
-    /// newest). Handshakes have a replay guard of their own, of twice
-    /// `max_challenges` nonces, four times this many per key.
+    /// newest). Handshakes have a replay guard of their own, of four times
+    /// `max_challenges` nonces, 512 per key (at most `max_challenges`).
     pub challenges_per_node: usize,
     /// How often nodes must send a heartbeat.
     pub heartbeat_ms: u64,

@@ -113,7 +113,7 @@ async fn net_with(config: CoordinatorConfig) -> Net {
 /// signed by the coordinator, addressed to the node, answering the request,
 /// and opened when private.
 async fn ask(net: &Net, node: &Node, now: u64, msg: &Message) -> Message {
-    let (bytes, nonce) = node.envelope(&net, net.c.id(), now, msg);
+    let (bytes, nonce) = node.envelope(net, net.c.id(), now, msg);
     let out = net
         .c
         .handle(Some(node.id()), &bytes, now, &mut OsRng)

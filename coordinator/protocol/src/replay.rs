@@ -55,7 +55,7 @@ impl ReplayGuard {
     /// Accepts timestamps within `window_ms` of now, remembering at most
     /// `capacity` nonces, any number of them from one sender.
     pub fn new(window_ms: u64, capacity: usize) -> Self {
-        Self::with_sender_limit(window_ms, capacity, capacity)
+        Self::with_sender_limit(window_ms, capacity, usize::MAX)
     }
 
     /// As [`ReplayGuard::new`], with at most `per_sender` nonces from any

@@ -96,7 +96,7 @@ async fn audit(
         pack: PackId([pack; 32]),
         storer: storer.id(),
     };
-    let (bytes, nonce) = owner.envelope(&net, net.c.id(), now, &msg);
+    let (bytes, nonce) = owner.envelope(net, net.c.id(), now, &msg);
     let out = net
         .c
         .handle(Some(owner.id()), &bytes, now, &mut OsRng)
@@ -112,7 +112,7 @@ async fn audit(
         return Err(ErrorCode::Busy);
     };
     let (bytes, _) = storer.envelope(
-        &net,
+        net,
         net.c.id(),
         now,
         &Message::Proof {
@@ -792,7 +792,7 @@ async fn a_clock_that_steps_back_does_not_stop_audits() {
                     }
                     let c = challenge_of(&out, s);
                     let (bytes, _) = s.envelope(
-                        &net,
+                        net,
                         net.c.id(),
                         now,
                         &Message::Proof {

@@ -22,7 +22,7 @@ fn start_and_stop(home: &Path) -> String {
         .local_addr()
         .unwrap()
         .port();
-    let log = home.with_extension("log");
+    let log = home.parent().unwrap().with_extension("log");
     let mut child = Command::new(env!("CARGO_BIN_EXE_pluto-coordinator"))
         .arg("--home")
         .arg(home)

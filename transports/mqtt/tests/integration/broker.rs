@@ -36,6 +36,18 @@ impl Raw {
         }
     }
 
+    /// Opens with a tiny receive buffer: a client that reads nothing then
+    /// holds almost nothing in the kernel, and its backlog stays in the
+    /// broker.
+    pub(super) async fn open_tight(addr: SocketAddr) -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        Self {
+            stream: socket.connect(addr).await.unwrap(),
+            buf: BytesMut::new(),
+        }
+    }
+
     /// Connects with `id`, `keep_alive` seconds and a will, and expects
     /// CONNACK.
     async fn connect(addr: SocketAddr, id: &str, keep_alive: u16, will: Option<&str>) -> Self {

@@ -43,7 +43,9 @@ fn login(k: &SigningKey, client_id: &str, time_ms: u64) -> Login {
 /// A broker that checks logins, for `coordinator`.
 fn broker(coordinator: &SigningKey, tune: impl FnOnce(&mut BrokerSettings)) -> SocketAddr {
     let mut s = BrokerSettings::new(1000, MAX);
-    s.auth = Some(BrokerAuth::new(NodeId(coordinator.verifying_key().to_bytes())));
+    s.auth = Some(BrokerAuth::new(NodeId(
+        coordinator.verifying_key().to_bytes(),
+    )));
     tune(&mut s);
     EmbeddedBroker::start_with("127.0.0.1:0".parse().unwrap(), s)
         .unwrap()
@@ -58,7 +60,16 @@ async fn try_connect(
     will: Option<&str>,
     keep_alive: u16,
 ) -> (Option<ConnectReturnCode>, Raw) {
-    let mut c = Raw::open(addr).await;
+    connect_on(Raw::open(addr).await, client_id, login, will, keep_alive).await
+}
+
+async fn connect_on(
+    mut c: Raw,
+    client_id: &str,
+    login: Option<Login>,
+    will: Option<&str>,
+    keep_alive: u16,
+) -> (Option<ConnectReturnCode>, Raw) {
     let mut connect = rumqttc::Connect::new(client_id);
     connect.keep_alive = keep_alive;
     connect.login = login;
@@ -73,7 +84,14 @@ async fn try_connect(
 
 /// Connects as `k` and expects to be let in.
 async fn connect_as(addr: SocketAddr, k: &SigningKey, client_id: &str, will: Option<&str>) -> Raw {
-    let (code, c) = try_connect(addr, client_id, Some(login(k, client_id, now_ms())), will, 30).await;
+    let (code, c) = try_connect(
+        addr,
+        client_id,
+        Some(login(k, client_id, now_ms())),
+        will,
+        30,
+    )
+    .await;
     assert_eq!(code, Some(ConnectReturnCode::Success));
     c
 }
@@ -98,17 +116,26 @@ async fn only_keys_that_prove_themselves_get_in() {
     // by another key than the one named.
     assert_eq!(try_connect(addr, "x", None, None, 30).await.0, refused);
     let other = login(&n, "other", now_ms());
-    assert_eq!(try_connect(addr, "x", Some(other), None, 30).await.0, refused);
+    assert_eq!(
+        try_connect(addr, "x", Some(other), None, 30).await.0,
+        refused
+    );
     let old = login(&n, "x", now_ms() - 10 * 60_000);
     assert_eq!(try_connect(addr, "x", Some(old), None, 30).await.0, refused);
     let mut forged = login(&key(), "x", now_ms());
     forged.username = id(&c);
-    assert_eq!(try_connect(addr, "x", Some(forged), None, 30).await.0, refused);
+    assert_eq!(
+        try_connect(addr, "x", Some(forged), None, 30).await.0,
+        refused
+    );
     // A login seen on the wire opens one connection, not two.
     let good = login(&n, "x", now_ms());
     let (code, mut first) = try_connect(addr, "x", Some(good.clone()), None, 30).await;
     assert_eq!(code, Some(ConnectReturnCode::Success));
-    assert_eq!(try_connect(addr, "x", Some(good), None, 30).await.0, refused);
+    assert_eq!(
+        try_connect(addr, "x", Some(good), None, 30).await.0,
+        refused
+    );
     first.ping().await;
 }
 
@@ -123,7 +150,9 @@ async fn a_node_reaches_its_own_topics_and_nothing_else() {
             ("p/v1/presence/+", QoS::AtLeastOnce),
         ])
         .await;
-    assert!(codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))));
+    assert!(codes
+        .iter()
+        .all(|c| matches!(c, SubscribeReasonCode::Success(_))));
     let (a, b) = (key(), key());
     let mut na = connect_as(addr, &a, "a", Some(&presence(&a))).await;
     let mut nb = connect_as(addr, &b, "b", None).await;
@@ -147,16 +176,25 @@ async fn a_node_reaches_its_own_topics_and_nothing_else() {
     }
     // Publishing as B, or to B: dropped. As itself: delivered.
     nb.subscribe(&[(&to_node(&b), QoS::AtLeastOnce)]).await;
-    na.publish(&to_coordinator(&b), b"spoof", QoS::AtLeastOnce, 1).await;
-    na.publish(&presence(&b), b"offline", QoS::AtLeastOnce, 2).await;
-    na.publish(&to_node(&b), b"hijack", QoS::AtLeastOnce, 3).await;
-    na.publish(&to_coordinator(&a), b"mine", QoS::AtLeastOnce, 4).await;
+    na.publish(&to_coordinator(&b), b"spoof", QoS::AtLeastOnce, 1)
+        .await;
+    na.publish(&presence(&b), b"offline", QoS::AtLeastOnce, 2)
+        .await;
+    na.publish(&to_node(&b), b"hijack", QoS::AtLeastOnce, 3)
+        .await;
+    na.publish(&to_coordinator(&a), b"mine", QoS::AtLeastOnce, 4)
+        .await;
     let p = coordinator.next_publish().await;
-    assert_eq!((p.topic.as_str(), &p.payload[..]), (to_coordinator(&a).as_str(), &b"mine"[..]));
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        (to_coordinator(&a).as_str(), &b"mine"[..])
+    );
     coordinator.quiet(Duration::from_millis(300)).await;
     nb.quiet(Duration::from_millis(100)).await;
     // The coordinator reaches B.
-    coordinator.publish(&to_node(&b), b"hello", QoS::AtLeastOnce, 9).await;
+    coordinator
+        .publish(&to_node(&b), b"hello", QoS::AtLeastOnce, 9)
+        .await;
     assert_eq!(nb.next_publish().await.payload, &b"hello"[..]);
     // A's will, on its own presence topic, reaches the coordinator.
     drop(na);
@@ -213,9 +251,9 @@ async fn silence_and_crowds_are_bounded() {
 }
 
 /// A node's key, logging in through the channel.
-struct Signer(SigningKey);
+struct KeySigner(SigningKey);
 
-impl ChannelSigner for Signer {
+impl ChannelSigner for KeySigner {
     fn id(&self) -> NodeId {
         NodeId(self.0.verifying_key().to_bytes())
     }
@@ -234,7 +272,7 @@ async fn the_channel_logs_in_and_says_when_it_is_turned_away() {
     let opts = |role: ChannelRole, signer: Option<SigningKey>| ChannelOptions {
         role,
         max_payload: MAX,
-        signer: signer.map(|k| std::sync::Arc::new(Signer(k)) as _),
+        signer: signer.map(|k| std::sync::Arc::new(KeySigner(k)) as _),
     };
     let node_role = ChannelRole::Node {
         id: nid,
@@ -256,9 +294,12 @@ async fn the_channel_logs_in_and_says_when_it_is_turned_away() {
     // A node's key posing as a coordinator (wildcard subscriptions): its
     // subscriptions are refused, and the channel says so rather than
     // claiming to be connected.
-    let ch = connect_channel(&url, opts(ChannelRole::Coordinator { group: None }, Some(n)))
-        .await
-        .unwrap();
+    let ch = connect_channel(
+        &url,
+        opts(ChannelRole::Coordinator { group: None }, Some(n)),
+    )
+    .await
+    .unwrap();
     let ev = tokio::time::timeout(Duration::from_secs(10), ch.next_event()).await;
     match ev.unwrap() {
         Some(ChannelEvent::Denied(why)) => assert!(why.contains("subscription"), "{why}"),
@@ -279,37 +320,58 @@ async fn clients_that_never_read_cannot_starve_the_others() {
     coordinator
         .subscribe(&[("p/v1/to-coordinator/+", QoS::AtLeastOnce)])
         .await;
-    // 60 nodes that ask and never read their answers.
+    // Twelve nodes that ask and never read their answers.
     let mut hoarders = Vec::new();
-    for i in 0..60 {
+    for i in 0..12 {
         let k = key();
-        let mut h = connect_as(addr, &k, &format!("h{i}"), None).await;
+        let client = format!("h{i}");
+        let (code, mut h) = connect_on(
+            Raw::open_tight(addr).await,
+            &client,
+            Some(login(&k, &client, now_ms())),
+            None,
+            60,
+        )
+        .await;
+        assert_eq!(code, Some(ConnectReturnCode::Success));
         h.subscribe(&[(&to_node(&k), QoS::AtMostOnce)]).await;
         hoarders.push((k, h));
     }
     let honest = key();
     let mut good = connect_as(addr, &honest, "honest", None).await;
-    good.subscribe(&[(&to_node(&honest), QoS::AtLeastOnce)]).await;
-    // The coordinator answers every hoarder with 250 KiB, many times over
-    // (all queues together hold 8 MiB): its honest answers still arrive.
-    let big = vec![7u8; 250 << 10];
+    good.subscribe(&[(&to_node(&honest), QoS::AtLeastOnce)])
+        .await;
+    // The coordinator answers the hoarders, 6 MiB each (more than their
+    // sockets and queues hold, and all queues together hold 8 MiB), and
+    // the honest node, a 200 KiB answer now and then: those still arrive.
+    let small = vec![7u8; 60 << 10];
+    let answer = vec![9u8; 200 << 10];
     let mut honest_got = 0;
-    for round in 0..40 {
+    for round in 0..100u16 {
         for (k, _) in &hoarders {
-            coordinator.publish(&to_node(k), &big, QoS::AtMostOnce, 0).await;
+            coordinator
+                .publish(&to_node(k), &small, QoS::AtMostOnce, 0)
+                .await;
         }
-        coordinator
-            .publish(&to_node(&honest), b"answer", QoS::AtLeastOnce, (round + 1) as u16)
-            .await;
-        if let Ok(Some(Packet::Publish(p))) = good.recv_within(Duration::from_secs(2)).await {
-            assert_eq!(p.payload, &b"answer"[..]);
-            good.send(Packet::PubAck(rumqttc::PubAck::new(p.pkid))).await;
-            honest_got += 1;
+        if round % 5 == 4 {
+            coordinator
+                .publish(&to_node(&honest), &answer, QoS::AtLeastOnce, round + 1)
+                .await;
+            if let Ok(Some(Packet::Publish(p))) = good.recv_within(Duration::from_secs(2)).await {
+                assert_eq!(p.payload.len(), answer.len());
+                good.send(Packet::PubAck(rumqttc::PubAck::new(p.pkid)))
+                    .await;
+                honest_got += 1;
+            }
         }
     }
-    assert!(honest_got >= 35, "the honest node got {honest_got} of 40 answers");
+    assert!(
+        honest_got >= 18,
+        "the honest node got {honest_got} of 20 answers"
+    );
     // And a node's publish still reaches the coordinator at once.
-    good.publish(&to_coordinator(&honest), b"heartbeat", QoS::AtLeastOnce, 99).await;
+    good.publish(&to_coordinator(&honest), b"heartbeat", QoS::AtLeastOnce, 99)
+        .await;
     let p = coordinator.next_publish().await;
     assert_eq!(&p.payload[..], b"heartbeat");
 }
