@@ -118,7 +118,9 @@ over_broker() {
 
 # ---- embedded broker -------------------------------------------------------
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-over_broker embedded "mqtt://127.0.0.1:$port" --listen "127.0.0.1:$port"
+# Every simulated node connects from this one address.
+over_broker embedded "mqtt://127.0.0.1:$port" --listen "127.0.0.1:$port" \
+  --max-connections-per-address 100000
 
 # ---- Mosquitto ---------------------------------------------------------------
 if [ "$mosquitto" != 0 ]; then

@@ -170,7 +170,15 @@ async fn connect_all(
                 let _permit = gate.acquire_owned().await.ok()?;
                 let t = Instant::now();
                 match CoordinatorClient::connect(&url, &k, None, 1 << 30, true).await {
-                    Ok(c) => Some((Arc::new(c), t.elapsed())),
+                    Ok(c) => {
+                        let took = t.elapsed();
+                        // Online, as its daemon's first heartbeat makes it:
+                        // only online nodes are matched as storers.
+                        if let Err(e) = c.request(&Message::Heartbeat).await {
+                            eprintln!("heartbeat failed: {e}");
+                        }
+                        Some((Arc::new(c), took))
+                    }
                     Err(e) => {
                         eprintln!("auth failed: {e}");
                         None
