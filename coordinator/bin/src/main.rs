@@ -56,6 +56,11 @@ struct Cli {
     /// Most clients the embedded broker accepts from one address.
     #[arg(long, global = true, default_value_t = 256)]
     max_connections_per_address: usize,
+    /// Bytes per second one node may publish on the embedded broker (the
+    /// coordinator's relay rate by default); a node that publishes faster
+    /// is read more slowly. 0: no limit.
+    #[arg(long, global = true, default_value_t = 64 << 20)]
+    max_publish_rate: u64,
     /// With --channel: the external broker lets each node publish only on
     /// its own presence topic (docs/broker.md), so its "offline" will can
     /// be believed. Without it a node goes offline when it falls silent.
@@ -302,6 +307,7 @@ async fn run(cli: Cli) -> Result<()> {
                 cli.listen,
                 BrokerSettings {
                     max_per_address: cli.max_connections_per_address,
+                    max_publish_rate: cli.max_publish_rate,
                     auth: Some(BrokerAuth::new(me)),
                     ..BrokerSettings::new(cli.max_connections, MAX_ENVELOPE)
                 },

@@ -33,8 +33,11 @@
 //! *dropped* (a slow subscriber loses messages, the others are not held
 //! up), and one on all queues together, which the coordinator's
 //! connection is kept out of (its own, larger bound: nobody's backlog
-//! starves it); 64 filters per connection and 1,024 distinct wildcard or
-//! shared filters in all. Malformed input ends only its own connection.
+//! starves it); `max_publish_rate` bytes per second published by any one
+//! client but the coordinator (64 MiB/s, the coordinator's own relay
+//! rate: a client that publishes faster is read more slowly); 64 filters
+//! per connection and 1,024 distinct wildcard or shared filters in all.
+//! Malformed input ends only its own connection.
 //!
 //! It runs on a tokio runtime of its own, on a thread of its own, so it
 //! starts from async and plain code alike; it has no shutdown: the broker
@@ -69,6 +72,10 @@ pub struct BrokerSettings {
     /// coordinator's own queue); when full, clients that let theirs grow
     /// are ended.
     pub max_queued_bytes: usize,
+    /// Bytes per second one client (not the coordinator) may publish, in
+    /// bursts of one second's worth; beyond it the broker reads that
+    /// client more slowly. 0: no limit.
+    pub max_publish_rate: u64,
     /// Logins checked and clients confined (None: anyone, anything).
     pub auth: Option<BrokerAuth>,
 }
@@ -84,6 +91,7 @@ impl BrokerSettings {
             max_payload,
             max_keep_alive: Duration::from_secs(120),
             max_queued_bytes: 256 << 20,
+            max_publish_rate: 64 << 20,
             auth: None,
         }
     }
@@ -129,6 +137,7 @@ impl EmbeddedBroker {
         let mut limits = Limits::new(settings.max_connections, settings.max_payload);
         limits.max_per_address = settings.max_per_address.max(1);
         limits.max_keep_alive = settings.max_keep_alive.max(Duration::from_secs(1));
+        limits.publish_rate = settings.max_publish_rate;
         limits.queue_total = settings
             .max_queued_bytes
             .max(limits.queue_per_connection.saturating_mul(4));

@@ -71,6 +71,10 @@ pub(crate) struct Limits {
     /// is kept apart from every other queue: nobody else's backlog can
     /// starve it.
     pub(crate) queue_coordinator: usize,
+    /// Bytes per second one client other than the coordinator may publish
+    /// (0: no limit); beyond it the broker reads from that client more
+    /// slowly, so it is held back by TCP rather than dropped.
+    pub(crate) publish_rate: u64,
 }
 
 impl Limits {
@@ -92,6 +96,7 @@ impl Limits {
             max_per_address: 256,
             max_keep_alive: Duration::from_secs(120),
             queue_coordinator: (64 << 20).max(max_packet.saturating_mul(16)),
+            publish_rate: 64 << 20,
         }
     }
 }
@@ -515,6 +520,42 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     }
 }
 
+/// A token bucket of publish bytes: refilled at `rate` per second up to a
+/// burst of one second's worth (and at least one packet).
+#[derive(Debug)]
+struct Pace {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Pace {
+    fn new(rate: u64, max_packet: u64) -> Self {
+        let burst = rate.max(max_packet) as f64;
+        Self {
+            rate: rate as f64,
+            burst,
+            tokens: burst,
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes `n` bytes; how long to wait before handling them (zero when
+    /// the bucket held them).
+    fn take(&mut self, n: u64) -> Duration {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst) - n as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
+
 /// Turns a client away with `code` in CONNACK.
 async fn refuse(w: &mut OwnedWriteHalf, code: ConnectReturnCode) {
     let mut out = BytesMut::new();
@@ -556,6 +597,8 @@ async fn read_loop(
 ) -> End {
     let idle = tokio::time::sleep(keep_alive);
     tokio::pin!(idle);
+    let mut pace = (!role.is_coordinator() && shared.limits.publish_rate > 0)
+        .then(|| Pace::new(shared.limits.publish_rate, shared.limits.max_packet as u64));
     loop {
         let packet = tokio::select! {
             p = read_packet(r, buf, shared.limits.max_packet, false) => match p {
@@ -573,6 +616,10 @@ async fn read_loop(
                 }
                 if p.qos == QoS::ExactlyOnce {
                     return End::Lost("QoS 2 is not supported".into());
+                }
+                if let Some(pace) = &mut pace {
+                    // Held back, not dropped: the socket is not read meanwhile.
+                    tokio::time::sleep(pace.take(p.payload.len() as u64)).await;
                 }
                 if role.may_publish(&p.topic) {
                     let payload = Bytes::copy_from_slice(&p.payload);
@@ -764,6 +811,17 @@ mod tests {
                 while let Ok(Some(_)) = parse(&mut buf, 256) {}
             }
         }
+    }
+
+    #[test]
+    fn publishes_are_paced_beyond_a_burst() {
+        let mut p = Pace::new(1000, 500);
+        assert_eq!(p.take(1000), Duration::ZERO, "a second's worth at once");
+        let wait = p.take(500);
+        assert!(
+            wait > Duration::from_millis(450) && wait <= Duration::from_millis(500),
+            "{wait:?}"
+        );
     }
 
     #[test]

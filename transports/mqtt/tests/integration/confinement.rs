@@ -375,3 +375,63 @@ async fn clients_that_never_read_cannot_starve_the_others() {
     let p = coordinator.next_publish().await;
     assert_eq!(&p.payload[..], b"heartbeat");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_floods_is_read_more_slowly_and_others_are_not() {
+    let c = key();
+    let addr = broker(&c, |s| {
+        s.max_payload = 1 << 20;
+        s.max_publish_rate = 4 << 20;
+    });
+    let mut coordinator = connect_as(addr, &c, "coordinator", None).await;
+    coordinator
+        .subscribe(&[("p/v1/to-coordinator/+", QoS::AtMostOnce)])
+        .await;
+    let (flooder, honest) = (key(), key());
+    let mut f = connect_as(addr, &flooder, "f", None).await;
+    let mut h = connect_as(addr, &honest, "h", None).await;
+    // 12 MiB at 4 MiB/s, one second's worth at once: about 2 s.
+    let chunk = vec![1u8; 1 << 20];
+    let topic = to_coordinator(&flooder);
+    let flood = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        for i in 0..12u16 {
+            f.publish(&topic, &chunk, QoS::AtLeastOnce, i + 1).await;
+        }
+        started.elapsed()
+    });
+    // Meanwhile an honest node's message goes straight through.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent = std::time::Instant::now();
+    h.publish(&to_coordinator(&honest), b"heartbeat", QoS::AtLeastOnce, 1)
+        .await;
+    let mut got_honest = None;
+    let mut flood_msgs = 0;
+    while got_honest.is_none() || flood_msgs < 12 {
+        let p = coordinator.next_publish().await;
+        if p.payload.as_ref() == b"heartbeat" {
+            got_honest = Some(sent.elapsed());
+        } else {
+            flood_msgs += 1;
+        }
+    }
+    let took = flood.await.unwrap();
+    assert!(
+        took >= Duration::from_millis(1_800),
+        "the flood took {took:?}"
+    );
+    assert!(
+        got_honest.unwrap() < Duration::from_millis(500),
+        "the honest message waited {:?}",
+        got_honest
+    );
+    // The coordinator itself is not paced.
+    let started = std::time::Instant::now();
+    let big = vec![2u8; 1 << 20];
+    for i in 0..12u16 {
+        coordinator
+            .publish(&to_node(&honest), &big, QoS::AtMostOnce, i)
+            .await;
+    }
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
