@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod integration {
+    mod attacks;
     mod cli;
     pub mod common;
     mod coordinator;

@@ -24,7 +24,10 @@
 //! anyone may do anything.
 //!
 //! Bounds ([`BrokerSettings`]): at most `max_connections` sockets, and
-//! `max_per_address` from one address (more are closed on accept); packets
+//! `max_per_address` from one address (more are closed on accept), and
+//! `max_per_key` logged in with one node's key (16; more are refused, so a
+//! key cannot multiply its subscriptions and the deliveries they queue);
+//! packets
 //! up to `max_payload` + 1 KiB (a larger one ends its connection); CONNECT
 //! within 5 s of accepting; a keep-alive of at most `max_keep_alive` (a
 //! client asking for none gets that), and 1.5 × it in silence ends the
@@ -64,6 +67,8 @@ pub struct BrokerSettings {
     pub max_connections: usize,
     /// Most open client sockets from one address.
     pub max_per_address: usize,
+    /// Most connections logged in with one node's key (with logins).
+    pub max_per_key: usize,
     /// Largest payload of a publish.
     pub max_payload: usize,
     /// The longest keep-alive granted (a client asking for none gets it).
@@ -88,6 +93,7 @@ impl BrokerSettings {
         Self {
             max_connections,
             max_per_address: 256,
+            max_per_key: 16,
             max_payload,
             max_keep_alive: Duration::from_secs(120),
             max_queued_bytes: 256 << 20,
@@ -136,6 +142,7 @@ impl EmbeddedBroker {
     pub fn start_with(listen: SocketAddr, settings: BrokerSettings) -> Result<Self, BrokerError> {
         let mut limits = Limits::new(settings.max_connections, settings.max_payload);
         limits.max_per_address = settings.max_per_address.max(1);
+        limits.max_per_key = settings.max_per_key.max(1);
         limits.max_keep_alive = settings.max_keep_alive.max(Duration::from_secs(1));
         limits.publish_rate = settings.max_publish_rate;
         limits.queue_total = settings

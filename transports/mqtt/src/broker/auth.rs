@@ -80,33 +80,57 @@ pub(crate) struct Logins {
     by_expiry: VecDeque<(u64, [u8; 64])>,
 }
 
+/// A login whose signature verified: who it is, and what to remember so
+/// that it is not used again.
+#[derive(Debug)]
+pub(crate) struct Verified {
+    pub(crate) role: Role,
+    signature: [u8; 64],
+    /// When the login lapses (its time plus the window).
+    expiry_ms: u64,
+}
+
+/// Checks `login` for a connection with `client_id` at `now_ms`: its form,
+/// its time and its signature. Pure, and the costly part (the signature),
+/// so it runs outside any lock; [`Logins::remember`] then refuses a login
+/// used before.
+pub(crate) fn verify(
+    auth: &BrokerAuth,
+    client_id: &str,
+    login: Option<&Login>,
+    now_ms: u64,
+) -> Result<Verified, LoginRefused> {
+    let login = login.ok_or(LoginRefused::Missing)?;
+    let id: NodeId = login.username.parse().map_err(|_| LoginRefused::NotAKey)?;
+    let (time, sig) = login.password.split_once('.').ok_or(LoginRefused::Form)?;
+    let time_ms: u64 = time.parse().map_err(|_| LoginRefused::Form)?;
+    let mut sig_bytes = [0u8; 64];
+    hex::decode_to_slice(sig, &mut sig_bytes).map_err(|_| LoginRefused::Form)?;
+    let window = auth.window.as_millis() as u64;
+    if time_ms.abs_diff(now_ms) > window {
+        return Err(LoginRefused::Stale);
+    }
+    let key = VerifyingKey::from_bytes(&id.0).map_err(|_| LoginRefused::NotAKey)?;
+    key.verify_strict(
+        &broker_login_message(client_id, time_ms),
+        &Signature::from_bytes(&sig_bytes),
+    )
+    .map_err(|_| LoginRefused::Signature)?;
+    Ok(Verified {
+        role: if id == auth.coordinator {
+            Role::Coordinator
+        } else {
+            Role::Node(id.to_hex())
+        },
+        signature: sig_bytes,
+        expiry_ms: time_ms.saturating_add(window),
+    })
+}
+
 impl Logins {
-    /// Checks `login` for a connection with `client_id` at `now_ms`.
-    pub(crate) fn check(
-        &mut self,
-        auth: &BrokerAuth,
-        client_id: &str,
-        login: Option<&Login>,
-        now_ms: u64,
-    ) -> Result<Role, LoginRefused> {
-        let login = login.ok_or(LoginRefused::Missing)?;
-        let id: NodeId = login.username.parse().map_err(|_| LoginRefused::NotAKey)?;
-        let (time, sig) = login.password.split_once('.').ok_or(LoginRefused::Form)?;
-        let time_ms: u64 = time.parse().map_err(|_| LoginRefused::Form)?;
-        let mut sig_bytes = [0u8; 64];
-        hex::decode_to_slice(sig, &mut sig_bytes).map_err(|_| LoginRefused::Form)?;
-        let window = auth.window.as_millis() as u64;
-        if time_ms.abs_diff(now_ms) > window {
-            return Err(LoginRefused::Stale);
-        }
-        let key = VerifyingKey::from_bytes(&id.0).map_err(|_| LoginRefused::NotAKey)?;
-        key.verify_strict(
-            &broker_login_message(client_id, time_ms),
-            &Signature::from_bytes(&sig_bytes),
-        )
-        .map_err(|_| LoginRefused::Signature)?;
-        // Forget what lapsed; a login older than the window is refused by
-        // its time anyway, so memory is bounded by the login rate.
+    /// Remembers a verified login until it lapses; refused when it was
+    /// used before. Memory is bounded by the login rate times the window.
+    pub(crate) fn remember(&mut self, v: &Verified, now_ms: u64) -> Result<(), LoginRefused> {
         while let Some(&(expiry, s)) = self.by_expiry.front() {
             if expiry >= now_ms {
                 break;
@@ -114,16 +138,29 @@ impl Logins {
             self.by_expiry.pop_front();
             self.seen.remove(&s);
         }
-        if !self.seen.insert(sig_bytes) {
+        if !self.seen.insert(v.signature) {
             return Err(LoginRefused::Replayed);
         }
+        // Expiries are pushed in arrival order, not time order; one that
+        // lapses early stays a little longer behind a later one, never
+        // shorter.
         self.by_expiry
-            .push_back((now_ms.saturating_add(2 * window), sig_bytes));
-        Ok(if id == auth.coordinator {
-            Role::Coordinator
-        } else {
-            Role::Node(id.to_hex())
-        })
+            .push_back((v.expiry_ms.max(now_ms), v.signature));
+        Ok(())
+    }
+
+    /// [`verify`], then [`Logins::remember`].
+    #[cfg(test)]
+    pub(crate) fn check(
+        &mut self,
+        auth: &BrokerAuth,
+        client_id: &str,
+        login: Option<&Login>,
+        now_ms: u64,
+    ) -> Result<Role, LoginRefused> {
+        let v = verify(auth, client_id, login, now_ms)?;
+        self.remember(&v, now_ms)?;
+        Ok(v.role)
     }
 }
 

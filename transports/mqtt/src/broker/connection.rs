@@ -33,7 +33,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::{timeout, Instant};
 
-use super::auth::{BrokerAuth, Logins, Role};
+use super::auth::{verify, BrokerAuth, Logins, Role};
 use super::router::{valid_topic, ConnId, Router};
 
 /// How much the read buffer grows by at a time.
@@ -44,6 +44,9 @@ const WRITE_BATCH: usize = 64 << 10;
 const CONTROL_ROOM: usize = 256 << 10;
 /// Queue bookkeeping per message, on top of its topic and payload.
 const FRAME_OVERHEAD: usize = 16;
+/// What one publish costs a paced client beyond its topic and payload:
+/// the broker's work per packet, so floods of tiny publishes are paced too.
+const PUBLISH_OVERHEAD: usize = 1024;
 
 /// The broker's bounds.
 #[derive(Clone, Copy, Debug)]
@@ -64,6 +67,9 @@ pub(crate) struct Limits {
     pub(crate) max_inflight: usize,
     /// Most open sockets from one address.
     pub(crate) max_per_address: usize,
+    /// Most connections logged in with one node's key: a key may not
+    /// multiply its own subscriptions (and the deliveries they queue).
+    pub(crate) max_per_key: usize,
     /// The longest keep-alive granted: a client asking for none (0) or
     /// more gets this, and is dropped after 1.5 times it in silence.
     pub(crate) max_keep_alive: Duration,
@@ -94,6 +100,7 @@ impl Limits {
             write_stall: Duration::from_secs(30),
             max_inflight: 256,
             max_per_address: 256,
+            max_per_key: 16,
             max_keep_alive: Duration::from_secs(120),
             queue_coordinator: (64 << 20).max(max_packet.saturating_mul(16)),
             publish_rate: 64 << 20,
@@ -115,6 +122,8 @@ pub(crate) struct Shared {
     pub(crate) connections: AtomicUsize,
     /// Open client sockets per address.
     pub(crate) per_address: Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    /// Connections per node key.
+    per_key: Mutex<std::collections::HashMap<String, usize>>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -134,7 +143,20 @@ impl Shared {
             queued: Arc::new(AtomicUsize::new(0)),
             connections: AtomicUsize::new(0),
             per_address: Mutex::new(std::collections::HashMap::new()),
+            per_key: Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    /// Takes a place for a connection of node `key`; None when the key
+    /// has its share. The place is given back when the slot drops.
+    fn admit_key(&self, key: &str) -> Option<KeySlot<'_>> {
+        let mut m = locked(&self.per_key);
+        let n = m.entry(key.to_string()).or_default();
+        if *n >= self.limits.max_per_key {
+            return None;
+        }
+        *n += 1;
+        Some(KeySlot(self, key.to_string()))
     }
 
     fn router(&self) -> MutexGuard<'_, Router> {
@@ -159,6 +181,21 @@ impl Shared {
             *n -= 1;
             if *n == 0 {
                 m.remove(&ip);
+            }
+        }
+    }
+}
+
+/// A node key's place among its connections.
+struct KeySlot<'a>(&'a Shared, String);
+
+impl Drop for KeySlot<'_> {
+    fn drop(&mut self) {
+        let mut m = locked(&self.0.per_key);
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
             }
         }
     }
@@ -440,12 +477,11 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     let role = match &shared.auth {
         None => Role::Open,
         Some(auth) => {
-            let checked = locked(&shared.logins).check(
-                auth,
-                &connect.client_id,
-                connect.login.as_ref(),
-                now_ms(),
-            );
+            // The signature is checked outside the lock; the lock only
+            // guards the set of logins already used.
+            let now = now_ms();
+            let checked = verify(auth, &connect.client_id, connect.login.as_ref(), now)
+                .and_then(|v| locked(&shared.logins).remember(&v, now).map(|()| v.role));
             match checked {
                 Ok(role) => role,
                 Err(e) => {
@@ -455,6 +491,17 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
                 }
             }
         }
+    };
+    let _key_slot = match &role {
+        Role::Node(key) => match shared.admit_key(key) {
+            Some(slot) => Some(slot),
+            None => {
+                tracing::debug!("mqtt broker: {peer}: key {key} has its share of connections");
+                refuse(&mut w, ConnectReturnCode::ServiceUnavailable).await;
+                return;
+            }
+        },
+        _ => None,
     };
     let will = match connect.last_will {
         Some(will) if !valid_topic(&will.topic) => {
@@ -619,7 +666,10 @@ async fn read_loop(
                 }
                 if let Some(pace) = &mut pace {
                     // Held back, not dropped: the socket is not read meanwhile.
-                    tokio::time::sleep(pace.take(p.payload.len() as u64)).await;
+                    // Each packet costs its overhead too, so empty
+                    // publishes are not free.
+                    let cost = p.payload.len() + p.topic.len() + PUBLISH_OVERHEAD;
+                    tokio::time::sleep(pace.take(cost as u64)).await;
                 }
                 if role.may_publish(&p.topic) {
                     let payload = Bytes::copy_from_slice(&p.payload);

@@ -229,7 +229,17 @@ async fn silence_and_crowds_are_bounded() {
     let addr = broker(&c, |s| {
         s.max_keep_alive = Duration::from_secs(1);
         s.max_per_address = 4;
+        s.max_per_key = 2;
     });
+    // One key, two connections at most: it cannot multiply its own
+    // subscriptions and the deliveries they queue.
+    let k = key();
+    let _one = connect_as(addr, &k, "one", None).await;
+    let _two = connect_as(addr, &k, "two", None).await;
+    let (code, _) = try_connect(addr, "three", Some(login(&k, "three", now_ms())), None, 30).await;
+    assert_eq!(code, Some(ConnectReturnCode::ServiceUnavailable));
+    drop((_one, _two));
+    tokio::time::sleep(Duration::from_millis(300)).await;
     // Keep-alive 0 ("never") is the longest granted: 1 s, so 1.5 s of
     // silence ends it.
     let n = key();
