@@ -467,6 +467,13 @@ async fn session(
             what: format!("reporting held replicas: {e}"),
         }),
     }
+    // Online from here: the coordinator matches only online storers, and
+    // this node can now take what it is given (the transports are served
+    // just below). The heartbeat task goes on from there.
+    if let Err(e) = client.request(&Message::Heartbeat).await {
+        on_event(Event::Lost { why: e.to_string() });
+        return Ok(());
+    }
     let (bytes, replicas) = held.usage();
     on_event(Event::Holding {
         replicas,

@@ -62,7 +62,7 @@ struct Cli {
     #[arg(long, global = true, default_value_t = 64 << 20)]
     max_publish_rate: u64,
     /// With --channel: the external broker lets each node publish only on
-    /// its own presence topic (docs/broker.md), so its "offline" will can
+    /// its own presence topic (docs/security.md), so its "offline" will can
     /// be believed. Without it a node goes offline when it falls silent.
     #[arg(long, global = true)]
     trusted_presence: bool,

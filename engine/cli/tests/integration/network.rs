@@ -222,6 +222,8 @@ fn network(broker: Broker) {
     for d in &daemons {
         let line = d.wait_for("connected to coordinator", Duration::from_secs(30));
         assert!(line.contains(&coordinator_id[..8]), "{line}");
+        // Holding: online in the books, and ready to take replicas.
+        d.wait_for("holding", Duration::from_secs(30));
     }
 
     // Node 0 pins node 1 as a friend for one of its two copies.
