@@ -60,6 +60,9 @@ pub use auth::BrokerAuth;
 use connection::{Limits, Shared};
 use tokio::net::{TcpListener, TcpSocket};
 
+/// Places beyond `max_connections` kept for the coordinator's key.
+pub(crate) const COORDINATOR_RESERVE: usize = 8;
+
 /// How the embedded broker is bounded, and whom it lets in.
 #[derive(Clone, Copy, Debug)]
 pub struct BrokerSettings {
@@ -221,8 +224,16 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
+        // With logins, a few places beyond the limit are kept for the
+        // coordinator's own connections (taken only once its login is
+        // seen): a full broker never locks the coordinator out.
+        let reserve = if shared.auth.is_some() {
+            COORDINATOR_RESERVE
+        } else {
+            0
+        };
         let open = shared.connections.fetch_add(1, Ordering::Relaxed);
-        if open >= shared.limits.max_connections {
+        if open >= shared.limits.max_connections.saturating_add(reserve) {
             shared.connections.fetch_sub(1, Ordering::Relaxed);
             tracing::debug!("mqtt broker: refusing a client: {open} connections open");
             drop(stream);

@@ -492,6 +492,15 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
             }
         }
     };
+    // Past the limit, only the coordinator may use the places kept for it.
+    if shared.auth.is_some()
+        && !role.is_coordinator()
+        && shared.connections.load(Ordering::Relaxed) > limits.max_connections
+    {
+        tracing::debug!("mqtt broker: {peer}: the broker is full");
+        refuse(&mut w, ConnectReturnCode::ServiceUnavailable).await;
+        return;
+    }
     let _key_slot = match &role {
         Role::Node(key) => match shared.admit_key(key) {
             Some(slot) => Some(slot),

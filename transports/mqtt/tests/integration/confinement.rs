@@ -445,3 +445,24 @@ async fn a_node_that_floods_is_read_more_slowly_and_others_are_not() {
     }
     assert!(started.elapsed() < Duration::from_secs(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_broker_still_lets_the_coordinator_in() {
+    let c = key();
+    let addr = broker(&c, |s| s.max_connections = 3);
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        nodes.push(connect_as(addr, &key(), &format!("n{i}"), None).await);
+    }
+    let (code, _) = try_connect(
+        addr,
+        "late",
+        Some(login(&key(), "late", now_ms())),
+        None,
+        30,
+    )
+    .await;
+    assert_eq!(code, Some(ConnectReturnCode::ServiceUnavailable));
+    let mut coordinator = connect_as(addr, &c, "coordinator", None).await;
+    coordinator.ping().await;
+}
