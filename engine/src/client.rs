@@ -20,8 +20,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::SigningKey;
 use pluto_plugins_api::{
-    connect_channel, ChannelError, ChannelEvent, ChannelOptions, ChannelRole, ChannelSigner,
-    ControlChannel, NodeId, RelayCarrier, TransportError,
+    connect_channel, ChannelError, ChannelEvent, ChannelOptions, ChannelRole, ControlChannel,
+    NodeId, RelayCarrier, TransportError,
 };
 use pluto_protocol::{exchange_public, Envelope, ErrorCode, Message, ReplayGuard, MAX_ENVELOPE};
 use rand_core::{OsRng, RngCore};
@@ -250,18 +250,6 @@ impl Shared {
     }
 }
 
-/// The node's identity key, logging in to a broker that checks keys.
-struct KeySigner(SigningKey);
-
-impl ChannelSigner for KeySigner {
-    fn id(&self) -> NodeId {
-        NodeId(self.0.verifying_key().to_bytes())
-    }
-    fn sign(&self, message: &[u8]) -> [u8; 64] {
-        ed25519_dalek::Signer::sign(&self.0, message).to_bytes()
-    }
-}
-
 /// An authenticated session with the coordinator. Requests may run
 /// concurrently from several tasks.
 pub struct CoordinatorClient {
@@ -311,7 +299,7 @@ impl CoordinatorClient {
             ChannelOptions {
                 role: ChannelRole::Node { id, will, hello },
                 max_payload: MAX_ENVELOPE,
-                signer: Some(Arc::new(KeySigner(keys.identity.clone()))),
+                signer: Some(Arc::new(pluto_protocol::KeySigner(keys.identity.clone()))),
             },
         )
         .await?

@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use ed25519_dalek::SigningKey;
 use pluto_coordinator::{Coordinator, CoordinatorConfig};
-use pluto_plugins_api::{human, ChannelOptions, ChannelRole, ChannelSigner, NodeId};
+use pluto_plugins_api::{human, ChannelOptions, ChannelRole, NodeId};
 use pluto_protocol::MAX_ENVELOPE;
 use pluto_transport_mqtt::broker::{BrokerAuth, BrokerSettings, EmbeddedBroker};
 use rand_core::{OsRng, RngCore};
@@ -222,18 +222,6 @@ fn load_or_create_identity(home: &Path) -> Result<(SigningKey, StaticSecret)> {
     Ok((identity, exchange))
 }
 
-/// The coordinator's key, logging in to the broker.
-struct IdentitySigner(SigningKey);
-
-impl ChannelSigner for IdentitySigner {
-    fn id(&self) -> NodeId {
-        NodeId(self.0.verifying_key().to_bytes())
-    }
-    fn sign(&self, message: &[u8]) -> [u8; 64] {
-        ed25519_dalek::Signer::sign(&self.0, message).to_bytes()
-    }
-}
-
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -296,7 +284,7 @@ async fn run(cli: Cli) -> Result<()> {
     let me = NodeId(identity.verifying_key().to_bytes());
     // The embedded broker confines every node to its own topics.
     let trusted_presence = cli.trusted_presence || cli.channel.is_none();
-    let signer = Arc::new(IdentitySigner(identity.clone()));
+    let signer = Arc::new(pluto_protocol::KeySigner(identity.clone()));
     let url = match cli.channel {
         Some(url) => url,
         None => {

@@ -48,3 +48,17 @@ pub use private::{exchange_public, open_sealed, seal_to, SealedError};
 pub use replay::{Refused, ReplayGuard};
 pub use statement::{delete_message, verify, ReplicaStatement};
 pub use ticket::{Ticket, TicketError, SIGNED_TICKET_LEN, TICKET_LEN};
+
+/// An Ed25519 identity key logging in to a broker that checks keys
+/// ([`pluto_plugins_api::ChannelSigner`]): what nodes and the coordinator
+/// give their channel.
+pub struct KeySigner(pub ed25519_dalek::SigningKey);
+
+impl pluto_plugins_api::ChannelSigner for KeySigner {
+    fn id(&self) -> pluto_plugins_api::NodeId {
+        pluto_plugins_api::NodeId(self.0.verifying_key().to_bytes())
+    }
+    fn sign(&self, message: &[u8]) -> [u8; 64] {
+        ed25519_dalek::Signer::sign(&self.0, message).to_bytes()
+    }
+}

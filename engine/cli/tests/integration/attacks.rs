@@ -9,7 +9,6 @@ use std::time::Duration;
 use ed25519_dalek::{Signer, SigningKey};
 use pluto_plugins_api::{
     broker_login_message, connect_channel, ChannelEvent, ChannelOptions, ChannelRole,
-    ChannelSigner, NodeId,
 };
 use rumqttc::{ConnectionError, Event, MqttOptions, Packet, QoS};
 
@@ -61,17 +60,6 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-struct KeySigner(SigningKey);
-
-impl ChannelSigner for KeySigner {
-    fn id(&self) -> NodeId {
-        NodeId(self.0.verifying_key().to_bytes())
-    }
-    fn sign(&self, message: &[u8]) -> [u8; 64] {
-        self.0.sign(message).to_bytes()
-    }
-}
-
 fn online(net: &Net, id: &str) -> bool {
     let home = net.coordinator.home.display().to_string();
     let r = json(&ok(std::process::Command::new(
@@ -117,7 +105,9 @@ fn broker_clients_cannot_silence_hijack_or_fake_presence() {
                     group: Some("steal".into()),
                 },
                 max_payload: pluto_protocol::MAX_ENVELOPE,
-                signer: Some(std::sync::Arc::new(KeySigner(thief.clone()))),
+                signer: Some(std::sync::Arc::new(pluto_protocol::KeySigner(
+                    thief.clone(),
+                ))),
             },
         )
         .await
