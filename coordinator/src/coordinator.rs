@@ -59,6 +59,22 @@ pub enum Rejected {
     /// The books failed.
     #[error("books: {0}")]
     Store(#[from] StoreError),
+    /// Not a handshake, on the newcomers' topic.
+    #[error("from {0}: only Hello and Auth are taken from a newcomer")]
+    NotHandshake(NodeId),
+}
+
+/// Makes each node's account on a broker that keeps accounts (Mosquitto's
+/// dynamic security plugin), when a node that has none registers.
+#[pluto_plugins_api::async_trait]
+pub trait BrokerAccounts: Send + Sync {
+    /// Makes `node`'s account, confined to its own topics, with `password`
+    /// (or sets the password of the one it has).
+    async fn provision(
+        &self,
+        node: &NodeId,
+        password: &str,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
 }
 
 /// A reply to send.
@@ -105,6 +121,8 @@ pub struct Coordinator {
     /// Whether the channel's presence notices can be believed (the broker
     /// lets a node publish on its own presence topic only).
     presence_trusted: std::sync::atomic::AtomicBool,
+    /// Where nodes' broker accounts are made, if the broker keeps any.
+    pub(crate) accounts: std::sync::OnceLock<Arc<dyn BrokerAccounts>>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -151,6 +169,7 @@ impl Coordinator {
             audits: Mutex::new(Audits::new(&config)),
             standing: tokio::sync::Mutex::new(()),
             presence_trusted: std::sync::atomic::AtomicBool::new(false),
+            accounts: std::sync::OnceLock::new(),
             config,
         }
     }
@@ -173,6 +192,15 @@ impl Coordinator {
     pub fn trust_presence(&self, trusted: bool) {
         self.presence_trusted
             .store(trusted, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Makes each newcomer's broker account with `accounts` when it
+    /// registers (a node that logged in as a newcomer sends the password
+    /// in its `Auth`). Such a broker confines presence topics, so presence
+    /// is trusted too. Only the first call counts.
+    pub fn keep_broker_accounts(&self, accounts: Arc<dyn BrokerAccounts>) {
+        let _ = self.accounts.set(accounts);
+        self.trust_presence(true);
     }
 
     /// See [`Coordinator::trust_presence`].

@@ -74,7 +74,7 @@ mod settings;
 
 pub use audits::rules::decayed_speed;
 pub use audits::AuditTick;
-pub use coordinator::{Coordinator, Outgoing, Rejected, Sweep, ANY_COORDINATOR};
+pub use coordinator::{BrokerAccounts, Coordinator, Outgoing, Rejected, Sweep, ANY_COORDINATOR};
 pub use reports::uptime;
 pub use serve::{serve, ServeError, DEATH_WINDOW, MAX_DEATHS};
 pub use settings::{CoordinatorConfig, SettingsError, MAX_DURATION_MS};

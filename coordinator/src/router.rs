@@ -51,7 +51,36 @@ impl Coordinator {
         now_ms: u64,
         rng: &mut (impl CryptoRngCore + Send),
     ) -> Result<Option<Outgoing>, Rejected> {
+        self.route(claimed, bytes, now_ms, rng, false).await
+    }
+
+    /// Handles one envelope that arrived on `claimed`'s newcomer topic
+    /// (a node without a broker account yet): only its `Hello` and `Auth`
+    /// are taken. The answer goes back to the newcomer's own topic.
+    pub async fn handle_newcomer(
+        &self,
+        claimed: NodeId,
+        bytes: &[u8],
+        now_ms: u64,
+        rng: &mut (impl CryptoRngCore + Send),
+    ) -> Result<Option<Outgoing>, Rejected> {
+        self.route(Some(claimed), bytes, now_ms, rng, true).await
+    }
+
+    async fn route(
+        &self,
+        claimed: Option<NodeId>,
+        bytes: &[u8],
+        now_ms: u64,
+        rng: &mut (impl CryptoRngCore + Send),
+        newcomer: bool,
+    ) -> Result<Option<Outgoing>, Rejected> {
         let env = Envelope::verify(bytes)?;
+        let kind = env.kind & !SEALED_BIT;
+        let handshake = kind == Message::Hello.kind() || kind == AUTH_KIND;
+        if newcomer && !handshake {
+            return Err(Rejected::NotHandshake(env.from));
+        }
         // A node that does not know the coordinator yet (trust on first use)
         // may address its Hello to "any coordinator" (all zeros); the signed
         // challenge it gets back tells it whom to pin.
@@ -84,8 +113,6 @@ impl Coordinator {
         // Keys nobody registered may only shake hands, and what they send
         // is remembered apart: fresh keys cost nothing, and must not crowd
         // registered nodes out of the replay guard.
-        let kind = env.kind & !SEALED_BIT;
-        let handshake = kind == Message::Hello.kind() || kind == AUTH_KIND;
         let node = if handshake {
             None
         } else {
@@ -163,9 +190,17 @@ impl Coordinator {
                 challenge,
                 exchange_key,
                 offer,
+                broker_password,
             } => Answer(
-                self.auth(from, &challenge, &exchange_key, offer, now_ms)
-                    .await?,
+                self.auth(
+                    from,
+                    &challenge,
+                    &exchange_key,
+                    offer,
+                    broker_password,
+                    now_ms,
+                )
+                .await?,
             ),
             Message::Relay { to, payload } => {
                 Direct(self.relay(from, &to, payload, now_ms, rng).await?)
@@ -300,6 +335,7 @@ mod tests {
             challenge: [0; 32],
             exchange_key: [0; 32],
             offer: 0,
+            broker_password: None,
         };
         let relay = Message::Relay {
             to: NodeId([0; 32]),

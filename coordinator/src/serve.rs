@@ -124,6 +124,23 @@ async fn messages(
                     }
                 });
             }
+            ChannelEvent::Newcomer { node, payload } => {
+                let (c, ch) = (coordinator.clone(), channel.clone());
+                handling.spawn(async move {
+                    match c
+                        .handle_newcomer(node, &payload, now_ms(), &mut OsRng)
+                        .await
+                    {
+                        Ok(Some(out)) => {
+                            if let Err(e) = ch.welcome(&out.to, &out.bytes).await {
+                                tracing::warn!("answer to newcomer {}: {e}", out.to.short());
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!("refused a newcomer's message: {e}"),
+                    }
+                });
+            }
             // A presence notice is believed only when the broker confines
             // each node's presence topic to the node's own connection: then
             // "offline" is the node's will (its next heartbeat, which is

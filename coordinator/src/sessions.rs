@@ -5,7 +5,9 @@
 //!      and the coordinator's exchange key (everything after the Hello is sealed to it)
 //! node --Auth { challenge, exchange key, offer } (sealed)--> coordinator:
 //!      the challenge is taken (whoever sends it); it must be this node's and not lapsed
-//!      -> registered in the books -> Welcome { coordinator's exchange key, heartbeat }
+//!      -> registered in the books -> (a newcomer's broker account made, if the Auth
+//!      carries its password and the broker keeps accounts) -> Welcome { coordinator's
+//!      exchange key, heartbeat }
 //! ```
 //!
 //! The envelope's signature is the proof of key; the challenge makes the
@@ -129,6 +131,7 @@ impl Coordinator {
         challenge: &[u8; 32],
         exchange_key: &[u8; 32],
         offer: u64,
+        broker_password: Option<[u8; 32]>,
         now_ms: u64,
     ) -> Result<Reply, Rejected> {
         if !lock(&self.sessions).redeem(challenge, from, now_ms) {
@@ -136,6 +139,19 @@ impl Coordinator {
                 ErrorCode::Unauthenticated,
                 "unknown or expired challenge",
             ));
+        }
+        // A newcomer's account on a broker that keeps them, made before the
+        // welcome so that the node can log in with it at once.
+        let accounts = self.accounts.get().cloned();
+        if let (Some(accounts), Some(password)) = (accounts, broker_password) {
+            if let Err(e) = accounts.provision(from, &hex::encode(password)).await {
+                tracing::warn!("broker account of {}: {e}", from.short());
+                return Ok(error(
+                    ErrorCode::Busy,
+                    "the broker account could not be made now; try again",
+                ));
+            }
+            tracing::info!("broker account of {} made", from.short());
         }
         // Registered, not yet online: a node is online once it heartbeats
         // (its daemon does at once), so a command that connects for a

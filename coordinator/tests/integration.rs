@@ -147,6 +147,7 @@ async fn register(net: &Net, node: &Node, offer: u64, now: u64) {
         challenge,
         exchange_key: exchange_public(&node.exchange),
         offer,
+        broker_password: None,
     };
     match ask(net, node, now, &auth).await {
         Message::Welcome { exchange_key, .. } => assert_eq!(exchange_key, net.c.exchange_key()),
@@ -196,6 +197,7 @@ async fn challenges_cannot_be_reused_stolen_or_skipped() {
         challenge: [1; 32],
         exchange_key: [2; 32],
         offer: 1,
+        broker_password: None,
     };
     assert_eq!(
         code(&ask(&net, &a, T, &fake).await),
@@ -209,6 +211,7 @@ async fn challenges_cannot_be_reused_stolen_or_skipped() {
         challenge,
         exchange_key: [2; 32],
         offer: 1,
+        broker_password: None,
     };
     assert_eq!(
         code(&ask(&net, &b, T, &stolen).await),
@@ -219,6 +222,7 @@ async fn challenges_cannot_be_reused_stolen_or_skipped() {
         challenge,
         exchange_key: exchange_public(&a.exchange),
         offer: 1,
+        broker_password: None,
     };
     assert_eq!(
         code(&ask(&net, &a, T, &mine).await),
@@ -233,6 +237,7 @@ async fn challenges_cannot_be_reused_stolen_or_skipped() {
         challenge,
         exchange_key: exchange_public(&a.exchange),
         offer: 1,
+        broker_password: None,
     };
     assert_eq!(
         code(&ask(&net, &a, late, &auth).await),

@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ed25519_dalek::SigningKey;
 use pluto_plugins_api::{
     connect_channel, ChannelError, ChannelEvent, ChannelOptions, ChannelRole, ControlChannel,
-    NodeId, RelayCarrier, TransportError,
+    Login, NodeId, RelayCarrier, TransportError,
 };
 use pluto_protocol::{exchange_public, Envelope, ErrorCode, Message, ReplayGuard, MAX_ENVELOPE};
 use rand_core::{OsRng, RngCore};
@@ -120,6 +120,53 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// How long a node waits to be let in once its broker account was made
+/// (the channel retries with a backoff of at most 5 s).
+const ACCOUNT_GRACE: Duration = Duration::from_secs(12);
+
+/// Waits for `channel`'s first connection. A refusal ends the wait at once
+/// (nothing listens there); silence (a firewall that drops, a broker that
+/// does not answer) waits. With `denied_grace`, the broker's refusals are
+/// waited past for that long (its last one is the error).
+async fn connected(
+    channel: &dyn ControlChannel,
+    url: &str,
+    denied_grace: Option<Duration>,
+) -> Result<(), ClientError> {
+    let started = tokio::time::Instant::now();
+    let mut last_denied = None;
+    let wait = async {
+        while let Some(ev) = channel.next_event().await {
+            match ev {
+                ChannelEvent::Connected => return Ok(()),
+                ChannelEvent::Refused(why) => {
+                    return Err(ClientError::Unreachable {
+                        url: pluto_plugins_api::redact_url(url),
+                        why,
+                    })
+                }
+                ChannelEvent::Denied(why) => {
+                    let denied = ClientError::Denied {
+                        url: pluto_plugins_api::redact_url(url),
+                        why,
+                    };
+                    match denied_grace {
+                        Some(g) if started.elapsed() < g => last_denied = Some(denied),
+                        _ => return Err(denied),
+                    }
+                }
+                _ => {}
+            }
+        }
+        Err(ChannelError::Closed.into())
+    };
+    let limit = denied_grace.map_or(REQUEST_TIMEOUT, |g| g.max(REQUEST_TIMEOUT));
+    match tokio::time::timeout(limit, wait).await {
+        Ok(r) => r,
+        Err(_) => Err(last_denied.unwrap_or(ClientError::Timeout(limit))),
+    }
 }
 
 /// Relayed payloads waiting for the relay transport; beyond this they are
@@ -281,10 +328,16 @@ impl CoordinatorClient {
     /// the node's long-lived connection (its daemon): that one announces the
     /// node online and leaves a last will; short-lived ones beside it
     /// (commands) say nothing about presence.
+    ///
+    /// The node logs in to the broker with a signature (the embedded
+    /// broker) or with its account's password (Mosquitto with accounts).
+    /// When the broker refuses both, the node may have no account yet: it
+    /// registers through the newcomers' account, sending the password for
+    /// the coordinator to make its account, and then logs in with that.
     pub async fn connect(
         url: &str,
         keys: &Keys,
-        pinned: Option<NodeId>,
+        mut pinned: Option<NodeId>,
         offer: u64,
         presence: bool,
     ) -> Result<Self, ClientError> {
@@ -299,42 +352,80 @@ impl CoordinatorClient {
             ChannelOptions {
                 role: ChannelRole::Node { id, will, hello },
                 max_payload: MAX_ENVELOPE,
-                signer: Some(Arc::new(pluto_protocol::KeySigner(keys.identity.clone()))),
+                logins: vec![
+                    Login::Signed(Arc::new(pluto_protocol::KeySigner(keys.identity.clone()))),
+                    Login::Password {
+                        user: id.to_hex(),
+                        password: hex::encode(*keys.broker_password()),
+                    },
+                ],
             },
         )
         .await?
         .into();
-        // A refusal ends the wait at once (nothing listens there); silence
-        // (a firewall that drops, a broker that does not answer) waits.
-        let wait = async {
-            while let Some(ev) = channel.next_event().await {
-                match ev {
-                    ChannelEvent::Connected => return Ok(()),
-                    ChannelEvent::Refused(why) => {
-                        return Err(ClientError::Unreachable {
-                            url: pluto_plugins_api::redact_url(url),
-                            why,
-                        })
+        let connected = match connected(&*channel, url, None).await {
+            Err(denied @ ClientError::Denied { .. }) => {
+                match Self::newcomer(url, keys, pinned, offer).await {
+                    Ok(coordinator) => {
+                        pinned = Some(coordinator);
+                        // The channel retries on its own; refusals from
+                        // before the account was made may still be queued.
+                        connected(&*channel, url, Some(ACCOUNT_GRACE)).await
                     }
-                    ChannelEvent::Denied(why) => {
-                        return Err(ClientError::Denied {
-                            url: pluto_plugins_api::redact_url(url),
-                            why,
-                        })
+                    Err(e) => {
+                        tracing::debug!("registering as a newcomer: {e}");
+                        Err(denied)
                     }
-                    _ => {}
                 }
             }
-            Err(ChannelError::Closed.into())
-        };
-        let connected = match tokio::time::timeout(REQUEST_TIMEOUT, wait).await {
-            Ok(r) => r,
-            Err(_) => Err(ClientError::Timeout(REQUEST_TIMEOUT)),
+            other => other,
         };
         if let Err(e) = connected {
             channel.close().await;
             return Err(e);
         }
+        Self::session(channel, keys, pinned, offer, None).await
+    }
+
+    /// Registers through the newcomers' account of a broker that keeps
+    /// accounts, which has the coordinator make this node's account; the
+    /// coordinator's key.
+    async fn newcomer(
+        url: &str,
+        keys: &Keys,
+        pinned: Option<NodeId>,
+        offer: u64,
+    ) -> Result<NodeId, ClientError> {
+        let channel: Arc<dyn ControlChannel> = connect_channel(
+            url,
+            ChannelOptions {
+                role: ChannelRole::Newcomer { id: keys.node_id() },
+                max_payload: MAX_ENVELOPE,
+                logins: Vec::new(),
+            },
+        )
+        .await?
+        .into();
+        if let Err(e) = connected(&*channel, url, None).await {
+            channel.close().await;
+            return Err(e);
+        }
+        let password = Some(*keys.broker_password());
+        let client = Self::session(channel, keys, pinned, offer, password).await?;
+        let coordinator = client.coordinator();
+        client.close().await;
+        Ok(coordinator)
+    }
+
+    /// Shakes hands on a connected channel: Hello, Challenge, Auth, Welcome.
+    async fn session(
+        channel: Arc<dyn ControlChannel>,
+        keys: &Keys,
+        pinned: Option<NodeId>,
+        offer: u64,
+        broker_password: Option<[u8; 32]>,
+    ) -> Result<Self, ClientError> {
+        let id = keys.node_id();
         let shared = Arc::new(Shared {
             channel: channel.clone(),
             identity: keys.identity.clone(),
@@ -390,8 +481,17 @@ impl CoordinatorClient {
             challenge,
             exchange_key: exchange_public(&client.shared.exchange),
             offer,
+            broker_password,
         };
-        match client.request(&auth).await? {
+        let welcome = client.request(&auth).await;
+        let welcome = match welcome {
+            Ok(w) => w,
+            Err(e) => {
+                client.shared.channel.close().await;
+                return Err(e);
+            }
+        };
+        match welcome {
             Message::Welcome {
                 heartbeat_ms,
                 exchange_key,

@@ -305,6 +305,15 @@ impl Keys {
     pub fn blob_id(&self, plaintext: &[u8]) -> pluto_plugins_api::BlobId {
         pluto_plugins_api::BlobId(*blake3::keyed_hash(&self.chunk_id, plaintext).as_bytes())
     }
+    /// The password of this node's account on brokers that keep accounts
+    /// (Mosquitto's dynamic security plugin): derived from the identity,
+    /// so a node restored from its words logs in with the same one.
+    pub fn broker_password(&self) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(blake3::derive_key(
+            "pluto v1 broker password",
+            &self.identity.to_bytes(),
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -8,9 +8,11 @@
 //! to move bytes.
 //!
 //! A broker may also check who connects, and confine each client to its
-//! own topics: then a channel logs in with [`ChannelOptions::signer`], by
-//! signing [`broker_login_message`] (the embedded broker checks it; see
-//! docs/security.md).
+//! own topics: then a channel logs in with one of [`ChannelOptions::logins`]:
+//! a signature over [`broker_login_message`] (the embedded broker checks
+//! it), or a user name and password the broker keeps (Mosquitto's dynamic
+//! security plugin, where the coordinator makes each node's account when
+//! it registers, through the newcomer's account). See docs/security.md.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -54,6 +56,13 @@ pub enum ChannelRole {
         /// long-lived one says nothing about presence).
         hello: Vec<u8>,
     },
+    /// A node that has no account on a broker that keeps accounts yet: it
+    /// logs in as [`NEWCOMER_USER`] and may only say `Hello` and `Auth` to
+    /// the coordinator (which then makes its account) and hear the answers.
+    Newcomer {
+        /// The node.
+        id: NodeId,
+    },
     /// A coordinator replica: receives what nodes send and their presence.
     /// Replicas in the same group share the load (each message reaches one).
     Coordinator {
@@ -68,6 +77,37 @@ pub trait ChannelSigner: Send + Sync {
     fn id(&self) -> NodeId;
     /// An Ed25519 signature of `message` with that key.
     fn sign(&self, message: &[u8]) -> [u8; 64];
+}
+
+/// The account every node may log in with before it has its own, on
+/// brokers that keep accounts: it reaches the coordinator's newcomer
+/// topics and nothing else. Its password is no secret.
+pub const NEWCOMER_USER: &str = "pluto-newcomer";
+/// [`NEWCOMER_USER`]'s password.
+pub const NEWCOMER_PASSWORD: &str = "pluto-newcomer";
+
+/// One way to log in to a broker.
+#[derive(Clone)]
+pub enum Login {
+    /// The signer's id as user name and a fresh signature over
+    /// [`broker_login_message`] as password (the embedded broker).
+    Signed(Arc<dyn ChannelSigner>),
+    /// A user name and password the broker keeps.
+    Password {
+        /// User name.
+        user: String,
+        /// Password.
+        password: String,
+    },
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Signed(s) => write!(f, "Signed({})", s.id().short()),
+            Self::Password { user, .. } => write!(f, "Password({user})"),
+        }
+    }
 }
 
 /// What a channel signs to log in to a broker that checks keys: a
@@ -94,8 +134,9 @@ pub struct ChannelOptions {
     pub role: ChannelRole,
     /// Largest payload sent or accepted.
     pub max_payload: usize,
-    /// Logs in to brokers that check keys (None: connects without).
-    pub signer: Option<Arc<dyn ChannelSigner>>,
+    /// Logins to try, in order, until the broker takes one (the one that
+    /// worked is tried first next time); none: connects without.
+    pub logins: Vec<Login>,
 }
 
 impl std::fmt::Debug for ChannelOptions {
@@ -103,7 +144,7 @@ impl std::fmt::Debug for ChannelOptions {
         f.debug_struct("ChannelOptions")
             .field("role", &self.role)
             .field("max_payload", &self.max_payload)
-            .field("signer", &self.signer.as_ref().map(|s| s.id()))
+            .field("logins", &self.logins)
             .finish()
     }
 }
@@ -133,6 +174,14 @@ pub enum ChannelEvent {
         /// The bytes.
         payload: Vec<u8>,
     },
+    /// A newcomer's payload (coordinator end): only its `Hello` and `Auth`
+    /// are for taking; answers go back with [`ControlChannel::welcome`].
+    Newcomer {
+        /// The node the topic names (not authenticated).
+        node: NodeId,
+        /// The bytes.
+        payload: Vec<u8>,
+    },
     /// A node's presence notice (its hello or its will), unauthenticated.
     Presence {
         /// The node the topic names.
@@ -149,6 +198,11 @@ pub trait ControlChannel: Send + Sync {
     /// Delivery is at least once while connected; a message sent while
     /// disconnected may be lost (the protocol retries).
     async fn send(&self, to: Option<&NodeId>, payload: &[u8]) -> Result<(), ChannelError>;
+    /// Sends an answer to a newcomer ([`ChannelEvent::Newcomer`]); by
+    /// default, as to any node.
+    async fn welcome(&self, to: &NodeId, payload: &[u8]) -> Result<(), ChannelError> {
+        self.send(Some(to), payload).await
+    }
     /// The next event; `None` once the channel is closed.
     async fn next_event(&self) -> Option<ChannelEvent>;
     /// Says goodbye (no will is published) and stops.

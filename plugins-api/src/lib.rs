@@ -44,7 +44,8 @@ pub use books::{
 };
 pub use channel::{
     broker_login_message, check_channel_url, connect_channel, ChannelDescriptor, ChannelError,
-    ChannelEvent, ChannelFuture, ChannelOptions, ChannelRole, ChannelSigner, ControlChannel,
+    ChannelEvent, ChannelFuture, ChannelOptions, ChannelRole, ChannelSigner, ControlChannel, Login,
+    NEWCOMER_PASSWORD, NEWCOMER_USER,
 };
 pub use ids::{BlobId, BlobKind, IdParseError, NodeId, PackId, SnapshotId};
 pub use registry::{

@@ -15,9 +15,10 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use ed25519_dalek::SigningKey;
 use pluto_coordinator::{Coordinator, CoordinatorConfig};
-use pluto_plugins_api::{human, ChannelOptions, ChannelRole, NodeId};
+use pluto_plugins_api::{human, ChannelOptions, ChannelRole, Login, NodeId};
 use pluto_protocol::MAX_ENVELOPE;
 use pluto_transport_mqtt::broker::{BrokerAuth, BrokerSettings, EmbeddedBroker};
+use pluto_transport_mqtt::dynsec::Dynsec;
 use rand_core::{OsRng, RngCore};
 
 use x25519_dalek::StaticSecret;
@@ -66,6 +67,20 @@ struct Cli {
     /// be believed. Without it a node goes offline when it falls silent.
     #[arg(long, global = true)]
     trusted_presence: bool,
+    /// With --channel on Mosquitto with its dynamic security plugin: the
+    /// plugin's administrator, as whom this coordinator makes its own
+    /// account, the newcomers' one, and each node's when it registers
+    /// (docs/mosquitto.md). Presence is then trusted.
+    #[arg(
+        long,
+        global = true,
+        requires = "channel",
+        requires = "dynsec_password_file"
+    )]
+    dynsec_admin: Option<String>,
+    /// The administrator's password, in a file of its own.
+    #[arg(long, global = true, requires = "dynsec_admin")]
+    dynsec_password_file: Option<PathBuf>,
     /// Load-sharing group, when several coordinators share one broker and one database.
     #[arg(long, global = true)]
     group: Option<String>,
@@ -86,6 +101,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Nodes' accounts on Mosquitto's dynamic security plugin.
+struct Accounts(Dynsec);
+
+#[pluto_plugins_api::async_trait]
+impl pluto_coordinator::BrokerAccounts for Accounts {
+    async fn provision(
+        &self,
+        node: &NodeId,
+        password: &str,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        Ok(self.0.provision(node, password).await?)
+    }
 }
 
 /// The settings in `path` (the defaults without one), checked: a setting
@@ -309,14 +338,39 @@ async fn run(cli: Cli) -> Result<()> {
             format!("mqtt://{host}:{}", addr.port())
         }
     };
+    let mut logins = vec![Login::Signed(signer)];
+    let accounts = match (&cli.dynsec_admin, &cli.dynsec_password_file) {
+        (Some(admin), Some(file)) => {
+            let password = std::fs::read_to_string(file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let dynsec =
+                Dynsec::connect(&url, admin, password.trim_end_matches(['\r', '\n'])).await?;
+            // Our own account: its password follows from our key, so a
+            // restart (or a replica of the same key) logs in the same way.
+            let user = format!("pluto-coordinator-{}", &me.to_hex()[..16]);
+            let password = hex::encode(blake3::derive_key(
+                "pluto v1 coordinator broker password",
+                &identity.to_bytes(),
+            ));
+            dynsec
+                .prepare(&user, &password, cli.group.as_deref())
+                .await?;
+            logins = vec![Login::Password { user, password }];
+            Some(Arc::new(Accounts(dynsec)))
+        }
+        _ => None,
+    };
     let coordinator = Arc::new(Coordinator::new(identity, exchange, books.clone(), config));
     coordinator.trust_presence(trusted_presence);
+    if let Some(accounts) = accounts {
+        coordinator.keep_broker_accounts(accounts);
+    }
     let channel: Arc<dyn pluto_plugins_api::ControlChannel> = pluto_plugins_api::connect_channel(
         &url,
         ChannelOptions {
             role: ChannelRole::Coordinator { group: cli.group },
             max_payload: MAX_ENVELOPE,
-            signer: Some(signer),
+            logins,
         },
     )
     .await?

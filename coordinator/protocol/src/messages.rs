@@ -276,6 +276,10 @@ pub enum Message {
         exchange_key: [u8; 32],
         /// Bytes offered to others.
         offer: u64,
+        /// The password of the broker account the coordinator is to make
+        /// for this node, on brokers that keep accounts (sent only by a node
+        /// that logged in as a newcomer; absent from older nodes).
+        broker_password: Option<[u8; 32]>,
     },
     /// Coordinator: authenticated.
     Welcome {
@@ -597,10 +601,14 @@ impl Message {
                 challenge,
                 exchange_key,
                 offer,
+                broker_password,
             } => {
                 w.id(challenge);
                 w.id(exchange_key);
                 w.u64(*offer);
+                if let Some(p) = broker_password {
+                    w.id(p);
+                }
             }
             Self::Welcome {
                 exchange_key,
@@ -754,6 +762,10 @@ impl Message {
                 challenge: r.id()?,
                 exchange_key: r.id()?,
                 offer: r.u64()?,
+                broker_password: match r.remaining() {
+                    0 => None,
+                    _ => Some(r.id()?),
+                },
             },
             4 => Self::Welcome {
                 exchange_key: r.id()?,
@@ -1071,13 +1083,18 @@ mod tests {
                     exchange_key
                 }
             ),
-            (any::<[u8; 32]>(), any::<[u8; 32]>(), any::<u64>()).prop_map(|(c, k, o)| {
-                Message::Auth {
+            (
+                any::<[u8; 32]>(),
+                any::<[u8; 32]>(),
+                any::<u64>(),
+                proptest::option::of(any::<[u8; 32]>())
+            )
+                .prop_map(|(c, k, o, p)| Message::Auth {
                     challenge: c,
                     exchange_key: k,
                     offer: o,
-                }
-            }),
+                    broker_password: p,
+                }),
             (any::<[u8; 32]>(), any::<u64>()).prop_map(|(k, h)| Message::Welcome {
                 exchange_key: k,
                 heartbeat_ms: h

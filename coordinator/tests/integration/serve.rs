@@ -26,7 +26,7 @@ async fn one_message_in_flight_still_serves_everyone() {
         ChannelOptions {
             role: ChannelRole::Coordinator { group: None },
             max_payload: MAX_ENVELOPE,
-            signer: None,
+            logins: Vec::new(),
         },
     )
     .await

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use pluto_engine::client::CoordinatorClient;
-use pluto_engine::keys::{Keys, MasterKey};
+use pluto_engine::keys::Keys;
 use pluto_plugins_api::NodeId;
 use pluto_protocol::Message;
 use pluto_transport_mqtt::MqttUrl;
@@ -41,9 +41,7 @@ pub async fn run(args: &Args) -> Result<()> {
         args.replica_size
     );
 
-    let keys: Vec<Arc<Keys>> = (0..owners_n + storers_n)
-        .map(|_| Arc::new(MasterKey::generate().keys()))
-        .collect();
+    let keys: Vec<Arc<Keys>> = crate::node_keys(args, owners_n + storers_n);
     let start = Instant::now();
     let connected = crate::connect_all(&args.url, &keys, args.concurrency).await;
     let failed = connected.iter().filter(|c| c.is_none()).count();

@@ -140,6 +140,7 @@ pub async fn run(args: &Args) -> Result<()> {
             challenge,
             exchange_key: exchange_public(&node.exchange),
             offer: 1 << 30,
+            broker_password: None,
         };
         match node.ask(&c, &auth).await? {
             Message::Welcome { .. } => {}

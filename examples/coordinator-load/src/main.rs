@@ -80,6 +80,16 @@ struct Args {
     /// NAME=PID; may be repeated.
     #[arg(long, value_name = "NAME=PID")]
     cpu_of: Vec<String>,
+    /// Makes the nodes' keys from this seed, so that runs with the same
+    /// seed are the same nodes (a second run on Mosquitto finds their
+    /// accounts made); random keys without it.
+    #[arg(long)]
+    key_seed: Option<u64>,
+    /// Prints each node's broker account (user name and password, one
+    /// line each) and stops: to make the accounts beforehand
+    /// (bench/mosquitto-accounts.py).
+    #[arg(long, requires = "key_seed")]
+    print_accounts: bool,
 }
 
 impl Args {
@@ -155,6 +165,23 @@ where
 
 /// Connects and authenticates a node per key, `concurrency` at once: each
 /// session and how long it took, in the keys' order (None: it failed).
+/// `n` nodes' keys: from `--key-seed` (the same nodes every run), or random.
+fn node_keys(args: &Args, n: usize) -> Vec<Arc<Keys>> {
+    (0..n)
+        .map(|i| {
+            Arc::new(
+                match args.key_seed {
+                    Some(seed) => MasterKey::from_entropy(
+                        *blake3::hash(format!("coordinator-load {seed} {i}").as_bytes()).as_bytes(),
+                    ),
+                    None => MasterKey::generate(),
+                }
+                .keys(),
+            )
+        })
+        .collect()
+}
+
 async fn connect_all(
     url: &str,
     keys: &[Arc<Keys>],
@@ -280,9 +307,17 @@ async fn run(args: Args) -> Result<()> {
     if args.audits > 0 {
         return audits::run(&args).await;
     }
-    let keys: Vec<_> = (0..args.nodes)
-        .map(|_| Arc::new(MasterKey::generate().keys()))
-        .collect();
+    let keys = node_keys(&args, args.nodes);
+    if args.print_accounts {
+        for k in &keys {
+            println!(
+                "{} {}",
+                k.node_id().to_hex(),
+                hex::encode(*k.broker_password())
+            );
+        }
+        return Ok(());
+    }
     let start = Instant::now();
     let connected = connect_all(&args.url, &keys, args.concurrency).await;
     let failed = connected.iter().filter(|c| c.is_none()).count();

@@ -7,6 +7,8 @@
 //! PREFIX/v1/to-coordinator/<node id>   a node's messages to the coordinator
 //! PREFIX/v1/to-node/<node id>          the coordinator's messages to one node
 //! PREFIX/v1/presence/<node id>         a node's hello after each connection, and its last will
+//! PREFIX/v1/newcomer/<node id>         a node without a broker account: its Hello and Auth
+//! PREFIX/v1/welcome/<node id>          the coordinator's answers to those
 //! ```
 //!
 //! Coordinator replicas subscribe through an MQTT shared subscription
@@ -15,14 +17,17 @@
 //! backoff (100 ms to 5 s) and resubscribes after every connection; events
 //! report each connection and disconnection.
 //!
-//! With a signer ([`ChannelOptions::signer`]) the channel logs in on every
-//! connection: user name the signer's id in hex, password
-//! `TIME_MS.SIGNATURE` (hex) over [`broker_login_message`] for this
-//! connection's client id, fresh for each attempt. The embedded broker
-//! checks it and confines each node to its own topics; a broker that does
-//! not check ignores it. A refused login or subscription is reported as
-//! [`ChannelEvent::Denied`], and the channel is not "connected" until
-//! every subscription was granted. Either way the control protocol (signed,
+//! The channel logs in on every connection with the first of
+//! [`ChannelOptions::logins`] the broker takes, trying the others in turn
+//! when one is refused. [`Login::Signed`]: user name the signer's id in
+//! hex, password `TIME_MS.SIGNATURE` (hex) over [`broker_login_message`]
+//! for this connection's client id, fresh for each attempt; the embedded
+//! broker checks it and confines each node to its own topics, a broker
+//! that does not check ignores it. [`Login::Password`]: an account the
+//! broker keeps (Mosquitto's dynamic security plugin; see [`dynsec`]). A
+//! login refused in every form, or a refused subscription, is reported as
+//! [`ChannelEvent::Denied`], and the channel is not "connected" until every
+//! subscription was granted. Either way the control protocol (signed,
 //! addressed, replay-checked, sealed envelopes) stays the real guard.
 //!
 //! With the `broker` feature, [`broker::EmbeddedBroker`] runs a small MQTT
@@ -35,8 +40,8 @@ use std::time::Duration;
 
 use pluto_plugins_api::{
     async_trait, broker_login_message, ChannelDescriptor, ChannelError, ChannelEvent,
-    ChannelFuture, ChannelOptions, ChannelRole, ChannelSigner, ControlChannel, NodeId,
-    PLUGIN_ABI_VERSION,
+    ChannelFuture, ChannelOptions, ChannelRole, ChannelSigner, ControlChannel, Login, NodeId,
+    NEWCOMER_PASSWORD, NEWCOMER_USER, PLUGIN_ABI_VERSION,
 };
 use rumqttc::{
     AsyncClient, ConnectReturnCode, Event, LastWill, MqttOptions, Outgoing, Packet, QoS,
@@ -46,6 +51,7 @@ use tokio::sync::{mpsc, Mutex};
 
 #[cfg(feature = "broker")]
 pub mod broker;
+pub mod dynsec;
 
 const KEEP_ALIVE: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -111,6 +117,12 @@ impl Topics {
     fn presence(&self, node: &NodeId) -> String {
         format!("{}/v1/presence/{}", self.prefix, node.to_hex())
     }
+    fn newcomer(&self, node: &NodeId) -> String {
+        format!("{}/v1/newcomer/{}", self.prefix, node.to_hex())
+    }
+    fn welcome(&self, node: &NodeId) -> String {
+        format!("{}/v1/welcome/{}", self.prefix, node.to_hex())
+    }
     fn all(&self, kind: &str) -> String {
         format!("{}/v1/{kind}/+", self.prefix)
     }
@@ -130,6 +142,7 @@ pub struct MqttChannel {
     events: Mutex<mpsc::Receiver<ChannelEvent>>,
     topics: Topics,
     node: Option<NodeId>,
+    newcomer: bool,
     max_payload: usize,
     closing: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
@@ -166,9 +179,26 @@ impl MqttChannel {
                 ),
                 Some(*id),
             ),
+            ChannelRole::Newcomer { id } => (
+                format!(
+                    "pluto-w-{}-{:016x}",
+                    &id.to_hex()[..12],
+                    rand::random::<u64>()
+                ),
+                Some(*id),
+            ),
             ChannelRole::Coordinator { .. } => {
                 (format!("pluto-c-{:016x}", rand::random::<u64>()), None)
             }
+        };
+        let newcomer = matches!(opts.role, ChannelRole::Newcomer { .. });
+        let logins = if newcomer {
+            vec![Login::Password {
+                user: NEWCOMER_USER.to_string(),
+                password: NEWCOMER_PASSWORD.to_string(),
+            }]
+        } else {
+            opts.logins.clone()
         };
         let mut mo = MqttOptions::new(client_id, u.host, u.port);
         // Room for the payload and the topic and header around it.
@@ -197,7 +227,7 @@ impl MqttChannel {
             tx,
             topics.clone(),
             opts.role.clone(),
-            opts.signer.clone(),
+            logins,
             closing.clone(),
         ));
         Ok(Self {
@@ -205,6 +235,7 @@ impl MqttChannel {
             events: Mutex::new(rx),
             topics,
             node,
+            newcomer,
             max_payload: opts.max_payload,
             closing,
             task,
@@ -215,6 +246,7 @@ impl MqttChannel {
 fn subscriptions(topics: &Topics, role: &ChannelRole) -> Vec<String> {
     match role {
         ChannelRole::Node { id, .. } => vec![topics.to_node(id)],
+        ChannelRole::Newcomer { id } => vec![topics.welcome(id)],
         ChannelRole::Coordinator { group } => {
             let share = |t: String| match group {
                 Some(g) => format!("$share/{g}/{t}"),
@@ -223,14 +255,25 @@ fn subscriptions(topics: &Topics, role: &ChannelRole) -> Vec<String> {
             vec![
                 share(topics.all("to-coordinator")),
                 share(topics.all("presence")),
+                share(topics.all("newcomer")),
             ]
         }
     }
 }
 
-/// Sets the login for the next connection attempt: the signer's id, and a
-/// signature over this attempt's time and the client id.
-fn log_in(options: &mut MqttOptions, signer: &dyn ChannelSigner) {
+/// Sets the login for the next connection attempt.
+fn log_in(options: &mut MqttOptions, login: &Login) {
+    match login {
+        Login::Signed(signer) => sign_in(options, &**signer),
+        Login::Password { user, password } => {
+            options.set_credentials(user.clone(), password.clone());
+        }
+    }
+}
+
+/// The signer's id, and a signature over this attempt's time and the
+/// client id.
+fn sign_in(options: &mut MqttOptions, signer: &dyn ChannelSigner) {
     let time_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -250,19 +293,23 @@ async fn run(
     tx: mpsc::Sender<ChannelEvent>,
     topics: Topics,
     role: ChannelRole,
-    signer: Option<Arc<dyn ChannelSigner>>,
+    logins: Vec<Login>,
     closing: Arc<AtomicBool>,
 ) {
     let mut backoff = BACKOFF_MIN;
     // The subscriptions asked for and not yet granted, in order.
     let mut pending: Vec<String> = Vec::new();
-    if let Some(s) = &signer {
-        log_in(&mut eventloop.mqtt_options, &**s);
+    // The login in use, the one that last worked, and how many of this
+    // round were refused.
+    let (mut login, mut worked, mut refused) = (0usize, 0usize, 0usize);
+    if let Some(l) = logins.first() {
+        log_in(&mut eventloop.mqtt_options, l);
     }
     loop {
         let event = match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = BACKOFF_MIN;
+                (worked, refused) = (login, 0);
                 // try_*: never wait on the request queue from the task that drains it.
                 pending = subscriptions(&topics, &role);
                 for t in &pending {
@@ -308,9 +355,18 @@ async fn run(
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => match (topics.parse(&p.topic), &role) {
-                (Some(("to-node", id)), ChannelRole::Node { id: me, .. }) if id == *me => {
+                (Some(("to-node", id)), ChannelRole::Node { id: me, .. })
+                | (Some(("welcome", id)), ChannelRole::Newcomer { id: me })
+                    if id == *me =>
+                {
                     Some(ChannelEvent::Message {
                         from: None,
+                        payload: p.payload.to_vec(),
+                    })
+                }
+                (Some(("newcomer", id)), ChannelRole::Coordinator { .. }) => {
+                    Some(ChannelEvent::Newcomer {
+                        node: id,
                         payload: p.payload.to_vec(),
                     })
                 }
@@ -337,6 +393,15 @@ async fn run(
                 if closing.load(Ordering::SeqCst) {
                     return;
                 }
+                // A refused login: the next one at once, until all were.
+                if matches!(e, rumqttc::ConnectionError::ConnectionRefused(_))
+                    && refused + 1 < logins.len()
+                {
+                    refused += 1;
+                    login = (login + 1) % logins.len();
+                    log_in(&mut eventloop.mqtt_options, &logins[login]);
+                    continue;
+                }
                 let _ = tx.try_send(match &e {
                     rumqttc::ConnectionError::ConnectionRefused(code) => {
                         ChannelEvent::Denied(refusal(*code))
@@ -346,9 +411,11 @@ async fn run(
                 });
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(BACKOFF_MAX);
-                // A fresh login for the next attempt.
-                if let Some(s) = &signer {
-                    log_in(&mut eventloop.mqtt_options, &**s);
+                // A fresh login for the next attempt, starting with the one
+                // that last worked.
+                (login, refused) = (worked, 0);
+                if let Some(l) = logins.get(login) {
+                    log_in(&mut eventloop.mqtt_options, l);
                 }
                 None
             }
@@ -387,6 +454,7 @@ impl ControlChannel for MqttChannel {
         }
         let topic = match (to, &self.node) {
             (Some(node), _) => self.topics.to_node(node),
+            (None, Some(me)) if self.newcomer => self.topics.newcomer(me),
             (None, Some(me)) => self.topics.to_coordinator(me),
             (None, None) => {
                 return Err(ChannelError::Plugin(
@@ -399,6 +467,24 @@ impl ControlChannel for MqttChannel {
         }
         self.client
             .publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
+            .await
+            .map_err(|e| ChannelError::Plugin(Box::new(e)))
+    }
+
+    async fn welcome(&self, to: &NodeId, payload: &[u8]) -> Result<(), ChannelError> {
+        if payload.len() > self.max_payload {
+            return Err(ChannelError::TooLarge(payload.len(), self.max_payload));
+        }
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(ChannelError::Closed);
+        }
+        self.client
+            .publish(
+                self.topics.welcome(to),
+                QoS::AtLeastOnce,
+                false,
+                payload.to_vec(),
+            )
             .await
             .map_err(|e| ChannelError::Plugin(Box::new(e)))
     }

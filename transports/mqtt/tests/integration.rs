@@ -7,6 +7,7 @@
 mod integration {
     mod broker;
     mod confinement;
+    mod mosquitto_accounts;
 }
 
 use std::time::Duration;
@@ -44,7 +45,7 @@ async fn node(url: &str, id: NodeId) -> Box<dyn ControlChannel> {
             hello: b"here".to_vec(),
         },
         max_payload: MAX,
-        signer: None,
+        logins: Vec::new(),
     };
     connect_channel(url, opts).await.unwrap()
 }
@@ -53,7 +54,7 @@ async fn coordinator(url: &str) -> Box<dyn ControlChannel> {
     let opts = ChannelOptions {
         role: ChannelRole::Coordinator { group: None },
         max_payload: MAX,
-        signer: None,
+        logins: Vec::new(),
     };
     connect_channel(url, opts).await.unwrap()
 }
@@ -183,7 +184,7 @@ async fn coordinator_replicas_share_the_load(url: String) {
             group: Some(g.into()),
         },
         max_payload: MAX,
-        signer: None,
+        logins: Vec::new(),
     };
     let c1 = connect_channel(&url, group("coord")).await.unwrap();
     let c2 = connect_channel(&url, group("coord")).await.unwrap();
@@ -256,7 +257,7 @@ async fn unknown_schemes_and_bad_urls_are_refused() {
     let opts = || ChannelOptions {
         role: ChannelRole::Coordinator { group: None },
         max_payload: MAX,
-        signer: None,
+        logins: Vec::new(),
     };
     assert!(matches!(
         connect_channel("carrier-pigeon://x", opts()).await,

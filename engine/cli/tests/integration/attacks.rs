@@ -1,6 +1,7 @@
-//! A running `pluto-coordinator` on its embedded broker, attacked by broker
-//! clients as the control-plane issue lists them: an anonymous client, a
-//! fresh key reaching for the coordinator's share group and for everyone's
+//! A running `pluto-coordinator`, on its embedded broker and on Mosquitto
+//! with the accounts it makes there, attacked by broker clients as the
+//! control-plane issue lists them: an anonymous client, a fresh key (or a
+//! newcomer) reaching for the coordinator's share group and for everyone's
 //! topics, a fake "offline" for an honest storer. None gets anywhere; the
 //! storer stays online and a newcomer still joins.
 
@@ -19,11 +20,18 @@ fn now_ms() -> u64 {
     super::network::now_ms()
 }
 
-/// A raw MQTT client, logged in as `key` when given; the first thing the
-/// broker says back (its CONNACK, or a refusal).
+/// How a raw client logs in.
+enum As<'a> {
+    Nobody,
+    Key(&'a SigningKey),
+    Account(&'a str, &'a str),
+}
+
+/// A raw MQTT client, logged in as said; the first thing the broker says
+/// back (its CONNACK, or a refusal).
 async fn raw(
     host_port: &str,
-    key: Option<&SigningKey>,
+    who: As<'_>,
 ) -> (
     rumqttc::AsyncClient,
     rumqttc::EventLoop,
@@ -36,7 +44,10 @@ async fn raw(
     );
     let mut o = MqttOptions::new(client_id.clone(), host, port.parse().unwrap());
     o.set_keep_alive(Duration::from_secs(30));
-    if let Some(k) = key {
+    if let As::Account(user, password) = who {
+        o.set_credentials(user, password);
+    }
+    if let As::Key(k) = who {
         let time = now_ms();
         let sig = k.sign(&broker_login_message(&client_id, time));
         o.set_credentials(
@@ -54,6 +65,26 @@ async fn raw(
         }
     };
     (client, events, first)
+}
+
+/// Publishes "offline" on `topic` 30 times, 100 ms apart.
+async fn say_goodbye_for(
+    client: rumqttc::AsyncClient,
+    mut events: rumqttc::EventLoop,
+    topic: &str,
+) {
+    let pump = tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    for _ in 0..30 {
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            client.publish(topic, QoS::AtLeastOnce, false, b"offline".to_vec()),
+        )
+        .await
+        .expect("the broker takes the publish")
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pump.abort();
 }
 
 fn hex(b: &[u8]) -> String {
@@ -90,7 +121,7 @@ fn broker_clients_cannot_silence_hijack_or_fake_presence() {
         .unwrap();
     rt.block_on(async {
         // No login: refused.
-        let (_, _, first) = raw(&host_port, None).await;
+        let (_, _, first) = raw(&host_port, As::Nobody).await;
         assert!(
             matches!(first, Err(ConnectionError::ConnectionRefused(_))),
             "{first:?}"
@@ -105,9 +136,9 @@ fn broker_clients_cannot_silence_hijack_or_fake_presence() {
                     group: Some("steal".into()),
                 },
                 max_payload: pluto_protocol::MAX_ENVELOPE,
-                signer: Some(std::sync::Arc::new(pluto_protocol::KeySigner(
-                    thief.clone(),
-                ))),
+                logins: vec![pluto_plugins_api::Login::Signed(std::sync::Arc::new(
+                    pluto_protocol::KeySigner(thief.clone()),
+                ))],
             },
         )
         .await
@@ -119,27 +150,139 @@ fn broker_clients_cannot_silence_hijack_or_fake_presence() {
         ch.close().await;
         // The same key, logged in, says "offline" for the honest storer,
         // over and over: dropped by the broker.
-        let (client, mut events, first) = raw(&host_port, Some(&thief)).await;
+        let (client, events, first) = raw(&host_port, As::Key(&thief)).await;
         first.unwrap();
-        let pump = tokio::spawn(async move { while events.poll().await.is_ok() {} });
-        let topic = format!("pluto/v1/presence/{storer}");
-        for _ in 0..30 {
-            tokio::time::timeout(
-                Duration::from_secs(5),
-                client.publish(&topic, QoS::AtLeastOnce, false, b"offline".to_vec()),
-            )
-            .await
-            .expect("the broker takes the publish")
-            .unwrap();
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        pump.abort();
+        say_goodbye_for(client, events, &format!("pluto/v1/presence/{storer}")).await;
     });
     assert!(
         online(&net, &storer),
         "a fake goodbye took the storer offline"
     );
     // And a newcomer still joins at once.
+    let (home, _) = net.owner("newcomer");
+    let s = json(&ok(pluto(&home).args(["--json", "status"])));
+    assert_eq!(s["coordinator"]["state"], "connected", "{s}");
+}
+
+/// Mosquitto with its dynamic security plugin (`PLUTO_TEST_DYNSEC_URL`):
+/// the coordinator makes its own account, the newcomers', and each node's
+/// as it registers; a node logs in with its own from then on.
+#[test]
+fn on_mosquitto_with_accounts_broker_clients_get_nowhere_either() {
+    let admin_url = pluto_plugins_api::testkit::service_url(
+        "PLUTO_TEST_DYNSEC_URL",
+        "mqtt://pluto-admin@127.0.0.1:1884",
+    );
+    let (admin, host_port) = admin_url
+        .trim_start_matches("mqtt://")
+        .split_once('@')
+        .expect("PLUTO_TEST_DYNSEC_URL: mqtt://ADMIN:PASSWORD@HOST:PORT");
+    let (user, password) = admin.split_once(':').unwrap_or((admin, ""));
+    let host_port = host_port.trim_end_matches('/').to_string();
+    let secrets = tempfile::tempdir().unwrap();
+    let password_file = secrets.path().join("admin-password");
+    std::fs::write(&password_file, format!("{password}\n")).unwrap();
+    let prefix = format!(
+        "t{:016x}",
+        rand_core::RngCore::next_u64(&mut rand_core::OsRng)
+    );
+    let url = format!("mqtt://{host_port}/{prefix}");
+    let net = Net::start_on(
+        &url,
+        vec![
+            "--channel".into(),
+            url.clone(),
+            "--dynsec-admin".into(),
+            user.into(),
+            "--dynsec-password-file".into(),
+            password_file.display().to_string(),
+        ],
+        1,
+        &[],
+        "",
+    );
+    let storer = json(&ok(pluto(&net.storers[0].0).args(["--json", "status"])))["node_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(online(&net, &storer));
+    // A node of its own, registered: its account's password follows from
+    // its words.
+    let (_thief_home, words) = net.owner("thief");
+    let keys = pluto_engine::keys::MasterKey::from_mnemonic(&words)
+        .unwrap()
+        .keys();
+    let thief_user = keys.node_id().to_hex();
+    let thief_password = hex(&*keys.broker_password());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // No login, the storer's name with a guess, a signature (what the
+        // embedded broker takes): refused.
+        for who in [
+            As::Nobody,
+            As::Account(&storer, "guess"),
+            As::Key(&SigningKey::generate(&mut rand_core::OsRng)),
+        ] {
+            let (_, _, first) = raw(&host_port, who).await;
+            assert!(
+                matches!(first, Err(ConnectionError::ConnectionRefused(_))),
+                "{first:?}"
+            );
+        }
+        // The newcomers' account, and a registered node's own, posing as a
+        // coordinator replica: refused, and said so.
+        for (u, p) in [
+            (
+                pluto_plugins_api::NEWCOMER_USER,
+                pluto_plugins_api::NEWCOMER_PASSWORD,
+            ),
+            (thief_user.as_str(), thief_password.as_str()),
+        ] {
+            let ch = connect_channel(
+                &url,
+                ChannelOptions {
+                    role: ChannelRole::Coordinator {
+                        group: Some("steal".into()),
+                    },
+                    max_payload: pluto_protocol::MAX_ENVELOPE,
+                    logins: vec![pluto_plugins_api::Login::Password {
+                        user: u.into(),
+                        password: p.into(),
+                    }],
+                },
+            )
+            .await
+            .unwrap();
+            let ev = tokio::time::timeout(Duration::from_secs(10), ch.next_event())
+                .await
+                .unwrap();
+            assert!(matches!(ev, Some(ChannelEvent::Denied(_))), "{u}: {ev:?}");
+            ch.close().await;
+        }
+        // Both say "offline" for the honest storer, over and over: dropped
+        // by the broker (and here the coordinator believes presence).
+        let topic = format!("{prefix}/v1/presence/{storer}");
+        for (u, p) in [
+            (
+                pluto_plugins_api::NEWCOMER_USER,
+                pluto_plugins_api::NEWCOMER_PASSWORD,
+            ),
+            (thief_user.as_str(), thief_password.as_str()),
+        ] {
+            let (client, events, first) = raw(&host_port, As::Account(u, p)).await;
+            first.unwrap();
+            say_goodbye_for(client, events, &topic).await;
+        }
+    });
+    assert!(
+        online(&net, &storer),
+        "a fake goodbye took the storer offline"
+    );
+    // And a newcomer still joins at once, then logs in with its account.
     let (home, _) = net.owner("newcomer");
     let s = json(&ok(pluto(&home).args(["--json", "status"])));
     assert_eq!(s["coordinator"]["state"], "connected", "{s}");

@@ -46,7 +46,7 @@ fn start(url: &str) -> TestCoordinator {
             ChannelOptions {
                 role: ChannelRole::Coordinator { group: None },
                 max_payload: pluto_protocol::MAX_ENVELOPE,
-                signer: None,
+                logins: Vec::new(),
             },
         ))
         .unwrap()

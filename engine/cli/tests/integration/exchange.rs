@@ -69,9 +69,26 @@ impl Net {
         storer_config: &[(&str, &str)],
         coordinator: &str,
     ) -> Self {
-        let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let url = format!("mqtt://{host}:{port}");
+        Self::start_on(
+            &format!("mqtt://{host}:{port}"),
+            vec!["--listen".into(), format!("{host}:{port}")],
+            storers,
+            storer_config,
+            coordinator,
+        )
+    }
+
+    /// With the coordinator on `url`, started with `args` besides its
+    /// settings.
+    pub(super) fn start_on(
+        url: &str,
+        args: Vec<String>,
+        storers: usize,
+        storer_config: &[(&str, &str)],
+        coordinator: &str,
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("coordinator.toml");
         std::fs::write(
             &config,
@@ -80,12 +97,10 @@ impl Net {
         .unwrap();
         let coordinator = Coordinator {
             home: dir.path().join("coordinator"),
-            args: vec![
-                "--config".into(),
-                config.display().to_string(),
-                "--listen".into(),
-                format!("{host}:{port}"),
-            ],
+            args: ["--config".into(), config.display().to_string()]
+                .into_iter()
+                .chain(args)
+                .collect(),
         };
         let (running, id) = coordinator.start();
         // As the coordinator prints it: with its key.

@@ -53,7 +53,7 @@ fn broker(coordinator: &SigningKey, tune: impl FnOnce(&mut BrokerSettings)) -> S
 }
 
 /// Connects with `login` and returns the CONNACK code (and the client).
-async fn try_connect(
+pub(super) async fn try_connect(
     addr: SocketAddr,
     client_id: &str,
     login: Option<Login>,
@@ -63,7 +63,7 @@ async fn try_connect(
     connect_on(Raw::open(addr).await, client_id, login, will, keep_alive).await
 }
 
-async fn connect_on(
+pub(super) async fn connect_on(
     mut c: Raw,
     client_id: &str,
     login: Option<Login>,
@@ -261,7 +261,7 @@ async fn silence_and_crowds_are_bounded() {
 }
 
 /// A node's key, logging in through the channel.
-struct KeySigner(SigningKey);
+pub(super) struct KeySigner(pub(super) SigningKey);
 
 impl ChannelSigner for KeySigner {
     fn id(&self) -> NodeId {
@@ -282,7 +282,10 @@ async fn the_channel_logs_in_and_says_when_it_is_turned_away() {
     let opts = |role: ChannelRole, signer: Option<SigningKey>| ChannelOptions {
         role,
         max_payload: MAX,
-        signer: signer.map(|k| std::sync::Arc::new(KeySigner(k)) as _),
+        logins: signer
+            .map(|k| pluto_plugins_api::Login::Signed(std::sync::Arc::new(KeySigner(k))))
+            .into_iter()
+            .collect(),
     };
     let node_role = ChannelRole::Node {
         id: nid,
