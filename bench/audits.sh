@@ -31,6 +31,11 @@
 #                 (defaults 200, 200, 4, 20000, 200, 4)
 #   MOSQUITTO=HOST:PORT  the external broker (default 127.0.0.1:1883);
 #                 MOSQUITTO=0 skips that run
+#   DYNSEC=HOST:PORT DYNSEC_ADMIN=USER DYNSEC_PASSWORD_FILE=FILE
+#                 one more run, on a Mosquitto with its dynamic security
+#                 plugin, where the coordinator makes every node's account
+#                 (the nodes register through pluto-newcomer first;
+#                 docs/mosquitto.md)
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -102,9 +107,10 @@ over_broker() {
   local pid=$!
   pids+=("$pid")
   wait_line "$work/$name-coord.out" "pluto-coordinator " 30
-  if [ "$name" = mosquitto ]; then
-    local m
-    m=$(pgrep -x mosquitto | head -1 || true)
+  if [ "$name" = mosquitto ] || [ "$name" = mosquitto-accounts ]; then
+    local m port=${url##*:}
+    port=${port%%/*}
+    m=$(ss -ltnpH "sport = :$port" | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2 || true)
     if [ -n "$m" ]; then extra=(--cpu-of "mosquitto=$m"); fi
   fi
   echo "== $name: $url" >&2
@@ -132,6 +138,13 @@ if [ "$mosquitto" != 0 ]; then
   fi
 fi
 
+# ---- Mosquitto with accounts -------------------------------------------------
+if [ -n "${DYNSEC:-}" ]; then
+  url=mqtt://$DYNSEC/bench-audits-$$
+  over_broker mosquitto-accounts "$url" --channel "$url" \
+    --dynsec-admin "${DYNSEC_ADMIN:?}" --dynsec-password-file "${DYNSEC_PASSWORD_FILE:?}"
+fi
+
 # ---- in process --------------------------------------------------------------
 echo "== in process" >&2
 rc=0
@@ -151,7 +164,7 @@ work = sys.argv[1]
 rate = re.compile(r"^audits (?:over the broker|in process)[^:]*: (\d+) ok, (\d+) failed in ([\d.]+)s \((\d+)/s\); p50 ([\d.]+) ms, p99 ([\d.]+) ms")
 print("| run | audits/s | p50 / p99 (ms) | outcomes | coordinator CPU per audit | bytes per challenge (envelopes / MQTT) |")
 print("|---|---:|---:|---|---:|---:|")
-for name in ["embedded", "mosquitto", "in-process"]:
+for name in ["embedded", "mosquitto", "mosquitto-accounts", "in-process"]:
     path = os.path.join(work, name + ".out")
     if not os.path.exists(path):
         continue

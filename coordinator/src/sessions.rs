@@ -30,6 +30,10 @@ pub(crate) struct Sessions {
     pending: HashMap<[u8; 32], (NodeId, u64)>,
     /// Each node's outstanding challenges, oldest first.
     by_node: HashMap<NodeId, VecDeque<[u8; 32]>>,
+    /// Challenges in the order issued, with their expiry: the lapsed ones
+    /// are found at the front, without scanning the table (some may have
+    /// been taken already; they are skipped).
+    order: VecDeque<([u8; 32], u64)>,
     capacity: usize,
     per_node: usize,
     ttl_ms: u64,
@@ -42,6 +46,7 @@ impl Sessions {
         Self {
             pending: HashMap::new(),
             by_node: HashMap::new(),
+            order: VecDeque::new(),
             capacity,
             per_node: per_node.max(1),
             ttl_ms,
@@ -58,18 +63,18 @@ impl Sessions {
         rng: &mut (impl RngCore + ?Sized),
     ) -> Option<[u8; 32]> {
         let expiry = now_ms.saturating_add(self.ttl_ms);
-        if self.pending.len() >= self.capacity {
-            // Lapsed ones go; so does the excess of those a clock that
-            // stepped back left far ahead.
-            self.pending.retain(|_, (_, e)| {
-                *e = (*e).min(expiry);
-                *e > now_ms
-            });
-            let pending = &self.pending;
-            self.by_node.retain(|_, q| {
-                q.retain(|c| pending.contains_key(c));
-                !q.is_empty()
-            });
+        // Lapsed ones go, oldest first; so do those a clock that stepped
+        // back left further ahead than a new one. Constant time for each
+        // challenge issued, however full the table.
+        while let Some(&(c, e)) = self.order.front() {
+            if !self.pending.contains_key(&c) {
+                self.order.pop_front();
+            } else if e <= now_ms || e > expiry {
+                self.order.pop_front();
+                self.forget(&c);
+            } else {
+                break;
+            }
         }
         let mine = self.by_node.entry(from).or_default();
         while mine.len() >= self.per_node {
@@ -87,21 +92,29 @@ impl Sessions {
         rng.fill_bytes(&mut challenge);
         self.pending.insert(challenge, (from, expiry));
         mine.push_back(challenge);
+        self.order.push_back((challenge, expiry));
         Some(challenge)
+    }
+
+    /// Drops an outstanding challenge.
+    fn forget(&mut self, challenge: &[u8; 32]) {
+        if let Some((node, _)) = self.pending.remove(challenge) {
+            if let Some(q) = self.by_node.get_mut(&node) {
+                q.retain(|c| c != challenge);
+                if q.is_empty() {
+                    self.by_node.remove(&node);
+                }
+            }
+        }
     }
 
     /// Takes `challenge` (it is used up whoever presents it); true when it
     /// was issued to `from` and has not lapsed.
     pub(crate) fn redeem(&mut self, challenge: &[u8; 32], from: &NodeId, now_ms: u64) -> bool {
-        let Some((node, expiry)) = self.pending.remove(challenge) else {
+        let Some(&(node, expiry)) = self.pending.get(challenge) else {
             return false;
         };
-        if let Some(q) = self.by_node.get_mut(&node) {
-            q.retain(|c| c != challenge);
-            if q.is_empty() {
-                self.by_node.remove(&node);
-            }
-        }
+        self.forget(challenge);
         node == *from && expiry > now_ms
     }
 
@@ -225,11 +238,29 @@ mod tests {
     fn a_clock_that_steps_back_keeps_challenges_no_longer_than_their_time() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let mut s = Sessions::new(1, 4, 1000);
-        assert!(s.challenge(A, 10_000_000, &mut rng).is_some());
-        // An hour back: the old one counts as issued now, and lapses in time.
-        assert!(s.challenge(B, 10_000_000 - 3_600_000, &mut rng).is_none());
-        assert!(s
-            .challenge(B, 10_000_000 - 3_600_000 + 1000, &mut rng)
-            .is_some());
+        let ahead = s.challenge(A, 10_000_000, &mut rng).unwrap();
+        // An hour back: the one now further ahead than a new one would be
+        // gives way at once.
+        assert!(s.challenge(B, 10_000_000 - 3_600_000, &mut rng).is_some());
+        assert!(!s.redeem(&ahead, &A, 10_000_000 - 3_600_000));
+    }
+
+    #[test]
+    fn a_full_table_finds_its_lapsed_challenges_at_the_front() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut s = Sessions::new(1000, 1, 1000);
+        for n in 0..1000u32 {
+            let mut id = [0u8; 32];
+            id[..4].copy_from_slice(&n.to_le_bytes());
+            assert!(s.challenge(NodeId(id), u64::from(n), &mut rng).is_some());
+        }
+        // Full of live ones: refused, and nothing scanned goes.
+        assert!(s.challenge(A, 999, &mut rng).is_none());
+        assert_eq!(s.len(), 1000);
+        // The oldest lapse one by one, each making room for one.
+        assert!(s.challenge(A, 1000, &mut rng).is_some());
+        assert!(s.challenge(B, 1000, &mut rng).is_none());
+        assert!(s.challenge(B, 1001, &mut rng).is_some());
+        assert_eq!((s.len(), s.order.len() <= 1002), (1000, true));
     }
 }

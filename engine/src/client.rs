@@ -353,7 +353,10 @@ impl CoordinatorClient {
                 role: ChannelRole::Node { id, will, hello },
                 max_payload: MAX_ENVELOPE,
                 logins: vec![
-                    Login::Signed(Arc::new(pluto_protocol::KeySigner(keys.identity.clone()))),
+                    Login::Signed(
+                        Arc::new(pluto_protocol::KeySigner(keys.identity.clone())),
+                        pinned.unwrap_or(ANY_COORDINATOR),
+                    ),
                     Login::Password {
                         user: id.to_hex(),
                         password: hex::encode(*keys.broker_password()),

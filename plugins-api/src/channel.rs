@@ -90,8 +90,10 @@ pub const NEWCOMER_PASSWORD: &str = "pluto-newcomer";
 #[derive(Clone)]
 pub enum Login {
     /// The signer's id as user name and a fresh signature over
-    /// [`broker_login_message`] as password (the embedded broker).
-    Signed(Arc<dyn ChannelSigner>),
+    /// [`broker_login_message`] as password (the embedded broker), for the
+    /// broker of the coordinator named (all zeros when the node does not
+    /// know its key yet: trust on first use).
+    Signed(Arc<dyn ChannelSigner>, NodeId),
     /// A user name and password the broker keeps.
     Password {
         /// User name.
@@ -104,25 +106,28 @@ pub enum Login {
 impl std::fmt::Debug for Login {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Signed(s) => write!(f, "Signed({})", s.id().short()),
+            Self::Signed(s, c) => write!(f, "Signed({} for {})", s.id().short(), c.short()),
             Self::Password { user, .. } => write!(f, "Password({user})"),
         }
     }
 }
 
 /// What a channel signs to log in to a broker that checks keys: a
-/// domain-separated message binding the connection's client id and the
-/// time of the attempt (ms since the epoch), so that a login seen once
-/// opens no other connection and lapses with the broker's window.
+/// domain-separated message binding the connection's client id, the time
+/// of the attempt (ms since the epoch) and the coordinator whose broker it
+/// is for, so that a login seen once opens no other connection, on this
+/// broker or another coordinator's, and lapses with the broker's window.
 ///
 /// ```text
-/// "pluto broker login v1\0" || time_ms (u64 LE) || client id (UTF-8)
+/// "pluto broker login v2\0" || time_ms (u64 LE) || coordinator key (32; zeros: any)
+///                           || client id (UTF-8)
 /// ```
-pub fn broker_login_message(client_id: &str, time_ms: u64) -> Vec<u8> {
-    const CONTEXT: &[u8] = b"pluto broker login v1\0";
-    let mut m = Vec::with_capacity(CONTEXT.len() + 8 + client_id.len());
+pub fn broker_login_message(client_id: &str, time_ms: u64, coordinator: &NodeId) -> Vec<u8> {
+    const CONTEXT: &[u8] = b"pluto broker login v2\0";
+    let mut m = Vec::with_capacity(CONTEXT.len() + 8 + 32 + client_id.len());
     m.extend_from_slice(CONTEXT);
     m.extend_from_slice(&time_ms.to_le_bytes());
+    m.extend_from_slice(&coordinator.0);
     m.extend_from_slice(client_id.as_bytes());
     m
 }

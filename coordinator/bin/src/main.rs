@@ -338,7 +338,7 @@ async fn run(cli: Cli) -> Result<()> {
             format!("mqtt://{host}:{}", addr.port())
         }
     };
-    let mut logins = vec![Login::Signed(signer)];
+    let mut logins = vec![Login::Signed(signer, me)];
     let accounts = match (&cli.dynsec_admin, &cli.dynsec_password_file) {
         (Some(admin), Some(file)) => {
             let password = std::fs::read_to_string(file)

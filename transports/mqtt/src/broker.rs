@@ -24,7 +24,8 @@
 //! anyone may do anything.
 //!
 //! Bounds ([`BrokerSettings`]): at most `max_connections` sockets, and
-//! `max_per_address` from one address (more are closed on accept), and
+//! `max_per_address` from one address (an IPv6 /64 counts as one: that
+//! is what one household or one server gets; more are closed on accept), and
 //! `max_per_key` logged in with one node's key (16; more are refused, so a
 //! key cannot multiply its subscriptions and the deliveries they queue);
 //! packets
@@ -239,7 +240,7 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>) {
             drop(stream);
             continue;
         }
-        let ip = from.ip();
+        let ip = counted_as(from.ip());
         if !shared.admit(ip) {
             shared.connections.fetch_sub(1, Ordering::Relaxed);
             tracing::debug!("mqtt broker: refusing a client: {ip} has its share of connections");
@@ -262,5 +263,38 @@ impl Drop for Slot<'_> {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::Relaxed);
         self.0.release(self.1);
+    }
+}
+
+/// The address a client is counted under for `max_per_address`: an IPv4
+/// address (also when written as IPv6), or the /64 of an IPv6 one, since one
+/// host or household gets a whole /64 and could otherwise take a place per
+/// address in it.
+fn counted_as(ip: std::net::IpAddr) -> std::net::IpAddr {
+    use std::net::{IpAddr, Ipv6Addr};
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::counted_as;
+
+    #[test]
+    fn an_ipv6_64_counts_as_one_address() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert_eq!(counted_as(ip("2001:db8:1:2::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            counted_as(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")),
+            ip("2001:db8:1:2::")
+        );
+        assert_ne!(counted_as(ip("2001:db8:1:3::1")), ip("2001:db8:1:2::"));
+        assert_eq!(counted_as(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(counted_as(ip("192.0.2.7")), ip("192.0.2.7"));
     }
 }

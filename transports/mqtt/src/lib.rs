@@ -264,7 +264,7 @@ fn subscriptions(topics: &Topics, role: &ChannelRole) -> Vec<String> {
 /// Sets the login for the next connection attempt.
 fn log_in(options: &mut MqttOptions, login: &Login) {
     match login {
-        Login::Signed(signer) => sign_in(options, &**signer),
+        Login::Signed(signer, coordinator) => sign_in(options, &**signer, coordinator),
         Login::Password { user, password } => {
             options.set_credentials(user.clone(), password.clone());
         }
@@ -273,12 +273,16 @@ fn log_in(options: &mut MqttOptions, login: &Login) {
 
 /// The signer's id, and a signature over this attempt's time and the
 /// client id.
-fn sign_in(options: &mut MqttOptions, signer: &dyn ChannelSigner) {
+fn sign_in(options: &mut MqttOptions, signer: &dyn ChannelSigner, coordinator: &NodeId) {
     let time_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    let signature = signer.sign(&broker_login_message(&options.client_id(), time_ms));
+    let signature = signer.sign(&broker_login_message(
+        &options.client_id(),
+        time_ms,
+        coordinator,
+    ));
     options.set_credentials(
         signer.id().to_hex(),
         format!("{time_ms}.{}", hex::encode(signature)),

@@ -49,7 +49,11 @@ async fn raw(
     }
     if let As::Key(k) = who {
         let time = now_ms();
-        let sig = k.sign(&broker_login_message(&client_id, time));
+        let sig = k.sign(&broker_login_message(
+            &client_id,
+            time,
+            &pluto_plugins_api::NodeId([0; 32]),
+        ));
         o.set_credentials(
             hex(&k.verifying_key().to_bytes()),
             format!("{time}.{}", hex(&sig.to_bytes())),
@@ -136,9 +140,10 @@ fn broker_clients_cannot_silence_hijack_or_fake_presence() {
                     group: Some("steal".into()),
                 },
                 max_payload: pluto_protocol::MAX_ENVELOPE,
-                logins: vec![pluto_plugins_api::Login::Signed(std::sync::Arc::new(
-                    pluto_protocol::KeySigner(thief.clone()),
-                ))],
+                logins: vec![pluto_plugins_api::Login::Signed(
+                    std::sync::Arc::new(pluto_protocol::KeySigner(thief.clone())),
+                    pluto_plugins_api::NodeId([0; 32]),
+                )],
             },
         )
         .await

@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! CONNECT  user name = an Ed25519 public key (hex), password = TIME_MS.SIGNATURE (hex)
-//!          SIGNATURE = Ed25519(key, broker_login_message(client id, TIME_MS))
+//!          SIGNATURE = Ed25519(key, broker_login_message(client id, TIME_MS, coordinator))
+//!          the coordinator's key is this broker's (or zeros, from a node that does not
+//!          know it yet: trust on first use)
 //!          refused (CONNACK 5): no login, a bad key or signature, TIME_MS more than
 //!          `window` from the broker's clock, a login already used
 //! the coordinator's key   anything (wildcards, shared subscriptions)
@@ -111,11 +113,19 @@ pub(crate) fn verify(
         return Err(LoginRefused::Stale);
     }
     let key = VerifyingKey::from_bytes(&id.0).map_err(|_| LoginRefused::NotAKey)?;
-    key.verify_strict(
-        &broker_login_message(client_id, time_ms),
-        &Signature::from_bytes(&sig_bytes),
-    )
-    .map_err(|_| LoginRefused::Signature)?;
+    let signature = Signature::from_bytes(&sig_bytes);
+    let signed_for = |coordinator: &NodeId| {
+        key.verify_strict(
+            &broker_login_message(client_id, time_ms, coordinator),
+            &signature,
+        )
+        .is_ok()
+    };
+    // For this broker's coordinator, or for any (a node's first contact):
+    // never for another coordinator's broker.
+    if !signed_for(&auth.coordinator) && !signed_for(&NodeId([0; 32])) {
+        return Err(LoginRefused::Signature);
+    }
     Ok(Verified {
         role: if id == auth.coordinator {
             Role::Coordinator
@@ -224,8 +234,17 @@ mod tests {
 
     const NOW: u64 = 1_800_000_000_000;
 
+    /// The coordinator of [`logins_are_checked_once_each`].
+    fn coordinator_id() -> NodeId {
+        id(&SigningKey::from_bytes(&[1; 32]))
+    }
+
     fn login(key: &SigningKey, client_id: &str, time_ms: u64) -> Login {
-        let sig = key.sign(&broker_login_message(client_id, time_ms));
+        login_for(key, client_id, time_ms, &coordinator_id())
+    }
+
+    fn login_for(key: &SigningKey, client_id: &str, time_ms: u64, c: &NodeId) -> Login {
+        let sig = key.sign(&broker_login_message(client_id, time_ms, c));
         Login {
             username: hex::encode(key.verifying_key().to_bytes()),
             password: format!("{time_ms}.{}", hex::encode(sig.to_bytes())),
@@ -240,6 +259,7 @@ mod tests {
     fn logins_are_checked_once_each() {
         let coordinator = SigningKey::from_bytes(&[1; 32]);
         let node = SigningKey::from_bytes(&[2; 32]);
+        assert_eq!(id(&coordinator), coordinator_id());
         let auth = BrokerAuth::new(id(&coordinator));
         let mut l = Logins::default();
         let check = |l: &mut Logins, login: Option<&Login>, client: &str, now: u64| {
@@ -279,6 +299,18 @@ mod tests {
             Err(LoginRefused::Signature)
         );
         assert_eq!(check(&mut l, None, "n", NOW), Err(LoginRefused::Missing));
+        // A login for another coordinator's broker is no login here; one
+        // for any (a node's first contact) is.
+        let elsewhere = login_for(&node, "n", NOW + 3, &NodeId([9; 32]));
+        assert_eq!(
+            check(&mut l, Some(&elsewhere), "n", NOW),
+            Err(LoginRefused::Signature)
+        );
+        let first_contact = login_for(&node, "n", NOW + 4, &NodeId([0; 32]));
+        assert_eq!(
+            check(&mut l, Some(&first_contact), "n", NOW),
+            Ok(Role::Node(id(&node).to_hex()))
+        );
         for (user, pass) in [
             ("nobody", "1.00"),
             (&id(&node).to_hex()[..], "nodot"),

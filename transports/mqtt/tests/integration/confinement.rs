@@ -36,7 +36,8 @@ fn now_ms() -> u64 {
 }
 
 fn login(k: &SigningKey, client_id: &str, time_ms: u64) -> Login {
-    let sig = k.sign(&broker_login_message(client_id, time_ms));
+    // For any coordinator (a first contact): every pluto broker takes it.
+    let sig = k.sign(&broker_login_message(client_id, time_ms, &NodeId([0; 32])));
     Login::new(id(k), format!("{time_ms}.{}", hex::encode(sig.to_bytes())))
 }
 
@@ -283,7 +284,9 @@ async fn the_channel_logs_in_and_says_when_it_is_turned_away() {
         role,
         max_payload: MAX,
         logins: signer
-            .map(|k| pluto_plugins_api::Login::Signed(std::sync::Arc::new(KeySigner(k))))
+            .map(|k| {
+                pluto_plugins_api::Login::Signed(std::sync::Arc::new(KeySigner(k)), NodeId([0; 32]))
+            })
             .into_iter()
             .collect(),
     };

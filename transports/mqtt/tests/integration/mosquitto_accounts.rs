@@ -252,7 +252,7 @@ async fn the_channel_falls_back_from_a_signature_to_the_account_and_says_when_it
     };
     let node_logins = || {
         vec![
-            ChannelLogin::Signed(std::sync::Arc::new(KeySigner(key.clone()))),
+            ChannelLogin::Signed(std::sync::Arc::new(KeySigner(key.clone())), NodeId([0; 32])),
             ChannelLogin::Password {
                 user: a.to_hex(),
                 password: "pw-a".into(),
