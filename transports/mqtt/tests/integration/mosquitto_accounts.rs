@@ -325,3 +325,94 @@ async fn the_channel_falls_back_from_a_signature_to_the_account_and_says_when_it
     assert_eq!(first(ch).await, Some(ChannelEvent::Connected));
     coordinator.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_that_never_read_cannot_starve_the_others_on_mosquitto() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (addr, p, d, (cu, cp)) = prepared(None).await;
+    let t = |kind: &str, n: &NodeId| format!("{p}/v1/{kind}/{}", n.to_hex());
+    let mut coordinator = connect(addr, &cu, &cp, None).await;
+    assert!(granted(
+        &coordinator
+            .subscribe(&[(&format!("{p}/v1/to-coordinator/+"), QoS::AtLeastOnce)])
+            .await
+    ));
+    // What the coordinator sends goes out on a connection of its own, so
+    // its acknowledgements are never mixed with what it receives.
+    let mut sender = connect(addr, &cu, &cp, None).await;
+    // Twelve nodes that ask and never read their answers (at QoS 0 too,
+    // which Mosquitto does not count against the queue bounds).
+    let mut hoarders = Vec::new();
+    for i in 0..12 {
+        let n = node();
+        d.provision(&n, "hoarder").await.unwrap();
+        let id = format!("h{i}-{:08x}", rand::random::<u32>());
+        let (code, mut h) = super::confinement::connect_on(
+            Raw::open_tight(addr).await,
+            &id,
+            login(&n.to_hex(), "hoarder"),
+            None,
+            60,
+        )
+        .await;
+        assert_eq!(code, Some(ConnectReturnCode::Success));
+        let qos = if i % 2 == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        assert!(granted(&h.subscribe(&[(&t("to-node", &n), qos)]).await));
+        hoarders.push((n, h));
+    }
+    let honest = node();
+    d.provision(&honest, "honest").await.unwrap();
+    let mut good = connect(addr, &honest.to_hex(), "honest", None).await;
+    assert!(granted(
+        &good
+            .subscribe(&[(&t("to-node", &honest), QoS::AtLeastOnce)])
+            .await
+    ));
+    // 6 MiB for each hoarder (more than their sockets and Mosquitto's
+    // per-client bounds hold), a 200 KiB answer for the honest node now and
+    // then: those still arrive.
+    let small = vec![7u8; 60 << 10];
+    let answer = vec![9u8; 200 << 10];
+    let mut honest_got = 0;
+    let mut pkid = 0u16;
+    for round in 0..100u16 {
+        for (n, _) in &hoarders {
+            pkid = pkid % 60_000 + 1;
+            sender
+                .publish(&t("to-node", n), &small, QoS::AtLeastOnce, pkid)
+                .await;
+        }
+        if round % 5 == 4 {
+            pkid = pkid % 60_000 + 1;
+            sender
+                .publish(&t("to-node", &honest), &answer, QoS::AtLeastOnce, pkid)
+                .await;
+            if let Ok(Some(rumqttc::Packet::Publish(got))) =
+                good.recv_within(Duration::from_secs(2)).await
+            {
+                assert_eq!(got.payload.len(), answer.len());
+                good.send(rumqttc::Packet::PubAck(rumqttc::PubAck::new(got.pkid)))
+                    .await;
+                honest_got += 1;
+            }
+        }
+    }
+    assert!(
+        honest_got >= 18,
+        "the honest node got {honest_got} of 20 answers"
+    );
+    // And a node's publish still reaches the coordinator at once.
+    good.publish(
+        &t("to-coordinator", &honest),
+        b"heartbeat",
+        QoS::AtLeastOnce,
+        99,
+    )
+    .await;
+    let got = coordinator.next_publish().await;
+    assert_eq!(&got.payload[..], b"heartbeat");
+}
