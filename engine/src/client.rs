@@ -347,20 +347,25 @@ impl CoordinatorClient {
         } else {
             (Vec::new(), Vec::new())
         };
+        let signer: Arc<dyn pluto_plugins_api::ChannelSigner> =
+            Arc::new(pluto_protocol::KeySigner(keys.identity.clone()));
         let channel: Arc<dyn ControlChannel> = connect_channel(
             url,
             ChannelOptions {
                 role: ChannelRole::Node { id, will, hello },
                 max_payload: MAX_ENVELOPE,
                 logins: vec![
-                    Login::Signed(
-                        Arc::new(pluto_protocol::KeySigner(keys.identity.clone())),
-                        pinned.unwrap_or(ANY_COORDINATOR),
-                    ),
+                    // For the coordinator this node pinned: a login seen on
+                    // the wire opens nothing on another coordinator's broker.
+                    Login::Signed(signer.clone(), pinned.unwrap_or(ANY_COORDINATOR)),
                     Login::Password {
                         user: id.to_hex(),
                         password: hex::encode(*keys.broker_password()),
                     },
+                    // Refused both ways: perhaps the pinned key is not this
+                    // broker's coordinator's. Logged in for any, the node
+                    // hears who answers, and says which key it met.
+                    Login::Signed(signer, ANY_COORDINATOR),
                 ],
             },
         )
