@@ -115,6 +115,8 @@ pub struct Coordinator {
     pub(crate) answers: Mutex<Answers>,
     pub(crate) sessions: Mutex<Sessions>,
     pub(crate) relay: Mutex<TokenBuckets>,
+    /// Match requests per owner.
+    pub(crate) matches: Mutex<TokenBuckets>,
     pub(crate) audits: Mutex<Audits>,
     /// Standing is read, changed and written back under this lock.
     pub(crate) standing: tokio::sync::Mutex<()>,
@@ -162,6 +164,7 @@ impl Coordinator {
                 config.challenges_per_node,
                 config.challenge_ttl_ms,
             )),
+            matches: Mutex::new(TokenBuckets::new(config.matches_per_s, config.match_burst)),
             relay: Mutex::new(TokenBuckets::new(
                 config.relay_bytes_per_s,
                 config.relay_burst_bytes,

@@ -16,13 +16,13 @@
 //!                             of the coordinator's database)
 //! ```
 
-use pluto_plugins_api::{NodeId, NodeRecord, PackId, Recorded, ReplicaRecord};
+use pluto_plugins_api::{human, NodeId, NodeRecord, OwnerLimits, PackId, Recorded, ReplicaRecord};
 use pluto_protocol::{ErrorCode, HeldReport, Message, ReplicaStatement, Ticket};
 use rand::seq::SliceRandom;
 use rand_core::{CryptoRngCore, RngCore};
 
 use crate::audits::rules;
-use crate::coordinator::{error, private, public, Reply, RngAdapter};
+use crate::coordinator::{error, lock, private, public, Reply, RngAdapter};
 use crate::{Coordinator, CoordinatorConfig, Rejected};
 
 /// What a match asks for.
@@ -117,11 +117,39 @@ impl Coordinator {
                 ),
             ));
         }
+        // What this owner may place: the grant, plus what it is proven to
+        // hold for others, within its offer. A key with a huge offer and
+        // nothing held gets the grant, no more.
+        if !lock(&self.matches).take(&owner.id, 1, now_ms) {
+            return Ok(error(
+                ErrorCode::Busy,
+                format!(
+                    "too many match requests (at most {}/s); try again shortly",
+                    self.config.matches_per_s
+                ),
+            ));
+        }
+        let may = owner.may_place(self.config.grant_bytes);
+        if owner.placed.saturating_add(want.size) > may {
+            return Ok(error(
+                ErrorCode::NoCapacity,
+                format!(
+                    "your quota is used up: you may place {} (a grant of {} plus {} you are \
+                     proven to hold for others, up to your offer of {}) and placed {}; hold \
+                     more for others (pluto offer, and keep the daemon running) to place more",
+                    human::bytes(may),
+                    human::bytes(self.config.grant_bytes),
+                    human::bytes(owner.earned),
+                    human::bytes(owner.offer),
+                    human::bytes(owner.placed),
+                ),
+            ));
+        }
         let storers = self.match_storers(owner, want, now_ms, rng).await?;
         if storers.is_empty() {
             return Ok(error(
                 ErrorCode::NoCapacity,
-                "no storer online has room (or your offer is used up)",
+                "no storer online has room (or your quota is used up)",
             ));
         }
         let expires_ms = now_ms.saturating_add(self.config.reservation_ttl_ms);
@@ -173,13 +201,21 @@ impl Coordinator {
             &mut RngAdapter(rng),
         );
         let expires = now_ms.saturating_add(self.config.reservation_ttl_ms);
+        let limits = OwnerLimits {
+            grant: self.config.grant_bytes,
+            max_reservations: self.config.max_reservations,
+        };
         let want_friends = want.friend_copies.min(want.copies) as usize;
         let mut picked = Vec::new();
         for n in &ranked.friends {
             if picked.len() >= want_friends {
                 break;
             }
-            if self.books.reserve(&owner.id, n, want.size, expires).await? {
+            if self
+                .books
+                .reserve(&owner.id, n, want.size, expires, limits)
+                .await?
+            {
                 picked.push(*n);
             }
         }
@@ -187,7 +223,12 @@ impl Coordinator {
             if picked.len() >= want.copies as usize {
                 break;
             }
-            if !picked.contains(n) && self.books.reserve(&owner.id, n, want.size, expires).await? {
+            if !picked.contains(n)
+                && self
+                    .books
+                    .reserve(&owner.id, n, want.size, expires, limits)
+                    .await?
+            {
                 picked.push(*n);
             }
         }
@@ -302,6 +343,7 @@ mod tests {
             offer: free,
             held: 0,
             placed: 0,
+            earned: 0,
             online,
             last_seen_ms: NOW,
             registered_ms: NOW - 1000,

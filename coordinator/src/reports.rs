@@ -13,7 +13,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use pluto_plugins_api::{
     online_fraction, BooksStore, NodeId, NodeRecord, PackId, ReplicaRecord, StoreError,
 };
-use pluto_protocol::{Message, PeerReport, RepairItem, RepairReason, StatusReport, MAX_REPAIRS};
+use pluto_protocol::{
+    Message, PeerReport, Quota, RepairItem, RepairReason, StatusReport, MAX_REPAIRS,
+};
 
 use crate::audits::rules;
 use crate::coordinator::{private, Reply};
@@ -107,6 +109,11 @@ impl Coordinator {
             held: node.held,
             placed: node.placed,
             peers: peers.len() as u32,
+            quota: Some(Quota {
+                may_place: node.may_place(self.config.grant_bytes),
+                earned: node.earned,
+                grant: self.config.grant_bytes,
+            }),
         })))
     }
 
@@ -243,6 +250,7 @@ mod tests {
             offer: 0,
             held: 0,
             placed: 0,
+            earned: 0,
             online: false,
             last_seen_ms: now - 500,
             registered_ms: 0,

@@ -54,6 +54,18 @@ pub struct CoordinatorConfig {
     pub max_copies: u8,
     /// How long matched space stays reserved for a replica to be recorded.
     pub reservation_ttl_ms: u64,
+    /// Bytes every node may place on others before it holds anything for
+    /// them; beyond it, a node may place as much as it is proven (by
+    /// passed audits) to hold for others, never more than it offers
+    /// (docs/design-notes.md, "Space is earned"). 0: only what it earned.
+    pub grant_bytes: u64,
+    /// Reservations one owner may have pending at once (matched, not yet
+    /// recorded): a key cannot fill the books with tiny reservations.
+    pub max_reservations: u64,
+    /// Match requests one owner may make per second, on average.
+    pub matches_per_s: u64,
+    /// See `matches_per_s`: how many may come at once.
+    pub match_burst: u64,
     /// The window uptime is measured over.
     pub uptime_window_ms: u64,
     /// How long presence changes are kept.
@@ -141,6 +153,10 @@ impl Default for CoordinatorConfig {
             heartbeat_ms: 30_000,
             max_copies: 8,
             reservation_ttl_ms: 3_600_000,
+            grant_bytes: 1 << 30,
+            max_reservations: 4096,
+            matches_per_s: 20,
+            match_burst: 1000,
             uptime_window_ms: 7 * 24 * 3_600_000,
             presence_keep_ms: 30 * 24 * 3_600_000,
             sweep_ms: 15_000,
@@ -382,6 +398,9 @@ impl CoordinatorConfig {
             ("audits_per_owner", c.audits_per_owner as u64),
             ("audits_per_storer", c.audits_per_storer as u64),
             ("owner_audits_per_s", c.owner_audits_per_s),
+            ("max_reservations", c.max_reservations),
+            ("matches_per_s", c.matches_per_s),
+            ("match_burst", c.match_burst),
             ("owner_audit_burst", c.owner_audit_burst),
             ("max_in_flight", c.max_in_flight as u64),
         ] {

@@ -126,6 +126,9 @@ pub struct NodeRecord {
     pub held: u64,
     /// Bytes it placed on others, every replica counted (reserved or stored).
     pub placed: u64,
+    /// Bytes it holds for others in replicas that passed an audit: what it
+    /// has earned the right to place, beyond the grant ([`Self::may_place`]).
+    pub earned: u64,
     /// Whether its channel is connected.
     pub online: bool,
     /// Last time it was heard from, ms since the epoch.
@@ -144,6 +147,12 @@ impl NodeRecord {
     /// Bytes of its offer nobody uses yet.
     pub fn free(&self) -> u64 {
         self.offer.saturating_sub(self.held)
+    }
+
+    /// Bytes it may place on others in all: the `grant` every node gets,
+    /// plus what it is proven to hold for others, never more than it offers.
+    pub fn may_place(&self, grant: u64) -> u64 {
+        self.offer.min(grant.saturating_add(self.earned))
     }
 
     /// The fraction of its life since registration spent online, at `now_ms`.
@@ -226,6 +235,23 @@ pub fn online_fraction(log: &[(u64, bool)], from_ms: u64, to_ms: u64) -> f64 {
     online_ms as f64 / (to_ms - from_ms) as f64
 }
 
+/// What one owner may reserve ([`BooksStore::reserve`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OwnerLimits {
+    /// Bytes every node may place before it holds anything for others.
+    pub grant: u64,
+    /// Reservations one owner may have pending at once.
+    pub max_reservations: u64,
+}
+
+impl OwnerLimits {
+    /// No limit but the owner's offer.
+    pub const NONE: Self = Self {
+        grant: u64::MAX,
+        max_reservations: u64::MAX,
+    };
+}
+
 /// The coordinator's store.
 #[async_trait::async_trait]
 pub trait BooksStore: Send + Sync {
@@ -274,14 +300,28 @@ pub trait BooksStore: Send + Sync {
     async fn prune_presence(&self, before_ms: u64) -> Result<u64, StoreError>;
     /// Atomically reserves `size` bytes of `storer`'s free offer for one
     /// replica of `owner`'s, within `owner`'s own quota (what it placed may
-    /// not exceed what it offers), until `expires_ms`. False, changing
-    /// nothing, when either would be over-committed.
+    /// not exceed [`NodeRecord::may_place`] with `limits.grant`) and with
+    /// fewer than `limits.max_reservations` of its reservations pending,
+    /// until `expires_ms`. False, changing nothing, when any would be
+    /// over-committed.
     async fn reserve(
         &self,
         owner: &NodeId,
         storer: &NodeId,
         size: u64,
         expires_ms: u64,
+        limits: OwnerLimits,
+    ) -> Result<bool, StoreError>;
+    /// An audit of this replica passed at `now_ms`: the first time, its
+    /// size counts towards its storer's `earned` (until the replica is
+    /// dropped or found lost). False when no such replica is kept, or it
+    /// is lost.
+    async fn mark_proven(
+        &self,
+        owner: &NodeId,
+        pack: &PackId,
+        storer: &NodeId,
+        now_ms: u64,
     ) -> Result<bool, StoreError>;
     /// Releases every reservation whose deadline is at or before `now_ms`,
     /// giving the space back to storers and the quota back to owners.
@@ -336,7 +376,8 @@ pub trait BooksStore: Send + Sync {
         storer: &NodeId,
     ) -> Result<Option<ReplicaRecord>, StoreError>;
     /// Forgets a replica, giving its size back to the storer's free offer
-    /// and to the owner's quota; false when it was not recorded.
+    /// and to the owner's quota (and taking it off the storer's `earned`
+    /// when it was proven); false when it was not recorded.
     async fn drop_replica(
         &self,
         owner: &NodeId,
@@ -344,7 +385,8 @@ pub trait BooksStore: Send + Sync {
         storer: &NodeId,
     ) -> Result<bool, StoreError>;
     /// Marks a replica lost (an audit proved it is not held) at `now_ms`;
-    /// it stays counted until its owner drops it. False when not recorded.
+    /// it stays counted as held and placed until its owner drops it, but no
+    /// longer as earned. False when not recorded.
     async fn mark_lost(
         &self,
         owner: &NodeId,
@@ -394,6 +436,7 @@ mod tests {
             offer: 0,
             held: 0,
             placed: 0,
+            earned: 0,
             online: true,
             last_seen_ms: 0,
             registered_ms: 0,

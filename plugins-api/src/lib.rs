@@ -39,8 +39,8 @@ mod transport;
 pub mod wire;
 
 pub use books::{
-    online_fraction, Beta, BooksStore, ManifestRecord, NodeRecord, Recorded, ReplicaRecord,
-    Standing,
+    online_fraction, Beta, BooksStore, ManifestRecord, NodeRecord, OwnerLimits, Recorded,
+    ReplicaRecord, Standing,
 };
 pub use channel::{
     broker_login_message, check_channel_url, connect_channel, ChannelDescriptor, ChannelError,

@@ -53,7 +53,8 @@ use std::future::Future;
 use std::collections::HashSet;
 
 use crate::{
-    open_books_store, Beta, BooksStore, NodeId, PackId, Recorded, ReplicaRecord, Standing,
+    open_books_store, Beta, BooksStore, NodeId, OwnerLimits, PackId, Recorded, ReplicaRecord,
+    Standing,
 };
 
 fn node(i: u8) -> NodeId {
@@ -98,6 +99,7 @@ where
     standings_round_trip_and_outlive_registration(&*open(&fresh_url().await).await).await;
     candidates_are_eligible_only(&*open(&fresh_url().await).await).await;
     replicas_are_found_lost_and_dropped(&*open(&fresh_url().await).await).await;
+    quotas_are_the_grant_plus_what_was_proven(&*open(&fresh_url().await).await).await;
     concurrent_reservations_never_over_commit(&fresh_url().await).await;
 }
 
@@ -117,13 +119,16 @@ async fn offers_and_registration(b: &dyn BooksStore) {
         ),
         (100, 0, 0, [9; 32], 1)
     );
-    assert!(!b.reserve(&a, &a, 1, 10).await.unwrap(), "never on oneself");
-    assert!(b.reserve(&a, &s, 30, 10).await.unwrap());
     assert!(
-        !b.reserve(&a, &s, 30, 10).await.unwrap(),
+        !b.reserve(&a, &a, 1, 10, OwnerLimits::NONE).await.unwrap(),
+        "never on oneself"
+    );
+    assert!(b.reserve(&a, &s, 30, 10, OwnerLimits::NONE).await.unwrap());
+    assert!(
+        !b.reserve(&a, &s, 30, 10, OwnerLimits::NONE).await.unwrap(),
         "storer would be over-committed"
     );
-    assert!(b.reserve(&a, &s, 20, 10).await.unwrap());
+    assert!(b.reserve(&a, &s, 20, 10, OwnerLimits::NONE).await.unwrap());
     let sn = b.node(&s).await.unwrap().unwrap();
     assert_eq!((sn.offer, sn.held, sn.free()), (50, 50, 0));
     assert_eq!(b.node(&a).await.unwrap().unwrap().placed, 50);
@@ -148,12 +153,19 @@ async fn offers_and_registration(b: &dyn BooksStore) {
     // third node with room still cannot take more than 50.
     b.register(&node(3), &[0; 32], 1000, 1).await.unwrap();
     assert!(
-        !b.reserve(&a, &node(3), 51, 10).await.unwrap(),
+        !b.reserve(&a, &node(3), 51, 10, OwnerLimits::NONE)
+            .await
+            .unwrap(),
         "over quota"
     );
-    assert!(b.reserve(&a, &node(3), 50, 10).await.unwrap());
+    assert!(b
+        .reserve(&a, &node(3), 50, 10, OwnerLimits::NONE)
+        .await
+        .unwrap());
     assert!(
-        !b.reserve(&a, &node(3), u64::MAX, 10).await.unwrap(),
+        !b.reserve(&a, &node(3), u64::MAX, 10, OwnerLimits::NONE)
+            .await
+            .unwrap(),
         "huge sizes never wrap"
     );
     let mut all: Vec<NodeId> = b.nodes().await.unwrap().iter().map(|n| n.id).collect();
@@ -166,9 +178,18 @@ async fn reservations_become_replicas_or_expire(b: &dyn BooksStore) {
     for n in [a, s, t] {
         b.register(&n, &[0; 32], 1000, 0).await.unwrap();
     }
-    assert!(b.reserve(&a, &s, 100, 1_000).await.unwrap());
-    assert!(b.reserve(&a, &t, 100, 1_000).await.unwrap());
-    assert!(b.reserve(&a, &s, 200, 5_000).await.unwrap());
+    assert!(b
+        .reserve(&a, &s, 100, 1_000, OwnerLimits::NONE)
+        .await
+        .unwrap());
+    assert!(b
+        .reserve(&a, &t, 100, 1_000, OwnerLimits::NONE)
+        .await
+        .unwrap());
+    assert!(b
+        .reserve(&a, &s, 200, 5_000, OwnerLimits::NONE)
+        .await
+        .unwrap());
 
     let r1 = replica(1, 1, 2, 90);
     assert_eq!(b.record_replica(&r1).await.unwrap(), Recorded::New);
@@ -317,8 +338,14 @@ async fn replicas_take_the_best_fitting_reservation(b: &dyn BooksStore) {
     let (owner, storer) = (node(1), node(2));
     b.register(&owner, &[1; 32], 1_000, 0).await.unwrap();
     b.register(&storer, &[2; 32], 1_000, 0).await.unwrap();
-    assert!(b.reserve(&owner, &storer, 100, 1_000).await.unwrap());
-    assert!(b.reserve(&owner, &storer, 30, 2_000).await.unwrap());
+    assert!(b
+        .reserve(&owner, &storer, 100, 1_000, OwnerLimits::NONE)
+        .await
+        .unwrap());
+    assert!(b
+        .reserve(&owner, &storer, 30, 2_000, OwnerLimits::NONE)
+        .await
+        .unwrap());
     assert_eq!(
         b.record_replica(&replica(1, 7, 2, 30)).await.unwrap(),
         Recorded::New
@@ -497,7 +524,10 @@ async fn replicas_are_found_lost_and_dropped(b: &dyn BooksStore) {
     let r2 = replica(1, 2, 3, 100);
     let r3 = replica(4, 3, 2, 50);
     for r in [&r1, &r2, &r3] {
-        assert!(b.reserve(&r.owner, &r.storer, r.size, 1_000).await.unwrap());
+        assert!(b
+            .reserve(&r.owner, &r.storer, r.size, 1_000, OwnerLimits::NONE)
+            .await
+            .unwrap());
         assert_eq!(b.record_replica(r).await.unwrap(), Recorded::New);
     }
     assert_eq!(b.replica(&a, &p1, &s).await.unwrap(), Some(r1.clone()));
@@ -513,7 +543,10 @@ async fn replicas_are_found_lost_and_dropped(b: &dyn BooksStore) {
     storers.sort();
     assert_eq!(storers, vec![(s, 2), (t, 1)]);
     // s is full, and a placed 250 of its 300.
-    assert!(!b.reserve(&a, &s, 100, 1_000).await.unwrap());
+    assert!(!b
+        .reserve(&a, &s, 100, 1_000, OwnerLimits::NONE)
+        .await
+        .unwrap());
 
     assert!(b.lost_replicas(&a).await.unwrap().is_empty());
     assert!(b.mark_lost(&a, &p1, &s, 500).await.unwrap());
@@ -556,7 +589,10 @@ async fn replicas_are_found_lost_and_dropped(b: &dyn BooksStore) {
     storers.sort();
     assert_eq!(storers, vec![(s, 1), (t, 1)]);
     // The space came back: a new replica there fits, and is not lost.
-    assert!(b.reserve(&a, &s, 100, 1_000).await.unwrap());
+    assert!(b
+        .reserve(&a, &s, 100, 1_000, OwnerLimits::NONE)
+        .await
+        .unwrap());
     let again = replica(1, 1, 2, 100);
     assert_eq!(b.record_replica(&again).await.unwrap(), Recorded::New);
     assert!(
@@ -575,6 +611,71 @@ async fn replicas_are_found_lost_and_dropped(b: &dyn BooksStore) {
     );
 }
 
+fn grant(grant: u64) -> OwnerLimits {
+    OwnerLimits {
+        grant,
+        max_reservations: u64::MAX,
+    }
+}
+
+async fn quotas_are_the_grant_plus_what_was_proven(b: &dyn BooksStore) {
+    let (a, s, t) = (node(1), node(2), node(3));
+    // A huge offer earns nothing by itself: a places its grant, no more.
+    b.register(&a, &[1; 32], u64::MAX / 2, 0).await.unwrap();
+    b.register(&s, &[2; 32], 10_000, 0).await.unwrap();
+    b.register(&t, &[3; 32], 10_000, 0).await.unwrap();
+    assert!(b.reserve(&a, &s, 100, 1_000, grant(150)).await.unwrap());
+    assert!(
+        !b.reserve(&a, &t, 100, 1_000, grant(150)).await.unwrap(),
+        "past the grant"
+    );
+    assert!(b.reserve(&a, &t, 50, 1_000, grant(150)).await.unwrap());
+    assert_eq!(b.node(&a).await.unwrap().unwrap().placed, 150);
+    // t holds 400 for s; once an audit of it passes, t may place 400 more.
+    let r = replica(2, 9, 3, 400);
+    assert!(b.reserve(&s, &t, 400, 1_000, grant(1_000)).await.unwrap());
+    assert_eq!(b.record_replica(&r).await.unwrap(), Recorded::New);
+    let tn = b.node(&t).await.unwrap().unwrap();
+    assert_eq!((tn.earned, tn.may_place(100)), (0, 100), "not proven yet");
+    assert!(b.mark_proven(&s, &r.pack, &t, 500).await.unwrap());
+    assert!(b.mark_proven(&s, &r.pack, &t, 600).await.unwrap(), "again");
+    let tn = b.node(&t).await.unwrap().unwrap();
+    assert_eq!((tn.earned, tn.may_place(100)), (400, 500), "counted once");
+    assert!(b.reserve(&t, &s, 500, 1_000, grant(100)).await.unwrap());
+    assert!(!b.reserve(&t, &s, 1, 1_000, grant(100)).await.unwrap());
+    assert!(
+        !b.mark_proven(&s, &PackId([8; 32]), &t, 500).await.unwrap(),
+        "not recorded"
+    );
+    // A replica found lost, or dropped, no longer counts.
+    assert!(b.mark_lost(&s, &r.pack, &t, 700).await.unwrap());
+    assert_eq!(b.node(&t).await.unwrap().unwrap().earned, 0);
+    assert!(!b.mark_proven(&s, &r.pack, &t, 800).await.unwrap(), "lost");
+    assert!(b.drop_replica(&s, &r.pack, &t).await.unwrap());
+    assert_eq!(b.node(&t).await.unwrap().unwrap().earned, 0, "not twice");
+    let r2 = replica(2, 10, 3, 300);
+    // Reservations pending at once are capped; a recorded one no longer is.
+    let two = OwnerLimits {
+        grant: u64::MAX,
+        max_reservations: 2,
+    };
+    assert!(b.reserve(&s, &t, 300, 1_000, two).await.unwrap());
+    assert!(b.reserve(&s, &t, 1, 1_000, two).await.unwrap());
+    assert!(
+        !b.reserve(&s, &t, 1, 1_000, two).await.unwrap(),
+        "two pending"
+    );
+    assert_eq!(b.record_replica(&r2).await.unwrap(), Recorded::New);
+    assert!(b.mark_proven(&s, &r2.pack, &t, 900).await.unwrap());
+    assert_eq!(b.node(&t).await.unwrap().unwrap().earned, 300);
+    assert!(
+        b.reserve(&s, &t, 1, 1_000, two).await.unwrap(),
+        "one pending"
+    );
+    assert!(b.drop_replica(&s, &r2.pack, &t).await.unwrap());
+    assert_eq!(b.node(&t).await.unwrap().unwrap().earned, 0);
+}
+
 async fn concurrent_reservations_never_over_commit(url: &str) {
     let b = open(url).await;
     let storer = node(0xff);
@@ -590,7 +691,10 @@ async fn concurrent_reservations_never_over_commit(url: &str) {
             b.register(&owner, &[0; 32], 1000, 0).await.unwrap();
             let mut got = 0u64;
             for _ in 0..10 {
-                if b.reserve(&owner, &storer, 7, 100).await.unwrap() {
+                if b.reserve(&owner, &storer, 7, 100, OwnerLimits::NONE)
+                    .await
+                    .unwrap()
+                {
                     got += 7;
                 }
             }

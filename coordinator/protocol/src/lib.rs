@@ -41,7 +41,7 @@ mod ticket;
 
 pub use envelope::{Envelope, EnvelopeError, PrivateError, MAX_ENVELOPE, SEALED_BIT};
 pub use messages::{
-    AuditOutcome, ErrorCode, HeldReport, Message, NodeAddresses, PeerReport, ProofAnswer,
+    AuditOutcome, ErrorCode, HeldReport, Message, NodeAddresses, PeerReport, ProofAnswer, Quota,
     RepairItem, RepairReason, StatusReport, MAX_ADDRESSES, MAX_HELD_REPORTS, MAX_REPAIRS,
 };
 pub use private::{exchange_public, open_sealed, seal_to, SealedError};

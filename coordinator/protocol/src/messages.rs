@@ -74,6 +74,21 @@ pub struct StatusReport {
     pub placed: u64,
     /// Nodes the node stores with or for.
     pub peers: u32,
+    /// What the node may place in all (the grant plus `earned`, within its
+    /// offer), and what it is proven to hold for others; absent from
+    /// coordinators that predate earned quotas.
+    pub quota: Option<Quota>,
+}
+
+/// What a node may place, in a [`StatusReport`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quota {
+    /// Bytes it may place on others in all.
+    pub may_place: u64,
+    /// Bytes it holds for others in replicas that passed an audit.
+    pub earned: u64,
+    /// The grant every node gets.
+    pub grant: u64,
 }
 
 /// One peer in a [`Message::Peers`] answer: a node that stores for the
@@ -664,6 +679,11 @@ impl Message {
                 w.u64(s.held);
                 w.u64(s.placed);
                 w.u32(s.peers);
+                if let Some(q) = &s.quota {
+                    w.u64(q.may_place);
+                    w.u64(q.earned);
+                    w.u64(q.grant);
+                }
             }
             Self::Error { code, message } => {
                 w.buf.extend_from_slice(&(*code as u16).to_le_bytes());
@@ -821,6 +841,14 @@ impl Message {
                 held: r.u64()?,
                 placed: r.u64()?,
                 peers: r.u32()?,
+                quota: match r.remaining() {
+                    0 => None,
+                    _ => Some(Quota {
+                        may_place: r.u64()?,
+                        earned: r.u64()?,
+                        grant: r.u64()?,
+                    }),
+                },
             }),
             15 => Self::Ok,
             16 => {
@@ -1182,14 +1210,26 @@ mod tests {
                 .prop_map(|(version, blob)| Message::PutManifest { version, blob }),
             (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..64))
                 .prop_map(|(version, blob)| Message::Manifest { version, blob }),
-            (any::<u64>(), any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(o, h, p, n)| {
-                Message::Status(StatusReport {
-                    offered: o,
-                    held: h,
-                    placed: p,
-                    peers: n,
-                })
-            }),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<u32>(),
+                proptest::option::of((any::<u64>(), any::<u64>(), any::<u64>()))
+            )
+                .prop_map(|(o, h, p, n, q)| {
+                    Message::Status(StatusReport {
+                        offered: o,
+                        held: h,
+                        placed: p,
+                        peers: n,
+                        quota: q.map(|(may_place, earned, grant)| Quota {
+                            may_place,
+                            earned,
+                            grant,
+                        }),
+                    })
+                }),
             ".{0,30}".prop_map(|message| Message::Error {
                 code: ErrorCode::Refused,
                 message

@@ -215,6 +215,13 @@ impl Coordinator {
                     .mark_lost(&p.owner, &p.pack, &p.storer, now_ms)
                     .await?;
             }
+            // Proven held: its bytes count towards what the storer may
+            // place itself (the first time).
+            AuditOutcome::Proven => {
+                self.books
+                    .mark_proven(&p.owner, &p.pack, &p.storer, now_ms)
+                    .await?;
+            }
             _ => {}
         }
         {

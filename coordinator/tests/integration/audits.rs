@@ -875,3 +875,86 @@ async fn new_nodes_are_vetted_with_little_data() {
         Message::MatchReply { .. }
     ));
 }
+
+/// A key with a huge offer and nothing held for others reserves its grant
+/// and no more, however it asks; honest owners still find room; and an
+/// owner grows past the grant by holding for others what audits prove.
+#[tokio::test]
+async fn space_is_earned_and_a_huge_offer_gets_the_grant_only() {
+    let net = net_with(CoordinatorConfig {
+        grant_bytes: 100_000,
+        ..CoordinatorConfig::default()
+    })
+    .await;
+    let (sybil, a, b, c) = (Node::new(), Node::new(), Node::new(), Node::new());
+    authenticate(&net, &sybil, 1 << 62, T).await;
+    for n in [&a, &b, &c] {
+        authenticate(&net, n, 1 << 20, T).await;
+    }
+    let req = |pack: u8, size: u64, copies: u8| Message::MatchRequest {
+        pack: PackId([pack; 32]),
+        size,
+        copies,
+        friends: vec![],
+        friend_copies: 0,
+        exclude: vec![],
+    };
+    let mut reserved = 0;
+    for p in 0..20u8 {
+        match ask(&net, &sybil, T, &req(100 + p, 40_000, 3)).await {
+            Message::MatchReply { storers, .. } => reserved += 40_000 * storers.len() as u64,
+            m => assert_eq!(code(&m), ErrorCode::NoCapacity),
+        }
+    }
+    assert!(reserved <= 100_000, "{reserved}");
+    let sybil_rec = net.books.node(&sybil.id()).await.unwrap().unwrap();
+    assert_eq!(sybil_rec.placed, reserved);
+    // An honest owner still matches; past its grant it is told why.
+    let first = blob(60_000, 1);
+    place(&net, &a, &b, 1, &first, T).await;
+    let Message::Error { code, message } = ask(&net, &a, T, &req(2, 60_000, 1)).await else {
+        panic!("past the grant")
+    };
+    assert_eq!(code, ErrorCode::NoCapacity);
+    assert!(message.contains("quota"), "{message}");
+    // a holds 80,000 bytes for b; once an audit proves it, a may place
+    // that much more.
+    let held = blob(80_000, 2);
+    place(&net, &b, &a, 3, &held, T).await;
+    let Message::Status(s) = ask(&net, &a, T, &Message::GetStatus).await else {
+        panic!()
+    };
+    assert_eq!(s.quota.map(|q| (q.may_place, q.earned)), Some((100_000, 0)));
+    assert_eq!(
+        audit(&net, &b, &a, 3, T + 1, &honest(&held)).await,
+        Ok(AuditOutcome::Proven)
+    );
+    let Message::Status(s) = ask(&net, &a, T + 2, &Message::GetStatus).await else {
+        panic!()
+    };
+    assert_eq!(
+        s.quota,
+        Some(pluto_protocol::Quota {
+            may_place: 180_000,
+            earned: 80_000,
+            grant: 100_000
+        })
+    );
+    place(&net, &a, &c, 4, &blob(60_000, 4), T + 2).await;
+    // Dropped, it no longer counts.
+    assert_eq!(
+        ask(
+            &net,
+            &b,
+            T + 3,
+            &Message::DropReplica {
+                pack: PackId([3; 32]),
+                storer: a.id(),
+            }
+        )
+        .await,
+        Message::Ok
+    );
+    let rec = net.books.node(&a.id()).await.unwrap().unwrap();
+    assert_eq!((rec.earned, rec.may_place(100_000)), (0, 100_000));
+}

@@ -25,6 +25,16 @@ struct CoordinatorState {
     placed: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     peers: Option<u32>,
+    /// What this node may place in all: the grant plus `earned`, within
+    /// its offer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    may_place: Option<u64>,
+    /// What it is proven (by passed audits) to hold for others.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    earned: Option<u64>,
+    /// What every node may place before holding anything for others.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grant: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -427,6 +437,9 @@ pub(crate) async fn status(ui: &Ui, home: Home) -> Result<u8> {
                         held: Some(s.held),
                         placed: Some(s.placed),
                         peers: Some(s.peers),
+                        may_place: s.quota.map(|q| q.may_place),
+                        earned: s.quota.map(|q| q.earned),
+                        grant: s.quota.map(|q| q.grant),
                     },
                     Ok(other) => {
                         unreachable_state(url, key, format!("unexpected answer {other:?}"))
@@ -500,6 +513,21 @@ pub(crate) async fn status(ui: &Ui, home: Home) -> Result<u8> {
                     bytes(p)
                 );
                 out!("  peers     {n}");
+                if let (Some(may), Some(e), Some(g)) = (c.may_place, c.earned, c.grant) {
+                    out!(
+                        "  may place {} (a grant of {} + {} proven held for others, up to the offer)",
+                        bytes(may),
+                        bytes(g),
+                        bytes(e)
+                    );
+                    if p >= may && may < o {
+                        out!(
+                            "            all of it placed: each byte held for others and proven by an audit lets you place one more"
+                        );
+                    } else {
+                        out!("            {} left to place", bytes(may.saturating_sub(p)));
+                    }
+                }
             }
         }
     }
@@ -516,5 +544,8 @@ fn unreachable_state(url: String, key: Option<String>, error: String) -> Coordin
         held: None,
         placed: None,
         peers: None,
+        may_place: None,
+        earned: None,
+        grant: None,
     }
 }

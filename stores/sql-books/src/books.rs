@@ -44,6 +44,7 @@ where
             offer: u64_at(2),
             held: u64_at(3),
             placed: u64_at(4),
+            earned: u64_at(23),
             online: r.get::<bool, _>(5),
             last_seen_ms: u64_at(6),
             registered_ms: u64_at(7),
@@ -332,6 +333,7 @@ where
         storer: &NodeId,
         size: u64,
         expires_ms: u64,
+        limits: OwnerLimits,
     ) -> Result<bool, StoreError> {
         if owner == storer {
             return Ok(false);
@@ -349,15 +351,44 @@ where
                 .execute(&mut *tx)
                 .await
                 .map_err(db_err::<D>("reserving space"))?;
-        let owner_ok = D::rows_affected(&space) == 1 && {
-            let quota = query::<D>(
-                "UPDATE nodes SET placed = placed + $1 WHERE id = $2 AND offer - placed >= $1",
-            )
-            .bind(int(size))
+        if D::rows_affected(&space) != 1 {
+            tx.rollback().await.map_err(db_err::<D>("rollback"))?;
+            return Ok(false);
+        }
+        // The owner's quota, worked out here (under the write lock the
+        // UPDATE above took, and the nodes' locks) rather than in SQL, where
+        // grant + earned could overflow.
+        let quota = query::<D>("SELECT offer, placed, earned FROM nodes WHERE id = $1")
             .bind(&owner.0[..])
-            .execute(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await
-            .map_err(db_err::<D>("reserving quota"))?;
+            .map_err(db_err::<D>("reading a quota"))?
+            .map(|r| {
+                let at = |i: usize| r.get::<i64, _>(i).max(0) as u64;
+                (at(0).min(limits.grant.saturating_add(at(2))), at(1))
+            });
+        let pending = query::<D>("SELECT COUNT(*) FROM reservations WHERE owner = $1")
+            .bind(&owner.0[..])
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err::<D>("counting reservations"))?
+            .get::<i64, _>(0)
+            .max(0) as u64;
+        match quota {
+            Some((may, placed))
+                if placed.saturating_add(size) <= may && pending < limits.max_reservations => {}
+            _ => {
+                tx.rollback().await.map_err(db_err::<D>("rollback"))?;
+                return Ok(false);
+            }
+        }
+        let owner_ok = {
+            let quota = query::<D>("UPDATE nodes SET placed = placed + $1 WHERE id = $2")
+                .bind(int(size))
+                .bind(&owner.0[..])
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err::<D>("reserving quota"))?;
             D::rows_affected(&quota) == 1
         };
         if !owner_ok {
@@ -603,8 +634,9 @@ where
         D::lock_nodes(&mut tx, &[owner, storer])
             .await
             .map_err(db_err::<D>("locking nodes"))?;
-        let size = query::<D>(
-            "DELETE FROM replicas WHERE owner = $1 AND pack = $2 AND storer = $3 RETURNING size",
+        let gone = query::<D>(
+            "DELETE FROM replicas WHERE owner = $1 AND pack = $2 AND storer = $3 \
+             RETURNING size, proven_ms, lost_ms",
         )
         .bind(&owner.0[..])
         .bind(&pack.0[..])
@@ -612,13 +644,21 @@ where
         .fetch_optional(&mut *tx)
         .await
         .map_err(db_err::<D>("dropping a replica"))?
-        .map(|row| row.get::<i64, _>(0));
-        let Some(size) = size else {
+        .map(|row| {
+            (
+                row.get::<i64, _>(0),
+                row.get::<i64, _>(1) > 0 && row.get::<i64, _>(2) == 0,
+            )
+        });
+        let Some((size, earned)) = gone else {
             tx.rollback().await.map_err(db_err::<D>("rollback"))?;
             return Ok(false);
         };
         for (column, party) in [("held", storer), ("placed", owner)] {
             Self::take_usage(&mut tx, column, party, size, "dropping a replica").await?;
+        }
+        if earned {
+            Self::take_usage(&mut tx, "earned", storer, size, "dropping a replica").await?;
         }
         tx.commit().await.map_err(db_err::<D>("commit"))?;
         Ok(true)
@@ -631,19 +671,97 @@ where
         storer: &NodeId,
         now_ms: u64,
     ) -> Result<bool, StoreError> {
-        // The first time it was found lost stays; 0 would mean "not lost".
-        let r = query::<D>(
-            "UPDATE replicas SET lost_ms = CASE WHEN lost_ms = 0 THEN $4 ELSE lost_ms END \
-             WHERE owner = $1 AND pack = $2 AND storer = $3",
+        let mut tx = self.pool.begin().await.map_err(db_err::<D>("begin"))?;
+        D::lock_nodes(&mut tx, &[owner, storer])
+            .await
+            .map_err(db_err::<D>("locking nodes"))?;
+        // The first time it was found lost stays (0 means "not lost"); the
+        // write comes first, so SQLite takes its write lock at once.
+        let newly = query::<D>(
+            "UPDATE replicas SET lost_ms = $4 \
+             WHERE owner = $1 AND pack = $2 AND storer = $3 AND lost_ms = 0 \
+             RETURNING size, proven_ms",
         )
         .bind(&owner.0[..])
         .bind(&pack.0[..])
         .bind(&storer.0[..])
         .bind(int(now_ms.max(1)))
-        .execute(&self.pool)
+        .fetch_optional(&mut *tx)
         .await
-        .map_err(db_err::<D>("marking a replica lost"))?;
-        Ok(D::rows_affected(&r) == 1)
+        .map_err(db_err::<D>("marking a replica lost"))?
+        .map(|r| (r.get::<i64, _>(0), r.get::<i64, _>(1)));
+        let found = match newly {
+            Some((size, proven_ms)) => {
+                if proven_ms > 0 {
+                    Self::take_usage(&mut tx, "earned", storer, size, "marking a replica lost")
+                        .await?;
+                }
+                true
+            }
+            None => {
+                query::<D>("SELECT 1 FROM replicas WHERE owner = $1 AND pack = $2 AND storer = $3")
+                    .bind(&owner.0[..])
+                    .bind(&pack.0[..])
+                    .bind(&storer.0[..])
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_err::<D>("marking a replica lost"))?
+                    .is_some()
+            }
+        };
+        tx.commit().await.map_err(db_err::<D>("commit"))?;
+        Ok(found)
+    }
+
+    async fn mark_proven(
+        &self,
+        owner: &NodeId,
+        pack: &PackId,
+        storer: &NodeId,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db_err::<D>("begin"))?;
+        D::lock_nodes(&mut tx, &[storer])
+            .await
+            .map_err(db_err::<D>("locking nodes"))?;
+        // The first pass counts (the write first, for SQLite's lock).
+        let newly = query::<D>(
+            "UPDATE replicas SET proven_ms = $4 \
+             WHERE owner = $1 AND pack = $2 AND storer = $3 AND lost_ms = 0 AND proven_ms = 0 \
+             RETURNING size",
+        )
+        .bind(&owner.0[..])
+        .bind(&pack.0[..])
+        .bind(&storer.0[..])
+        .bind(int(now_ms.max(1)))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_err::<D>("marking a replica proven"))?
+        .map(|r| r.get::<i64, _>(0));
+        let found = match newly {
+            Some(size) => {
+                query::<D>("UPDATE nodes SET earned = earned + $1 WHERE id = $2")
+                    .bind(size)
+                    .bind(&storer.0[..])
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err::<D>("marking a replica proven"))?;
+                true
+            }
+            None => query::<D>(
+                "SELECT 1 FROM replicas \
+                 WHERE owner = $1 AND pack = $2 AND storer = $3 AND lost_ms = 0",
+            )
+            .bind(&owner.0[..])
+            .bind(&pack.0[..])
+            .bind(&storer.0[..])
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err::<D>("marking a replica proven"))?
+            .is_some(),
+        };
+        tx.commit().await.map_err(db_err::<D>("commit"))?;
+        Ok(found)
     }
 
     async fn lost_replicas(&self, owner: &NodeId) -> Result<Vec<(PackId, NodeId)>, StoreError> {

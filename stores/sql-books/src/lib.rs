@@ -57,8 +57,8 @@ use pluto_plugins_api::sqlint::{
     clamped as int, join_addresses, ordered, split_addresses, unordered,
 };
 use pluto_plugins_api::{
-    async_trait, Beta, BooksStore, ManifestRecord, NodeId, NodeRecord, PackId, Recorded,
-    ReplicaRecord, Standing, StoreError,
+    async_trait, Beta, BooksStore, ManifestRecord, NodeId, NodeRecord, OwnerLimits, PackId,
+    Recorded, ReplicaRecord, Standing, StoreError,
 };
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
 
@@ -166,7 +166,7 @@ const NODE_COLUMNS: &str = "id, exchange_key, offer, held, placed, online, last_
                             registered_ms, online_ms, online_since_ms, \
                             audit_alpha, audit_beta, timeout_alpha, timeout_beta, \
                             uptime_alpha, uptime_beta, passed, failed, timed_out, \
-                            speed_bps, speed_at_ms, excluded_ms, held_back";
+                            speed_bps, speed_at_ms, excluded_ms, held_back, earned";
 
 const REPLICA_COLUMNS: &str = "owner, pack, storer, size, root";
 

@@ -1,0 +1,5 @@
+-- Bytes a node holds for others whose replicas passed an audit: with the
+-- grant, what it may place on others.
+ALTER TABLE nodes ADD COLUMN earned BIGINT NOT NULL DEFAULT 0;
+-- When an audit of the replica first passed (0: not yet).
+ALTER TABLE replicas ADD COLUMN proven_ms BIGINT NOT NULL DEFAULT 0;
