@@ -117,6 +117,8 @@ pub struct Coordinator {
     pub(crate) relay: Mutex<TokenBuckets>,
     /// Match requests per owner.
     pub(crate) matches: Mutex<TokenBuckets>,
+    /// Owners refused for want of quota lately (storers of choice).
+    pub(crate) hungry: Mutex<crate::matching::Hungry>,
     pub(crate) audits: Mutex<Audits>,
     /// Standing is read, changed and written back under this lock.
     pub(crate) standing: tokio::sync::Mutex<()>,
@@ -164,6 +166,7 @@ impl Coordinator {
                 config.challenges_per_node,
                 config.challenge_ttl_ms,
             )),
+            hungry: Mutex::new(crate::matching::Hungry::default()),
             matches: Mutex::new(TokenBuckets::new(config.matches_per_s, config.match_burst)),
             relay: Mutex::new(TokenBuckets::new(
                 config.relay_bytes_per_s,

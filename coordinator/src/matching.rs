@@ -18,6 +18,8 @@
 
 use pluto_plugins_api::{human, NodeId, NodeRecord, OwnerLimits, PackId, Recorded, ReplicaRecord};
 use pluto_protocol::{ErrorCode, HeldReport, Message, ReplicaStatement, Ticket};
+use std::collections::{HashMap, HashSet};
+
 use rand::seq::SliceRandom;
 use rand_core::{CryptoRngCore, RngCore};
 
@@ -32,6 +34,16 @@ pub(crate) struct Want<'a> {
     pub(crate) friends: &'a [NodeId],
     pub(crate) friend_copies: u8,
     pub(crate) exclude: &'a [NodeId],
+}
+
+/// The nodes a match may pick from.
+pub(crate) struct Candidates {
+    /// The records of the friends the owner named.
+    pub(crate) friends: Vec<NodeRecord>,
+    /// A sample of the others with room.
+    pub(crate) others: Vec<NodeRecord>,
+    /// Those of them refused a match for want of quota lately.
+    pub(crate) hungry: HashSet<NodeId>,
 }
 
 /// The storers a match tries, in order.
@@ -56,12 +68,17 @@ const MAX_FRIENDS: usize = 64;
 pub(crate) fn rank(
     owner: &NodeId,
     want: &Want<'_>,
-    friends: Vec<NodeRecord>,
-    others: Vec<NodeRecord>,
+    candidates: Candidates,
     c: &CoordinatorConfig,
     now_ms: u64,
     rng: &mut (impl RngCore + ?Sized),
 ) -> Ranked {
+    let Candidates {
+        friends,
+        others,
+        hungry,
+    } = candidates;
+    let hungry = &hungry;
     let usable = |n: &NodeRecord| {
         n.id != *owner
             && n.online
@@ -81,20 +98,65 @@ pub(crate) fn rank(
         }
     }
     Ranked {
-        others: order(others, now_ms, rng),
-        friends: order(friendly, now_ms, rng),
+        others: order(others, hungry, now_ms, rng),
+        friends: order(friendly, hungry, now_ms, rng),
     }
 }
 
-/// By lifetime uptime in quarters; random within.
+/// By lifetime uptime in quarters; within each, the hungry first (nodes
+/// that were refused a match for want of quota lately: holding more lets
+/// them place more, so giving and getting grow together); random within.
 fn order(
     mut nodes: Vec<NodeRecord>,
+    hungry: &HashSet<NodeId>,
     now_ms: u64,
     rng: &mut (impl RngCore + ?Sized),
 ) -> Vec<NodeId> {
     nodes.shuffle(rng);
-    nodes.sort_by_key(|n| 4 - (n.lifetime_uptime(now_ms) * 4.0) as u8);
+    nodes.sort_by_key(|n| {
+        let quarter = 4 - (n.lifetime_uptime(now_ms) * 4.0) as u8;
+        // Then the most in want of holdings: what they placed beyond what
+        // they are proven to hold.
+        let want = n.placed.saturating_sub(n.earned);
+        (quarter, !hungry.contains(&n.id), std::cmp::Reverse(want))
+    });
     nodes.into_iter().map(|n| n.id).collect()
+}
+
+/// Nodes refused a match for want of quota, and when (the last time):
+/// for a day they are storers of choice. Bounded: past this many, the
+/// oldest half is forgotten.
+#[derive(Debug, Default)]
+pub(crate) struct Hungry {
+    since: HashMap<NodeId, u64>,
+}
+
+const HUNGRY_FOR_MS: u64 = 24 * 3_600_000;
+const MAX_HUNGRY: usize = 100_000;
+
+impl Hungry {
+    fn note(&mut self, node: NodeId, now_ms: u64) {
+        if self.since.len() >= MAX_HUNGRY {
+            let mut times: Vec<u64> = self.since.values().copied().collect();
+            times.sort_unstable();
+            let cut = times[times.len() / 2];
+            self.since.retain(|_, t| *t > cut);
+        }
+        self.since.insert(node, now_ms);
+    }
+
+    /// Which of `nodes` were hungry within the last day.
+    fn among(&self, nodes: &[NodeRecord], now_ms: u64) -> HashSet<NodeId> {
+        nodes
+            .iter()
+            .filter(|n| {
+                self.since
+                    .get(&n.id)
+                    .is_some_and(|t| now_ms.saturating_sub(*t) < HUNGRY_FOR_MS)
+            })
+            .map(|n| n.id)
+            .collect()
+    }
 }
 
 impl Coordinator {
@@ -131,6 +193,7 @@ impl Coordinator {
         }
         let may = owner.may_place(self.config.grant_bytes);
         if owner.placed.saturating_add(want.size) > may {
+            lock(&self.hungry).note(owner.id, now_ms);
             return Ok(error(
                 ErrorCode::NoCapacity,
                 format!(
@@ -191,11 +254,15 @@ impl Coordinator {
                 friends.push(n);
             }
         }
+        let hungry = lock(&self.hungry).among(&others, now_ms);
         let ranked = rank(
             &owner.id,
             want,
-            friends,
-            others,
+            Candidates {
+                friends,
+                others,
+                hungry,
+            },
             &self.config,
             now_ms,
             &mut RngAdapter(rng),
@@ -364,6 +431,24 @@ mod tests {
     }
 
     #[test]
+    fn hungry_storers_come_first_among_equals() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let nodes: Vec<NodeRecord> = (11..15).map(|n| node(n, 10_000, true)).collect();
+        let mut hungry = Hungry::default();
+        hungry.note(NodeId([12; 32]), NOW - 1000);
+        hungry.note(NodeId([14; 32]), NOW - HUNGRY_FOR_MS); // a day ago: no longer
+        hungry.note(NodeId([13; 32]), NOW);
+        let set = hungry.among(&nodes, NOW);
+        assert_eq!(set.len(), 2);
+        for _ in 0..20 {
+            let ids = order(nodes.clone(), &set, NOW, &mut rng);
+            let mut first: Vec<_> = ids[..2].to_vec();
+            first.sort();
+            assert_eq!(first, vec![NodeId([12; 32]), NodeId([13; 32])]);
+        }
+    }
+
+    #[test]
     fn only_usable_storers_and_never_offline_ones() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let c = CoordinatorConfig::default();
@@ -397,8 +482,11 @@ mod tests {
                 &[NodeId([9; 32]), NodeId([2; 32]), NodeId([10; 32])],
                 &[NodeId([3; 32])],
             ),
-            friends,
-            others,
+            Candidates {
+                friends,
+                others,
+                hungry: HashSet::new(),
+            },
             &c,
             NOW,
             &mut rng,
@@ -421,8 +509,11 @@ mod tests {
                 rank(
                     &NodeId([1; 32]),
                     &want(&[], &[]),
-                    vec![],
-                    others.clone(),
+                    Candidates {
+                        friends: vec![],
+                        others: others.clone(),
+                        hungry: HashSet::new(),
+                    },
                     &c,
                     NOW,
                     &mut rng,

@@ -3,6 +3,8 @@
 
 #[path = "integration/audits.rs"]
 mod audits;
+#[path = "integration/exchange.rs"]
+mod exchange;
 #[path = "integration/hardening.rs"]
 mod hardening;
 #[path = "integration/serve.rs"]
