@@ -62,6 +62,11 @@ pub struct CoordinatorConfig {
     /// Reservations one owner may have pending at once (matched, not yet
     /// recorded): a key cannot fill the books with tiny reservations.
     pub max_reservations: u64,
+    /// Audits all owners together may ask of one storer per second, on
+    /// average (its own schedule aside).
+    pub storer_audits_per_s: u64,
+    /// See `storer_audits_per_s`: how many may come at once.
+    pub storer_audit_burst: u64,
     /// Match requests one owner may make per second, on average.
     pub matches_per_s: u64,
     /// See `matches_per_s`: how many may come at once.
@@ -155,6 +160,8 @@ impl Default for CoordinatorConfig {
             reservation_ttl_ms: 3_600_000,
             grant_bytes: 1 << 30,
             max_reservations: 4096,
+            storer_audits_per_s: 50,
+            storer_audit_burst: 1000,
             matches_per_s: 20,
             match_burst: 1000,
             uptime_window_ms: 7 * 24 * 3_600_000,
@@ -399,6 +406,8 @@ impl CoordinatorConfig {
             ("audits_per_storer", c.audits_per_storer as u64),
             ("owner_audits_per_s", c.owner_audits_per_s),
             ("max_reservations", c.max_reservations),
+            ("storer_audits_per_s", c.storer_audits_per_s),
+            ("storer_audit_burst", c.storer_audit_burst),
             ("matches_per_s", c.matches_per_s),
             ("match_burst", c.match_burst),
             ("owner_audit_burst", c.owner_audit_burst),

@@ -46,6 +46,8 @@ pub struct AuditTick {
 pub(crate) struct Audits {
     pending: PendingAudits,
     owners: TokenBuckets,
+    /// Audits owners ask of one storer, all owners together.
+    storers: TokenBuckets,
     schedule: AuditSchedule,
 }
 
@@ -58,6 +60,7 @@ impl Audits {
                 per_storer: c.audits_per_storer,
             }),
             owners: TokenBuckets::new(c.owner_audits_per_s, c.owner_audit_burst),
+            storers: TokenBuckets::new(c.storer_audits_per_s, c.storer_audit_burst),
             schedule: AuditSchedule::new(c),
         }
     }
@@ -91,6 +94,11 @@ impl Coordinator {
             error(ErrorCode::Unauthenticated, "authenticate first")
         } else if !lock(&self.audits).owners.take(owner, 1, now_ms) {
             error(ErrorCode::Busy, "too many audits asked for; slow down")
+        } else if !lock(&self.audits).storers.take(&storer, 1, now_ms) {
+            error(
+                ErrorCode::Busy,
+                "that storer is asked for audits enough already; try again later",
+            )
         } else {
             match self
                 .issue(owner, pack, storer, Some(nonce), now_ms, rng)
@@ -102,7 +110,10 @@ impl Coordinator {
                     ErrorCode::NotFound,
                     "no replica of yours of that pack is recorded at that storer",
                 ),
-                Issued::Busy => error(ErrorCode::Busy, "too many audits outstanding"),
+                Issued::Busy => error(
+                    ErrorCode::Busy,
+                    "too many audits outstanding (or one of that replica is under way)",
+                ),
             }
         };
         self.envelope_to(owner, Some(nonce), &answer, now_ms, rng)
@@ -224,7 +235,11 @@ impl Coordinator {
             }
             _ => {}
         }
-        {
+        // An audit an owner asked for that went unanswered says little of
+        // the storer (owners may ask many at once): only the coordinator's
+        // own schedule counts on the timeout track.
+        let counts = !(p.reply_to.is_some() && outcome == AuditOutcome::TimedOut);
+        if counts {
             let _held = self.standing.lock().await;
             if let Some(mut node) = self.books.node(&p.storer).await? {
                 if rules::on_audit(&mut node.standing, outcome, &self.config, now_ms) {

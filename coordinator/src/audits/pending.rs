@@ -8,10 +8,11 @@
 //! Audits owners ask for have quotas of their own, so that a few fake
 //! owner/storer pairs whose storer never answers cannot fill the table: at
 //! most half of it, `audits_per_owner` for one owner and
-//! `audits_per_storer` on one storer. Scheduled audits are bounded by the
-//! schedule, and always find the other half free.
+//! `audits_per_storer` on one storer, one at a time for one replica (the
+//! storer answers it once, not once per request). Scheduled audits are
+//! bounded by the schedule, and always find the other half free.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use pluto_plugins_api::{NodeId, PackId};
 
@@ -58,8 +59,14 @@ pub(crate) struct PendingAudits {
     /// Audits owners asked for, in all, per owner and per storer (nodes
     /// with none are not kept).
     asked: usize,
+    /// The replicas (owner, pack, storer) an owner's audit is pending for.
+    asked_replicas: HashSet<(NodeId, PackId, NodeId)>,
     by_owner: HashMap<NodeId, usize>,
     by_storer: HashMap<NodeId, usize>,
+}
+
+fn replica_of(a: &PendingAudit) -> (NodeId, PackId, NodeId) {
+    (a.owner, a.pack, a.storer)
 }
 
 fn up(counts: &mut HashMap<NodeId, usize>, id: NodeId) {
@@ -82,6 +89,7 @@ impl PendingAudits {
             by_challenge: HashMap::new(),
             quotas,
             asked: 0,
+            asked_replicas: HashSet::new(),
             by_owner: HashMap::new(),
             by_storer: HashMap::new(),
         }
@@ -99,10 +107,12 @@ impl PendingAudits {
             if self.asked >= q.capacity / 2
                 || count(&self.by_owner, &audit.owner) >= q.per_owner
                 || count(&self.by_storer, &audit.storer) >= q.per_storer
+                || self.asked_replicas.contains(&replica_of(&audit))
             {
                 return false;
             }
             self.asked += 1;
+            self.asked_replicas.insert(replica_of(&audit));
             up(&mut self.by_owner, audit.owner);
             up(&mut self.by_storer, audit.storer);
         }
@@ -116,6 +126,7 @@ impl PendingAudits {
     fn forget(&mut self, audit: &PendingAudit) {
         if audit.reply_to.is_some() {
             self.asked = self.asked.saturating_sub(1);
+            self.asked_replicas.remove(&replica_of(audit));
             down(&mut self.by_owner, &audit.owner);
             down(&mut self.by_storer, &audit.storer);
         }

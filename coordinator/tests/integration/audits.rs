@@ -590,8 +590,10 @@ async fn replayed_misdirected_malformed_and_late_answers() {
         .unwrap()
         .unwrap();
     assert_eq!(audited(&out, &owner, nonce), Ok(AuditOutcome::TimedOut));
+    // An owner's audit that went unanswered tells the owner, and counts
+    // nothing against the storer: only the schedule's own do.
     let st = standing(&net, &s).await;
-    assert_eq!((st.passed, st.failed, st.timed_out), (0, 1, 1));
+    assert_eq!((st.passed, st.failed, st.timed_out), (0, 1, 0));
 }
 
 #[tokio::test]
@@ -603,7 +605,9 @@ async fn offline_storers_lose_on_uptime_and_silent_ones_on_time_not_on_audits() 
     let r = blob(10_000, 5);
     place(&net, &owner, &s, 1, &r, T).await;
     let config = net.c.config().clone();
-    // Online but silent: the deadline passes, the schedule's tick settles it.
+    // Online but silent. An owner asking 30 times gets one audit (the rest
+    // are told one is under way); it lapses, the owner hears so, and it
+    // counts nothing against the storer: owners may ask many at once.
     let silent = |_: &Challenge| None;
     for i in 0..30 {
         assert_eq!(
@@ -611,25 +615,33 @@ async fn offline_storers_lose_on_uptime_and_silent_ones_on_time_not_on_audits() 
             Err(ErrorCode::Busy)
         );
     }
-    let tick = net
-        .c
-        .audit_tick(T + 100 + config.proof_deadline_ms, &mut OsRng)
-        .await
-        .unwrap();
-    assert_eq!(tick.lapsed, 30);
+    let mut now = T + 100 + config.proof_deadline_ms;
+    let tick = net.c.audit_tick(now, &mut OsRng).await.unwrap();
     let outcomes: Vec<Message> = tick
         .outgoing
         .iter()
         .filter(|o| o.to == owner.id())
         .map(|o| Envelope::verify(&o.bytes).unwrap().message().unwrap())
         .collect();
-    assert_eq!(outcomes.len(), 30);
-    assert!(outcomes.iter().all(|m| *m
-        == Message::Audited {
+    assert_eq!(
+        outcomes,
+        vec![Message::Audited {
             outcome: AuditOutcome::TimedOut
-        }));
+        }]
+    );
+    assert_eq!(standing(&net, &s).await.timed_out, 0);
+    // The schedule's own audits, unanswered hour after hour, do count.
+    for _ in 0..30 {
+        now += config.storer_audit_every_ms;
+        net.c.audit_tick(now, &mut OsRng).await.unwrap();
+        net.c
+            .audit_tick(now + config.proof_deadline_ms + 1, &mut OsRng)
+            .await
+            .unwrap();
+    }
     let st = standing(&net, &s).await;
-    assert_eq!(st.timed_out, 30);
+    let timed_out = st.timed_out;
+    assert!(timed_out >= 30, "{timed_out}");
     assert_eq!(
         (st.audit, st.excluded_ms),
         (Default::default(), 0),
@@ -637,20 +649,23 @@ async fn offline_storers_lose_on_uptime_and_silent_ones_on_time_not_on_audits() 
     );
     assert!(st.held_back, "too many unanswered: no new data for now");
     // Offline: no challenge goes out at all, and nothing moves.
-    net.books
-        .presence(&s.id(), false, T + 200_000)
-        .await
-        .unwrap();
+    let off = now + config.storer_audit_every_ms;
+    // Heard from last just before it goes.
+    assert_eq!(
+        ask(&net, &s, off - 1, &Message::Heartbeat).await,
+        Message::Ok
+    );
+    net.books.presence(&s.id(), false, off).await.unwrap();
     let never =
         |_: &Challenge| -> Option<ProofAnswer> { panic!("no challenge to an offline storer") };
     assert_eq!(
-        audit(&net, &owner, &s, 1, T + 200_001, &never).await,
+        audit(&net, &owner, &s, 1, off + 1, &never).await,
         Ok(AuditOutcome::Offline)
     );
-    assert_eq!(standing(&net, &s).await.timed_out, 30);
+    assert_eq!(standing(&net, &s).await.timed_out, timed_out);
     // Two days away: the uptime track falls; past the grace period its
     // replicas are to be placed elsewhere.
-    let later = T + 200_000 + 2 * 24 * 3_600_000;
+    let later = off + 2 * 24 * 3_600_000;
     net.c.refresh_standing(later).await.unwrap();
     let st = standing(&net, &s).await;
     assert!(
@@ -663,7 +678,7 @@ async fn offline_storers_lose_on_uptime_and_silent_ones_on_time_not_on_audits() 
         panic!()
     };
     assert!(list.is_empty(), "within the grace period");
-    let gone = T + 200_000 + config.offline_grace_ms + 1;
+    let gone = off + config.offline_grace_ms + 1;
     let Message::Repairs(list) = ask(&net, &owner, gone, &Message::GetRepairs).await else {
         panic!()
     };
@@ -675,7 +690,7 @@ async fn offline_storers_lose_on_uptime_and_silent_ones_on_time_not_on_audits() 
     };
     assert!(peers[0].held_back && !peers[0].excluded && !peers[0].online);
     assert!(peers[0].uptime_score_permille < 500);
-    assert_eq!(peers[0].audits_timed_out, 30);
+    assert_eq!(peers[0].audits_timed_out, timed_out);
 }
 
 #[tokio::test]
@@ -957,4 +972,53 @@ async fn space_is_earned_and_a_huge_offer_gets_the_grant_only() {
     );
     let rec = net.books.node(&a.id()).await.unwrap().unwrap();
     assert_eq!((rec.earned, rec.may_place(100_000)), (0, 100_000));
+}
+
+/// An owner asking for thousands of audits of an honest storer's replicas
+/// at once: one at a time per replica reaches the storer, and those that
+/// go unanswered (a busy disk) count nothing against it.
+#[tokio::test]
+async fn an_owner_flooding_audits_does_not_move_an_honest_storers_standing() {
+    let net = net().await;
+    let (owner, s) = (Node::new(), Node::new());
+    authenticate(&net, &owner, 10 << 20, T).await;
+    authenticate(&net, &s, 10 << 20, T).await;
+    let blobs: Vec<Vec<u8>> = (1..=3).map(|i| blob(20_000, i)).collect();
+    for (i, b) in blobs.iter().enumerate() {
+        place(&net, &owner, &s, i as u8 + 1, b, T).await;
+    }
+    let before = standing(&net, &s).await;
+    let silent = |_: &Challenge| None;
+    for i in 0..3_000u64 {
+        let pack = (i % 3) as u8 + 1;
+        assert_eq!(
+            audit(&net, &owner, &s, pack, T + i, &silent).await,
+            Err(ErrorCode::Busy)
+        );
+    }
+    let config = net.c.config().clone();
+    let tick = net
+        .c
+        .audit_tick(T + 3_000 + config.proof_deadline_ms, &mut OsRng)
+        .await
+        .unwrap();
+    let asked = tick.outgoing.iter().filter(|o| o.to == owner.id()).count();
+    assert!(
+        asked <= 3,
+        "one at a time per replica: {asked} reached the storer"
+    );
+    let after = standing(&net, &s).await;
+    assert_eq!(
+        (after.passed, after.failed, after.timed_out, after.held_back),
+        (before.passed, before.failed, 0, false)
+    );
+    assert_eq!(
+        after.timeout, before.timeout,
+        "the timeout track is untouched"
+    );
+    // Answered, they pass as ever.
+    assert_eq!(
+        audit(&net, &owner, &s, 1, T + 100_000, &honest(&blobs[0])).await,
+        Ok(AuditOutcome::Proven)
+    );
 }
