@@ -324,7 +324,7 @@ impl Coordinator {
                 "the storer's receipt does not name this replica",
             ));
         }
-        Ok(match self.books.record_replica(replica).await? {
+        Ok(match self.books.record_replica(replica, now_ms).await? {
             Recorded::New | Recorded::Again => {
                 self.measured(&replica.storer, replica.size, micros, now_ms)
                     .await?;

@@ -330,9 +330,21 @@ pub trait BooksStore: Send + Sync {
     /// Turns one of `owner`'s reservations on `storer` (one at least
     /// `replica.size`: the smallest, then the earliest to expire, so that a
     /// small replica never takes the reservation a bigger one was matched
-    /// with) into this replica; reserved bytes beyond its size are given
-    /// back.
-    async fn record_replica(&self, replica: &ReplicaRecord) -> Result<Recorded, StoreError>;
+    /// with) into this replica, recorded at `now_ms`; reserved bytes beyond
+    /// its size are given back.
+    async fn record_replica(
+        &self,
+        replica: &ReplicaRecord,
+        now_ms: u64,
+    ) -> Result<Recorded, StoreError>;
+    /// When a replica was recorded ([`Self::record_replica`], or
+    /// [`Self::restore_replica`]); None when it is not.
+    async fn recorded_ms(
+        &self,
+        owner: &NodeId,
+        pack: &PackId,
+        storer: &NodeId,
+    ) -> Result<Option<u64>, StoreError>;
     /// Records a replica its storer reported again, for books that lost it
     /// (the report is checked by the caller against the placement ticket):
     /// adds its size to the storer's `held` and the owner's `placed`,

@@ -192,12 +192,12 @@ async fn reservations_become_replicas_or_expire(b: &dyn BooksStore) {
         .unwrap());
 
     let r1 = replica(1, 1, 2, 90);
-    assert_eq!(b.record_replica(&r1).await.unwrap(), Recorded::New);
+    assert_eq!(b.record_replica(&r1, 100).await.unwrap(), Recorded::New);
     // 10 of the 100 reserved came back.
     assert_eq!(b.node(&s).await.unwrap().unwrap().held, 290);
     assert_eq!(b.node(&a).await.unwrap().unwrap().placed, 390);
     assert_eq!(
-        b.record_replica(&r1).await.unwrap(),
+        b.record_replica(&r1, 100).await.unwrap(),
         Recorded::Again,
         "recording twice is harmless"
     );
@@ -207,16 +207,16 @@ async fn reservations_become_replicas_or_expire(b: &dyn BooksStore) {
         ..r1.clone()
     };
     assert_eq!(
-        b.record_replica(&changed).await.unwrap(),
+        b.record_replica(&changed, 100).await.unwrap(),
         Recorded::Conflict
     );
     assert_eq!(
-        b.record_replica(&replica(1, 2, 2, 300)).await.unwrap(),
+        b.record_replica(&replica(1, 2, 2, 300), 100).await.unwrap(),
         Recorded::NoReservation,
         "bigger than any reservation"
     );
     assert_eq!(
-        b.record_replica(&replica(3, 2, 2, 10)).await.unwrap(),
+        b.record_replica(&replica(3, 2, 2, 10), 100).await.unwrap(),
         Recorded::NoReservation,
         "another owner's reservation is not this one's"
     );
@@ -231,12 +231,12 @@ async fn reservations_become_replicas_or_expire(b: &dyn BooksStore) {
     assert_eq!(b.node(&t).await.unwrap().unwrap().held, 0);
     assert_eq!(b.node(&a).await.unwrap().unwrap().placed, 290);
     assert_eq!(
-        b.record_replica(&replica(1, 3, 3, 50)).await.unwrap(),
+        b.record_replica(&replica(1, 3, 3, 50), 100).await.unwrap(),
         Recorded::NoReservation,
         "a lapsed reservation cannot be used"
     );
     assert_eq!(
-        b.record_replica(&replica(1, 3, 2, 200)).await.unwrap(),
+        b.record_replica(&replica(1, 3, 2, 200), 100).await.unwrap(),
         Recorded::New
     );
     assert_eq!(b.release_expired(u64::MAX / 2).await.unwrap(), 0);
@@ -347,11 +347,11 @@ async fn replicas_take_the_best_fitting_reservation(b: &dyn BooksStore) {
         .await
         .unwrap());
     assert_eq!(
-        b.record_replica(&replica(1, 7, 2, 30)).await.unwrap(),
+        b.record_replica(&replica(1, 7, 2, 30), 100).await.unwrap(),
         Recorded::New
     );
     assert_eq!(
-        b.record_replica(&replica(1, 8, 2, 100)).await.unwrap(),
+        b.record_replica(&replica(1, 8, 2, 100), 100).await.unwrap(),
         Recorded::New
     );
     let s = b.node(&storer).await.unwrap().unwrap();
@@ -528,10 +528,12 @@ async fn replicas_are_found_lost_and_dropped(b: &dyn BooksStore) {
             .reserve(&r.owner, &r.storer, r.size, 1_000, OwnerLimits::NONE)
             .await
             .unwrap());
-        assert_eq!(b.record_replica(r).await.unwrap(), Recorded::New);
+        assert_eq!(b.record_replica(r, 100).await.unwrap(), Recorded::New);
     }
     assert_eq!(b.replica(&a, &p1, &s).await.unwrap(), Some(r1.clone()));
     assert_eq!(b.replica(&o, &p3, &s).await.unwrap(), Some(r3.clone()));
+    assert_eq!(b.recorded_ms(&a, &p1, &s).await.unwrap(), Some(100));
+    assert_eq!(b.recorded_ms(&a, &p1, &t).await.unwrap(), None);
     assert_eq!(
         b.replica(&a, &p1, &t).await.unwrap(),
         None,
@@ -594,7 +596,7 @@ async fn replicas_are_found_lost_and_dropped(b: &dyn BooksStore) {
         .await
         .unwrap());
     let again = replica(1, 1, 2, 100);
-    assert_eq!(b.record_replica(&again).await.unwrap(), Recorded::New);
+    assert_eq!(b.record_replica(&again, 100).await.unwrap(), Recorded::New);
     assert!(
         b.lost_replicas(&a).await.unwrap().is_empty(),
         "a new replica is not lost"
@@ -634,7 +636,7 @@ async fn quotas_are_the_grant_plus_what_was_proven(b: &dyn BooksStore) {
     // t holds 400 for s; once an audit of it passes, t may place 400 more.
     let r = replica(2, 9, 3, 400);
     assert!(b.reserve(&s, &t, 400, 1_000, grant(1_000)).await.unwrap());
-    assert_eq!(b.record_replica(&r).await.unwrap(), Recorded::New);
+    assert_eq!(b.record_replica(&r, 100).await.unwrap(), Recorded::New);
     let tn = b.node(&t).await.unwrap().unwrap();
     assert_eq!((tn.earned, tn.may_place(100)), (0, 100), "not proven yet");
     assert!(b.mark_proven(&s, &r.pack, &t, 500).await.unwrap());
@@ -665,7 +667,7 @@ async fn quotas_are_the_grant_plus_what_was_proven(b: &dyn BooksStore) {
         !b.reserve(&s, &t, 1, 1_000, two).await.unwrap(),
         "two pending"
     );
-    assert_eq!(b.record_replica(&r2).await.unwrap(), Recorded::New);
+    assert_eq!(b.record_replica(&r2, 100).await.unwrap(), Recorded::New);
     assert!(b.mark_proven(&s, &r2.pack, &t, 900).await.unwrap());
     assert_eq!(b.node(&t).await.unwrap().unwrap().earned, 300);
     assert!(

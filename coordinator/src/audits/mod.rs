@@ -159,6 +159,9 @@ impl Coordinator {
             len,
             deadline_ms,
             reply_to,
+            deletes_from_ms: (self.books.recorded_ms(owner, &pack, &storer).await?)
+                .unwrap_or(0)
+                .saturating_sub(self.config.window_ms),
         };
         if !lock(&self.audits).pending.insert(challenge, audit) {
             return Ok(Issued::Busy);

@@ -38,6 +38,10 @@ pub(crate) struct PendingAudit {
     /// The owner's request, when an owner asked (scheduled audits answer
     /// nobody).
     pub(crate) reply_to: Option<[u8; 16]>,
+    /// A delete the owner signed before this does not release the replica:
+    /// when it was recorded, less the clock skew the protocol allows
+    /// (`window_ms`), so an honest owner's delete right after placing holds.
+    pub(crate) deletes_from_ms: u64,
 }
 
 /// How many audits owners asked for may be pending.
@@ -201,6 +205,7 @@ mod tests {
         PendingAudit {
             owner: NodeId([owner; 32]),
             reply_to: Some([owner; 16]),
+            deletes_from_ms: 0,
             ..audit(storer, 100)
         }
     }
@@ -251,6 +256,7 @@ mod tests {
             len: 10,
             deadline_ms,
             reply_to: None,
+            deletes_from_ms: 0,
         }
     }
 

@@ -48,10 +48,13 @@ pub(crate) fn judge(
             }
         },
         ProofAnswer::NotHeld => AuditOutcome::Failed,
-        // Deleted at the owner's own signed request: nothing held against it.
+        // Deleted at the owner's own signed request: nothing held against
+        // it; but only a request signed after this placement was recorded
+        // (the same pack placed again on the same storer has the same
+        // root, and an old delete must not release the new placement).
         ProofAnswer::Deleted { at_ms, signature } => {
             let asked = delete_message(storer, &p.root, at_ms);
-            if pluto_protocol::verify(&p.owner, &asked, &signature) {
+            if at_ms >= p.deletes_from_ms && pluto_protocol::verify(&p.owner, &asked, &signature) {
                 AuditOutcome::Released
             } else {
                 AuditOutcome::Failed

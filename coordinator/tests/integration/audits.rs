@@ -1022,3 +1022,62 @@ async fn an_owner_flooding_audits_does_not_move_an_honest_storers_standing() {
         Ok(AuditOutcome::Proven)
     );
 }
+
+/// A pack placed again on the same storer has the same replica bytes and
+/// root: a delete the owner signed for the first placement must not
+/// release the second.
+#[tokio::test]
+async fn a_stale_delete_cannot_release_a_new_placement() {
+    let net = net().await;
+    let (owner, s) = (Node::new(), Node::new());
+    authenticate(&net, &owner, 10 << 20, T).await;
+    authenticate(&net, &s, 10 << 20, T).await;
+    let b = blob(30_000, 9);
+    let root = place(&net, &owner, &s, 1, &b, T).await;
+    // The owner deletes it (its signed request, kept by the storer), and
+    // forgets it; later it places the same pack there again.
+    let first_delete = owner.key.sign(&delete_message(&s.id(), &root, T + 10));
+    let drop = Message::DropReplica {
+        pack: PackId([1; 32]),
+        storer: s.id(),
+    };
+    assert_eq!(ask(&net, &owner, T + 10, &drop).await, Message::Ok);
+    let again = T + 10 * 60_000;
+    assert_eq!(place(&net, &owner, &s, 1, &b, again).await, root);
+    // The storer kept the old delete and drops the bytes: its answer is no
+    // proof of anything now.
+    let stale = |_: &Challenge| {
+        Some(ProofAnswer::Deleted {
+            at_ms: T + 10,
+            signature: first_delete.to_bytes(),
+        })
+    };
+    assert_eq!(
+        audit(&net, &owner, &s, 1, again + 100, &stale).await,
+        Ok(AuditOutcome::Failed)
+    );
+    assert!(net
+        .books
+        .is_lost(&owner.id(), &PackId([1; 32]), &s.id())
+        .await
+        .unwrap());
+    // A delete the owner signs after placing does release it, even with
+    // its clock a minute behind the coordinator's.
+    let (owner2, s2) = (Node::new(), Node::new());
+    authenticate(&net, &owner2, 10 << 20, T).await;
+    authenticate(&net, &s2, 10 << 20, T).await;
+    let root2 = place(&net, &owner2, &s2, 2, &b, T + 300).await;
+    let fresh = owner2
+        .key
+        .sign(&delete_message(&s2.id(), &root2, T + 300 - 60_000));
+    let deleted = |_: &Challenge| {
+        Some(ProofAnswer::Deleted {
+            at_ms: T + 300 - 60_000,
+            signature: fresh.to_bytes(),
+        })
+    };
+    assert_eq!(
+        audit(&net, &owner2, &s2, 2, T + 500, &deleted).await,
+        Ok(AuditOutcome::Released)
+    );
+}

@@ -94,20 +94,23 @@ where
         })
     }
 
-    /// Adds a replica row; false when one of that pack at that storer exists.
+    /// Adds a replica row, recorded at `now_ms`; false when one of that
+    /// pack at that storer exists.
     async fn insert_replica(
         conn: &mut <D::Db as Database>::Connection,
         r: &ReplicaRecord,
+        now_ms: u64,
     ) -> Result<bool, StoreError> {
         let done = query::<D>(
-            "INSERT INTO replicas (owner, pack, storer, size, root) VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT DO NOTHING",
+            "INSERT INTO replicas (owner, pack, storer, size, root, recorded_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
         )
         .bind(&r.owner.0[..])
         .bind(&r.pack.0[..])
         .bind(&r.storer.0[..])
         .bind(int(r.size))
         .bind(&r.root[..])
+        .bind(int(now_ms))
         .execute(conn)
         .await
         .map_err(db_err::<D>("recording a replica"))?;
@@ -418,12 +421,12 @@ where
         Ok(gone)
     }
 
-    async fn record_replica(&self, r: &ReplicaRecord) -> Result<Recorded, StoreError> {
+    async fn record_replica(&self, r: &ReplicaRecord, now_ms: u64) -> Result<Recorded, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db_err::<D>("begin"))?;
         D::lock_nodes(&mut tx, &[&r.owner, &r.storer])
             .await
             .map_err(db_err::<D>("locking nodes"))?;
-        if !Self::insert_replica(&mut tx, r).await? {
+        if !Self::insert_replica(&mut tx, r, now_ms).await? {
             let kept = query::<D>(&format!(
                 "SELECT {REPLICA_COLUMNS} FROM replicas \
                  WHERE owner = $1 AND pack = $2 AND storer = $3"
@@ -483,7 +486,9 @@ where
         D::lock_nodes(&mut tx, &[&r.owner, &r.storer])
             .await
             .map_err(db_err::<D>("locking nodes"))?;
-        if !Self::insert_replica(&mut tx, r).await? {
+        // Recorded now: the storer reports holding it now, so a delete
+        // signed before cannot release it.
+        if !Self::insert_replica(&mut tx, r, now_ms).await? {
             tx.rollback().await.map_err(db_err::<D>("rollback"))?;
             return Ok(false);
         }
@@ -762,6 +767,24 @@ where
         };
         tx.commit().await.map_err(db_err::<D>("commit"))?;
         Ok(found)
+    }
+
+    async fn recorded_ms(
+        &self,
+        owner: &NodeId,
+        pack: &PackId,
+        storer: &NodeId,
+    ) -> Result<Option<u64>, StoreError> {
+        Ok(query::<D>(
+            "SELECT recorded_ms FROM replicas WHERE owner = $1 AND pack = $2 AND storer = $3",
+        )
+        .bind(&owner.0[..])
+        .bind(&pack.0[..])
+        .bind(&storer.0[..])
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err::<D>("reading a replica"))?
+        .map(|r| r.get::<i64, _>(0).max(0) as u64))
     }
 
     async fn lost_replicas(&self, owner: &NodeId) -> Result<Vec<(PackId, NodeId)>, StoreError> {
