@@ -380,6 +380,9 @@ impl CoordinatorClient {
                         // before the account was made may still be queued.
                         connected(&*channel, url, Some(ACCOUNT_GRACE)).await
                     }
+                    // The coordinator answered, with another key than the
+                    // one given: that is the mistake to name.
+                    Err(e @ ClientError::KeyChanged { .. }) => Err(e),
                     Err(e) => {
                         tracing::debug!("registering as a newcomer: {e}");
                         Err(denied)
