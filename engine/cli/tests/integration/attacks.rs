@@ -291,4 +291,10 @@ fn on_mosquitto_with_accounts_broker_clients_get_nowhere_either() {
     let (home, _) = net.owner("newcomer");
     let s = json(&ok(pluto(&home).args(["--json", "status"])));
     assert_eq!(s["coordinator"]["state"], "connected", "{s}");
+    // A wrong key is named as such, here too.
+    let wrong = format!("{url}#{}", "22".repeat(32));
+    fails(
+        pluto(&net.path("wrong-key")).args(["init", "--coordinator", &wrong]),
+        "not with the key given",
+    );
 }
