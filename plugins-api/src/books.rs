@@ -350,7 +350,8 @@ pub trait BooksStore: Send + Sync {
     /// adds its size to the storer's `held` and the owner's `placed`,
     /// registering an owner the books do not know (no offer, no exchange
     /// key until it authenticates). False, changing nothing, when a replica
-    /// of that pack at that storer is already recorded.
+    /// of that pack at that storer is already recorded, or the storer's
+    /// offer has no room for it (a report never exceeds the offer).
     async fn restore_replica(
         &self,
         replica: &ReplicaRecord,

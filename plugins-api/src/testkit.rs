@@ -380,6 +380,12 @@ async fn addresses_and_restored_replicas(b: &dyn BooksStore) {
     let r = replica(1, 5, 2, 300);
     assert!(b.restore_replica(&r, 10).await.unwrap());
     assert!(!b.restore_replica(&r, 11).await.unwrap(), "once only");
+    // Never beyond the storer's offer (1,000): 300 held, 800 more is too much.
+    assert!(!b.restore_replica(&replica(1, 6, 2, 800), 12).await.unwrap());
+    assert_eq!(
+        b.replica(&owner, &PackId([6; 32]), &storer).await.unwrap(),
+        None
+    );
     assert_eq!(b.replicas_of(&owner).await.unwrap(), vec![r.clone()]);
     let o = b.node(&owner).await.unwrap().unwrap();
     assert_eq!((o.offer, o.placed, o.exchange_key), (0, 300, [0; 32]));

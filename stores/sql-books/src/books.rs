@@ -492,16 +492,25 @@ where
             tx.rollback().await.map_err(db_err::<D>("rollback"))?;
             return Ok(false);
         }
-        for (column, party) in [("held", &r.storer), ("placed", &r.owner)] {
-            query::<D>(&format!(
-                "UPDATE nodes SET {column} = {column} + $1 WHERE id = $2"
-            ))
+        // Never beyond what the storer offers: a report is no way to hold
+        // more than that.
+        let room =
+            query::<D>("UPDATE nodes SET held = held + $1 WHERE id = $2 AND offer - held >= $1")
+                .bind(int(r.size))
+                .bind(&r.storer.0[..])
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err::<D>("restoring a replica"))?;
+        if D::rows_affected(&room) != 1 {
+            tx.rollback().await.map_err(db_err::<D>("rollback"))?;
+            return Ok(false);
+        }
+        query::<D>("UPDATE nodes SET placed = placed + $1 WHERE id = $2")
             .bind(int(r.size))
-            .bind(&party.0[..])
+            .bind(&r.owner.0[..])
             .execute(&mut *tx)
             .await
             .map_err(db_err::<D>("restoring a replica"))?;
-        }
         tx.commit().await.map_err(db_err::<D>("commit"))?;
         Ok(true)
     }
