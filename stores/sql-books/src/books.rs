@@ -65,6 +65,20 @@ where
         })
     }
 
+    /// `sql` on one replica, its key bound as `$1` (owner), `$2` (pack)
+    /// and `$3` (storer).
+    fn on_replica<'q>(
+        sql: &'q str,
+        owner: &'q NodeId,
+        pack: &'q PackId,
+        storer: &'q NodeId,
+    ) -> sqlx::query::Query<'q, D::Db, <D::Db as Database>::Arguments<'q>> {
+        query::<D>(sql)
+            .bind(&owner.0[..])
+            .bind(&pack.0[..])
+            .bind(&storer.0[..])
+    }
+
     /// The replicas whose `column` (owner or storer) is `id`.
     async fn replicas_where(
         &self,
@@ -101,13 +115,13 @@ where
         r: &ReplicaRecord,
         now_ms: u64,
     ) -> Result<bool, StoreError> {
-        let done = query::<D>(
+        let done = Self::on_replica(
             "INSERT INTO replicas (owner, pack, storer, size, root, recorded_ms) \
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            &r.owner,
+            &r.pack,
+            &r.storer,
         )
-        .bind(&r.owner.0[..])
-        .bind(&r.pack.0[..])
-        .bind(&r.storer.0[..])
         .bind(int(r.size))
         .bind(&r.root[..])
         .bind(int(now_ms))
@@ -427,13 +441,15 @@ where
             .await
             .map_err(db_err::<D>("locking nodes"))?;
         if !Self::insert_replica(&mut tx, r, now_ms).await? {
-            let kept = query::<D>(&format!(
-                "SELECT {REPLICA_COLUMNS} FROM replicas \
+            let kept = Self::on_replica(
+                &format!(
+                    "SELECT {REPLICA_COLUMNS} FROM replicas \
                  WHERE owner = $1 AND pack = $2 AND storer = $3"
-            ))
-            .bind(&r.owner.0[..])
-            .bind(&r.pack.0[..])
-            .bind(&r.storer.0[..])
+                ),
+                &r.owner,
+                &r.pack,
+                &r.storer,
+            )
             .fetch_optional(&mut *tx)
             .await
             .map_err(db_err::<D>("recording a replica"))?;
@@ -623,13 +639,15 @@ where
         pack: &PackId,
         storer: &NodeId,
     ) -> Result<Option<ReplicaRecord>, StoreError> {
-        query::<D>(&format!(
-            "SELECT {REPLICA_COLUMNS} FROM replicas \
+        Self::on_replica(
+            &format!(
+                "SELECT {REPLICA_COLUMNS} FROM replicas \
              WHERE owner = $1 AND pack = $2 AND storer = $3"
-        ))
-        .bind(&owner.0[..])
-        .bind(&pack.0[..])
-        .bind(&storer.0[..])
+            ),
+            owner,
+            pack,
+            storer,
+        )
         .fetch_optional(&self.pool)
         .await
         .map_err(db_err::<D>("reading a replica"))?
@@ -648,13 +666,13 @@ where
         D::lock_nodes(&mut tx, &[owner, storer])
             .await
             .map_err(db_err::<D>("locking nodes"))?;
-        let gone = query::<D>(
+        let gone = Self::on_replica(
             "DELETE FROM replicas WHERE owner = $1 AND pack = $2 AND storer = $3 \
              RETURNING size, proven_ms, lost_ms",
+            owner,
+            pack,
+            storer,
         )
-        .bind(&owner.0[..])
-        .bind(&pack.0[..])
-        .bind(&storer.0[..])
         .fetch_optional(&mut *tx)
         .await
         .map_err(db_err::<D>("dropping a replica"))?
@@ -691,14 +709,14 @@ where
             .map_err(db_err::<D>("locking nodes"))?;
         // The first time it was found lost stays (0 means "not lost"); the
         // write comes first, so SQLite takes its write lock at once.
-        let newly = query::<D>(
+        let newly = Self::on_replica(
             "UPDATE replicas SET lost_ms = $4 \
              WHERE owner = $1 AND pack = $2 AND storer = $3 AND lost_ms = 0 \
              RETURNING size, proven_ms",
+            owner,
+            pack,
+            storer,
         )
-        .bind(&owner.0[..])
-        .bind(&pack.0[..])
-        .bind(&storer.0[..])
         .bind(int(now_ms.max(1)))
         .fetch_optional(&mut *tx)
         .await
@@ -712,16 +730,16 @@ where
                 }
                 true
             }
-            None => {
-                query::<D>("SELECT 1 FROM replicas WHERE owner = $1 AND pack = $2 AND storer = $3")
-                    .bind(&owner.0[..])
-                    .bind(&pack.0[..])
-                    .bind(&storer.0[..])
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(db_err::<D>("marking a replica lost"))?
-                    .is_some()
-            }
+            None => Self::on_replica(
+                "SELECT 1 FROM replicas WHERE owner = $1 AND pack = $2 AND storer = $3",
+                owner,
+                pack,
+                storer,
+            )
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err::<D>("marking a replica lost"))?
+            .is_some(),
         };
         tx.commit().await.map_err(db_err::<D>("commit"))?;
         Ok(found)
@@ -739,14 +757,14 @@ where
             .await
             .map_err(db_err::<D>("locking nodes"))?;
         // The first pass counts (the write first, for SQLite's lock).
-        let newly = query::<D>(
+        let newly = Self::on_replica(
             "UPDATE replicas SET proven_ms = $4 \
              WHERE owner = $1 AND pack = $2 AND storer = $3 AND lost_ms = 0 AND proven_ms = 0 \
              RETURNING size",
+            owner,
+            pack,
+            storer,
         )
-        .bind(&owner.0[..])
-        .bind(&pack.0[..])
-        .bind(&storer.0[..])
         .bind(int(now_ms.max(1)))
         .fetch_optional(&mut *tx)
         .await
@@ -762,13 +780,13 @@ where
                     .map_err(db_err::<D>("marking a replica proven"))?;
                 true
             }
-            None => query::<D>(
+            None => Self::on_replica(
                 "SELECT 1 FROM replicas \
                  WHERE owner = $1 AND pack = $2 AND storer = $3 AND lost_ms = 0",
+                owner,
+                pack,
+                storer,
             )
-            .bind(&owner.0[..])
-            .bind(&pack.0[..])
-            .bind(&storer.0[..])
             .fetch_optional(&mut *tx)
             .await
             .map_err(db_err::<D>("marking a replica proven"))?
@@ -784,12 +802,12 @@ where
         pack: &PackId,
         storer: &NodeId,
     ) -> Result<Option<u64>, StoreError> {
-        Ok(query::<D>(
+        Ok(Self::on_replica(
             "SELECT recorded_ms FROM replicas WHERE owner = $1 AND pack = $2 AND storer = $3",
+            owner,
+            pack,
+            storer,
         )
-        .bind(&owner.0[..])
-        .bind(&pack.0[..])
-        .bind(&storer.0[..])
         .fetch_optional(&self.pool)
         .await
         .map_err(db_err::<D>("reading a replica"))?
@@ -821,12 +839,12 @@ where
         pack: &PackId,
         storer: &NodeId,
     ) -> Result<bool, StoreError> {
-        Ok(query::<D>(
+        Ok(Self::on_replica(
             "SELECT 1 FROM replicas WHERE owner = $1 AND pack = $2 AND storer = $3 AND lost_ms > 0",
+            owner,
+            pack,
+            storer,
         )
-        .bind(&owner.0[..])
-        .bind(&pack.0[..])
-        .bind(&storer.0[..])
         .fetch_optional(&self.pool)
         .await
         .map_err(db_err::<D>("reading a replica"))?
