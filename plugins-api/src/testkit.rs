@@ -45,7 +45,7 @@ mod transport;
 pub use blob::{blob_store_conformance, CountingStore};
 pub use link::memory_link_pair;
 pub use meta::meta_store_conformance;
-pub use service::service_url;
+pub use service::{service_login, service_url};
 pub use transport::transport_conformance;
 
 use std::future::Future;

@@ -34,6 +34,24 @@ pub fn service_url(var: &str, default: &str) -> String {
     url
 }
 
+/// A service that logs in, found as [`service_url`] finds it:
+/// `SCHEME://USER:PASSWORD@HOST:PORT` in `var`. Its host and port (as
+/// `HOST:PORT`), user name and password; panics with one line naming the
+/// variable when the URL carries no login.
+pub fn service_login(var: &str, default: &str) -> (String, String, String) {
+    let url = service_url(var, default);
+    let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+    let Some((login, host_port)) = rest.split_once('@') else {
+        panic!("{var}: {url} carries no USER:PASSWORD@ (README.md, \"Run the tests\")");
+    };
+    let (user, password) = login.split_once(':').unwrap_or((login, ""));
+    (
+        host_port.trim_end_matches('/').to_string(),
+        user.to_string(),
+        password.to_string(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

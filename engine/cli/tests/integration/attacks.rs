@@ -71,6 +71,43 @@ async fn raw(
     (client, events, first)
 }
 
+/// Connects to `url` as a coordinator replica in a share group of its own,
+/// logged in with `login`, and expects to be turned away and told so.
+async fn posing_as_a_replica_is_denied(url: &str, login: pluto_plugins_api::Login) {
+    let ch = connect_channel(
+        url,
+        ChannelOptions {
+            role: ChannelRole::Coordinator {
+                group: Some("steal".into()),
+            },
+            max_payload: pluto_protocol::MAX_ENVELOPE,
+            logins: vec![login.clone()],
+        },
+    )
+    .await
+    .unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(10), ch.next_event())
+        .await
+        .unwrap();
+    assert!(
+        matches!(ev, Some(ChannelEvent::Denied(_))),
+        "{login:?}: {ev:?}"
+    );
+    ch.close().await;
+}
+
+/// After the attacks: the honest storer is still online, and a newcomer
+/// still joins at once.
+fn still_served(net: &Net, storer: &str) {
+    assert!(
+        online(net, storer),
+        "a fake goodbye took the storer offline"
+    );
+    let (home, _) = net.owner("newcomer");
+    let s = json(&ok(pluto(&home).args(["--json", "status"])));
+    assert_eq!(s["coordinator"]["state"], "connected", "{s}");
+}
+
 /// Publishes "offline" on `topic` 30 times, 100 ms apart.
 async fn say_goodbye_for(
     client: rumqttc::AsyncClient,
@@ -133,40 +170,21 @@ fn broker_clients_cannot_silence_hijack_or_fake_presence() {
         // A fresh key posing as a coordinator replica (the share group and
         // wildcards): its subscriptions are refused, and said so.
         let thief = SigningKey::generate(&mut rand_core::OsRng);
-        let ch = connect_channel(
+        posing_as_a_replica_is_denied(
             &format!("{base}/pluto"),
-            ChannelOptions {
-                role: ChannelRole::Coordinator {
-                    group: Some("steal".into()),
-                },
-                max_payload: pluto_protocol::MAX_ENVELOPE,
-                logins: vec![pluto_plugins_api::Login::Signed(
-                    std::sync::Arc::new(pluto_protocol::KeySigner(thief.clone())),
-                    pluto_plugins_api::NodeId([0; 32]),
-                )],
-            },
+            pluto_plugins_api::Login::Signed(
+                std::sync::Arc::new(pluto_protocol::KeySigner(thief.clone())),
+                pluto_plugins_api::NodeId([0; 32]),
+            ),
         )
-        .await
-        .unwrap();
-        let ev = tokio::time::timeout(Duration::from_secs(10), ch.next_event())
-            .await
-            .unwrap();
-        assert!(matches!(ev, Some(ChannelEvent::Denied(_))), "{ev:?}");
-        ch.close().await;
+        .await;
         // The same key, logged in, says "offline" for the honest storer,
         // over and over: dropped by the broker.
         let (client, events, first) = raw(&host_port, As::Key(&thief)).await;
         first.unwrap();
         say_goodbye_for(client, events, &format!("pluto/v1/presence/{storer}")).await;
     });
-    assert!(
-        online(&net, &storer),
-        "a fake goodbye took the storer offline"
-    );
-    // And a newcomer still joins at once.
-    let (home, _) = net.owner("newcomer");
-    let s = json(&ok(pluto(&home).args(["--json", "status"])));
-    assert_eq!(s["coordinator"]["state"], "connected", "{s}");
+    still_served(&net, &storer);
 }
 
 /// Mosquitto with its dynamic security plugin (`PLUTO_TEST_DYNSEC_URL`):
@@ -174,16 +192,10 @@ fn broker_clients_cannot_silence_hijack_or_fake_presence() {
 /// as it registers; a node logs in with its own from then on.
 #[test]
 fn on_mosquitto_with_accounts_broker_clients_get_nowhere_either() {
-    let admin_url = pluto_plugins_api::testkit::service_url(
+    let (host_port, user, password) = pluto_plugins_api::testkit::service_login(
         "PLUTO_TEST_DYNSEC_URL",
         "mqtt://pluto-admin@127.0.0.1:1884",
     );
-    let (admin, host_port) = admin_url
-        .trim_start_matches("mqtt://")
-        .split_once('@')
-        .expect("PLUTO_TEST_DYNSEC_URL: mqtt://ADMIN:PASSWORD@HOST:PORT");
-    let (user, password) = admin.split_once(':').unwrap_or((admin, ""));
-    let host_port = host_port.trim_end_matches('/').to_string();
     let secrets = tempfile::tempdir().unwrap();
     let password_file = secrets.path().join("admin-password");
     std::fs::write(&password_file, format!("{password}\n")).unwrap();
@@ -198,7 +210,7 @@ fn on_mosquitto_with_accounts_broker_clients_get_nowhere_either() {
             "--channel".into(),
             url.clone(),
             "--dynsec-admin".into(),
-            user.into(),
+            user,
             "--dynsec-password-file".into(),
             password_file.display().to_string(),
         ],
@@ -240,57 +252,34 @@ fn on_mosquitto_with_accounts_broker_clients_get_nowhere_either() {
         }
         // The newcomers' account, and a registered node's own, posing as a
         // coordinator replica: refused, and said so.
-        for (u, p) in [
+        let accounts = [
             (
                 pluto_plugins_api::NEWCOMER_USER,
                 pluto_plugins_api::NEWCOMER_PASSWORD,
             ),
             (thief_user.as_str(), thief_password.as_str()),
-        ] {
-            let ch = connect_channel(
+        ];
+        for (u, p) in accounts {
+            posing_as_a_replica_is_denied(
                 &url,
-                ChannelOptions {
-                    role: ChannelRole::Coordinator {
-                        group: Some("steal".into()),
-                    },
-                    max_payload: pluto_protocol::MAX_ENVELOPE,
-                    logins: vec![pluto_plugins_api::Login::Password {
-                        user: u.into(),
-                        password: p.into(),
-                    }],
+                pluto_plugins_api::Login::Password {
+                    user: u.into(),
+                    password: p.into(),
                 },
             )
-            .await
-            .unwrap();
-            let ev = tokio::time::timeout(Duration::from_secs(10), ch.next_event())
-                .await
-                .unwrap();
-            assert!(matches!(ev, Some(ChannelEvent::Denied(_))), "{u}: {ev:?}");
-            ch.close().await;
+            .await;
         }
         // Both say "offline" for the honest storer, over and over: dropped
         // by the broker (and here the coordinator believes presence).
         let topic = format!("{prefix}/v1/presence/{storer}");
-        for (u, p) in [
-            (
-                pluto_plugins_api::NEWCOMER_USER,
-                pluto_plugins_api::NEWCOMER_PASSWORD,
-            ),
-            (thief_user.as_str(), thief_password.as_str()),
-        ] {
+        for (u, p) in accounts {
             let (client, events, first) = raw(&host_port, As::Account(u, p)).await;
             first.unwrap();
             say_goodbye_for(client, events, &topic).await;
         }
     });
-    assert!(
-        online(&net, &storer),
-        "a fake goodbye took the storer offline"
-    );
-    // And a newcomer still joins at once, then logs in with its account.
-    let (home, _) = net.owner("newcomer");
-    let s = json(&ok(pluto(&home).args(["--json", "status"])));
-    assert_eq!(s["coordinator"]["state"], "connected", "{s}");
+    // (On Mosquitto the newcomer then logs in with its own account.)
+    still_served(&net, &storer);
     // A wrong key is named as such, here too.
     let wrong = format!("{url}#{}", "22".repeat(32));
     fails(

@@ -21,22 +21,12 @@ use super::confinement::{try_connect, KeySigner};
 
 /// The broker, and its administrator's user name and password.
 pub(crate) fn dynsec() -> (SocketAddr, String, String) {
-    let url = pluto_plugins_api::testkit::service_url(
+    let (host_port, user, password) = pluto_plugins_api::testkit::service_login(
         "PLUTO_TEST_DYNSEC_URL",
         "mqtt://pluto-admin@127.0.0.1:1884",
     );
-    let rest = url.trim_start_matches("mqtt://");
-    let (admin, host_port) = rest
-        .split_once('@')
-        .expect("PLUTO_TEST_DYNSEC_URL: mqtt://ADMIN:PASSWORD@HOST:PORT");
-    let (user, password) = admin.split_once(':').unwrap_or((admin, ""));
-    let addr = host_port
-        .trim_end_matches('/')
-        .to_socket_addrs()
-        .unwrap()
-        .next()
-        .unwrap();
-    (addr, user.to_string(), password.to_string())
+    let addr = host_port.to_socket_addrs().unwrap().next().unwrap();
+    (addr, user, password)
 }
 
 fn node() -> NodeId {
