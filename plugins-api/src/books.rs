@@ -187,6 +187,16 @@ pub struct ReplicaRecord {
     pub root: [u8; 32],
 }
 
+/// What the books marked on a replica ([`BooksStore::replica_marked`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplicaMarks {
+    /// When it was recorded ([`BooksStore::record_replica`], or reported
+    /// again: [`BooksStore::restore_replica`]).
+    pub recorded_ms: u64,
+    /// When an audit first found it not held (0: never).
+    pub lost_ms: u64,
+}
+
 /// What recording a replica did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Recorded {
@@ -337,14 +347,14 @@ pub trait BooksStore: Send + Sync {
         replica: &ReplicaRecord,
         now_ms: u64,
     ) -> Result<Recorded, StoreError>;
-    /// When a replica was recorded ([`Self::record_replica`], or
-    /// [`Self::restore_replica`]); None when it is not.
-    async fn recorded_ms(
+    /// One replica with what the books marked on it, in one read (an
+    /// audit needs both); None when it is not recorded.
+    async fn replica_marked(
         &self,
         owner: &NodeId,
         pack: &PackId,
         storer: &NodeId,
-    ) -> Result<Option<u64>, StoreError>;
+    ) -> Result<Option<(ReplicaRecord, ReplicaMarks)>, StoreError>;
     /// Records a replica its storer reported again, for books that lost it
     /// (the report is checked by the caller against the placement ticket):
     /// adds its size to the storer's `held` and the owner's `placed`,

@@ -40,7 +40,7 @@ pub mod wire;
 
 pub use books::{
     online_fraction, Beta, BooksStore, ManifestRecord, NodeRecord, OwnerLimits, Recorded,
-    ReplicaRecord, Standing,
+    ReplicaMarks, ReplicaRecord, Standing,
 };
 pub use channel::{
     broker_login_message, check_channel_url, connect_channel, ChannelDescriptor, ChannelError,

@@ -53,8 +53,8 @@ use std::future::Future;
 use std::collections::HashSet;
 
 use crate::{
-    open_books_store, Beta, BooksStore, NodeId, OwnerLimits, PackId, Recorded, ReplicaRecord,
-    Standing,
+    open_books_store, Beta, BooksStore, NodeId, OwnerLimits, PackId, Recorded, ReplicaMarks,
+    ReplicaRecord, Standing,
 };
 
 fn node(i: u8) -> NodeId {
@@ -538,8 +538,13 @@ async fn replicas_are_found_lost_and_dropped(b: &dyn BooksStore) {
     }
     assert_eq!(b.replica(&a, &p1, &s).await.unwrap(), Some(r1.clone()));
     assert_eq!(b.replica(&o, &p3, &s).await.unwrap(), Some(r3.clone()));
-    assert_eq!(b.recorded_ms(&a, &p1, &s).await.unwrap(), Some(100));
-    assert_eq!(b.recorded_ms(&a, &p1, &t).await.unwrap(), None);
+    let marked = b.replica_marked(&a, &p1, &s).await.unwrap();
+    let fresh = ReplicaMarks {
+        recorded_ms: 100,
+        lost_ms: 0,
+    };
+    assert_eq!(marked, Some((r1.clone(), fresh)));
+    assert_eq!(b.replica_marked(&a, &p1, &t).await.unwrap(), None);
     assert_eq!(
         b.replica(&a, &p1, &t).await.unwrap(),
         None,
@@ -569,6 +574,15 @@ async fn replicas_are_found_lost_and_dropped(b: &dyn BooksStore) {
     assert!(b.lost_replicas(&t).await.unwrap().is_empty());
     assert!(b.is_lost(&a, &p1, &s).await.unwrap());
     assert!(b.is_lost(&o, &p3, &s).await.unwrap());
+    let marks = |m: Option<(ReplicaRecord, ReplicaMarks)>| m.map(|(_, m)| m);
+    assert_eq!(
+        marks(b.replica_marked(&a, &p1, &s).await.unwrap()),
+        Some(ReplicaMarks {
+            recorded_ms: 100,
+            lost_ms: 500
+        }),
+        "the first time it was found lost"
+    );
     assert!(!b.is_lost(&a, &p3, &s).await.unwrap(), "not recorded");
     assert!(!b.is_lost(&o, &p1, &s).await.unwrap(), "another owner's");
     // A lost replica stays counted until its owner drops it.

@@ -130,7 +130,7 @@ impl Coordinator {
         now_ms: u64,
         rng: &mut (impl CryptoRngCore + Send),
     ) -> Result<Issued, Rejected> {
-        let Some(replica) = self.books.replica(owner, &pack, &storer).await? else {
+        let Some((replica, marks)) = self.books.replica_marked(owner, &pack, &storer).await? else {
             return Ok(Issued::Unknown);
         };
         if replica.size == 0 {
@@ -138,7 +138,7 @@ impl Coordinator {
         }
         // Proven lost already: counted once, not again until its owner
         // has placed it elsewhere.
-        if self.books.is_lost(owner, &pack, &storer).await? {
+        if marks.lost_ms > 0 {
             return Ok(Issued::Done(AuditOutcome::Failed));
         }
         let node = match self.books.node(&storer).await? {
@@ -159,9 +159,7 @@ impl Coordinator {
             len,
             deadline_ms,
             reply_to,
-            deletes_from_ms: (self.books.recorded_ms(owner, &pack, &storer).await?)
-                .unwrap_or(0)
-                .saturating_sub(self.config.window_ms),
+            deletes_from_ms: marks.recorded_ms.saturating_sub(self.config.window_ms),
         };
         if !lock(&self.audits).pending.insert(challenge, audit) {
             return Ok(Issued::Busy);

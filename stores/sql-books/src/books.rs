@@ -796,14 +796,17 @@ where
         Ok(found)
     }
 
-    async fn recorded_ms(
+    async fn replica_marked(
         &self,
         owner: &NodeId,
         pack: &PackId,
         storer: &NodeId,
-    ) -> Result<Option<u64>, StoreError> {
-        Ok(Self::on_replica(
-            "SELECT recorded_ms FROM replicas WHERE owner = $1 AND pack = $2 AND storer = $3",
+    ) -> Result<Option<(ReplicaRecord, ReplicaMarks)>, StoreError> {
+        Self::on_replica(
+            &format!(
+                "SELECT {REPLICA_COLUMNS}, recorded_ms, lost_ms FROM replicas \
+                 WHERE owner = $1 AND pack = $2 AND storer = $3"
+            ),
             owner,
             pack,
             storer,
@@ -811,7 +814,15 @@ where
         .fetch_optional(&self.pool)
         .await
         .map_err(db_err::<D>("reading a replica"))?
-        .map(|r| r.get::<i64, _>(0).max(0) as u64))
+        .map(|r| {
+            let at = |i: usize| r.get::<i64, _>(i).max(0) as u64;
+            let marks = ReplicaMarks {
+                recorded_ms: at(5),
+                lost_ms: at(6),
+            };
+            Ok((Self::replica_row(&r)?, marks))
+        })
+        .transpose()
     }
 
     async fn lost_replicas(&self, owner: &NodeId) -> Result<Vec<(PackId, NodeId)>, StoreError> {

@@ -58,7 +58,7 @@ use pluto_plugins_api::sqlint::{
 };
 use pluto_plugins_api::{
     async_trait, Beta, BooksStore, ManifestRecord, NodeId, NodeRecord, OwnerLimits, PackId,
-    Recorded, ReplicaRecord, Standing, StoreError,
+    Recorded, ReplicaMarks, ReplicaRecord, Standing, StoreError,
 };
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Row, Type};
 
